@@ -134,7 +134,7 @@ def best_span(span_scores: Sequence[float], n: int, *, protect_first: int = 0, p
 
 def _builtin_texts() -> list[str]:
     """The packaged prompts; code snippets there write their line breaks as a literal backslash-n."""
-    text = resources.files("gradual").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+    text = resources.files("gradual").joinpath("resources/calibration.txt").read_text(encoding="utf-8")
     return [line.strip().replace("\\n", "\n") for line in text.splitlines() if line.strip()]
 
 
