@@ -1,0 +1,205 @@
+"""The built-in offline tasks and their registry.
+
+Each task makes (question, answer) pairs from a seed and proposes plausible wrong answers for its classification
+form: nearby numbers for arithmetic, other labels for categories, perturbed strings for copy/uppercase, wrong
+closings for brackets. The arithmetic and word-problem tasks come from reasoning-gym (seeded, offline).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from functools import partial
+
+from gradual.errors import UsageError
+from gradual.tasks.base import Task
+from gradual.tasks.extract import CLOSERS, OPENERS, closing_sequence
+from gradual.tasks.words import ALL_WORDS, CATEGORY_OF, LABELS
+
+NUMBER_INSTRUCTION = "Give the final answer as a single number at the end of your reply."
+
+# Small operands keep a 135M model off the floor. basic_arithmetic uses its parenthesised generator: the plain
+# one in reasoning-gym 0.1.25 evaluates left to right ("9 + 0 * 4" -> 36), the parenthesised one is correct.
+GYM_CONFIGS: dict[str, dict] = {
+    "basic_arithmetic": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=1, operators=("+", "-", "*"),
+                             allow_parentheses=True, allow_negation=False),
+    "chain_sum": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2),
+    "products": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2),
+    "gsm_symbolic": {},
+}
+
+
+def near_numbers(question: str, answer: str, rng: random.Random) -> list[str]:
+    """Wrong numbers a model could plausibly produce: off by one/two/ten, a sign flip, swapped last digits."""
+    a = int(answer)
+    cands = {a + 1, a - 1, a + 2, a - 2, a + 10, a - 10}
+    if abs(a) >= 100:
+        cands |= {a + 100, a - 100}
+    if a:
+        cands.add(-a)
+    digits = str(abs(a))
+    if len(digits) >= 2 and digits[-1] != digits[-2]:
+        cands.add(int(("-" if a < 0 else "") + digits[:-2] + digits[-1] + digits[-2]))
+    cands.discard(a)
+    out = sorted(str(c) for c in cands)
+    rng.shuffle(out)
+    return out
+
+
+def _successor(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 998)
+    return f"What number comes after {n}?", str(n + 1)
+
+
+def _successor_distractors(question: str, answer: str, rng: random.Random) -> list[str]:
+    """The number itself is the most tempting wrong answer; then the neighbours around it."""
+    n = int(answer) - 1
+    rest = [str(c) for c in (n + 2, n - 1, n + 10, n + 11, n - 10) if c >= 0]
+    rng.shuffle(rest)
+    return [str(n), *rest]
+
+
+def _copy(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(ALL_WORDS, rng.randint(3, 5))
+    listed = ", ".join(words)
+    return f"Repeat this list of words exactly: {listed}", listed
+
+
+def _copy_distractors(question: str, answer: str, rng: random.Random) -> list[str]:
+    """Swapped neighbours, a dropped word, a replaced word, the reversed list."""
+    words = answer.split(", ")
+    out = []
+    for _ in range(3):
+        i = rng.randrange(len(words) - 1)
+        swapped = list(words)
+        swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
+        out.append(swapped)
+        dropped = list(words)
+        del dropped[rng.randrange(len(words))]
+        out.append(dropped)
+        replaced = list(words)
+        replaced[rng.randrange(len(words))] = rng.choice([w for w in ALL_WORDS if w not in words])
+        out.append(replaced)
+    out.append(words[::-1])
+    rng.shuffle(out)
+    return [", ".join(w) for w in out]
+
+
+def _uppercase(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(ALL_WORDS)
+    return f'Write the word "{word}" in capital letters.', word.upper()
+
+
+def _uppercase_distractors(question: str, answer: str, rng: random.Random) -> list[str]:
+    """The word unchanged or capitalised, and capitals with a letter dropped, doubled or two letters swapped."""
+    word = answer.lower()
+    out = [word, word.capitalize()]
+    edits = []
+    for i in range(len(answer)):
+        edits.append(answer[:i] + answer[i + 1:])
+        edits.append(answer[:i] + answer[i] + answer[i:])
+        if i + 1 < len(answer) and answer[i] != answer[i + 1]:
+            edits.append(answer[:i] + answer[i + 1] + answer[i] + answer[i + 2:])
+    rng.shuffle(out)
+    rng.shuffle(edits)
+    return [out[0], edits[0], out[1], *edits[1:]]
+
+
+def _category(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(sorted(CATEGORY_OF))
+    options = ", ".join(LABELS[:-1]) + f" or {LABELS[-1]}"
+    return f'Which category does "{word}" belong to: {options}?', CATEGORY_OF[word]
+
+
+def _category_distractors(question: str, answer: str, rng: random.Random) -> list[str]:
+    others = [label for label in LABELS if label != answer]
+    rng.shuffle(others)
+    return others
+
+
+def _brackets(rng: random.Random) -> tuple[str, str]:
+    """A random prefix of a nested bracket sequence with 1-5 brackets left open; the answer is its closing."""
+    seq: list[str] = []
+    stack: list[str] = []
+    for _ in range(rng.randint(4, 10)):
+        if not stack or (len(stack) < 5 and rng.random() < 0.55):
+            stack.append(rng.choice(sorted(OPENERS)))
+            seq.append(stack[-1])
+        else:
+            seq.append(OPENERS[stack.pop()])
+    if not stack:
+        seq.append(rng.choice(sorted(OPENERS)))
+    prefix = " ".join(seq)
+    return f"Complete the sequence so that every bracket is closed: {prefix}", " ".join(closing_sequence(prefix))
+
+
+def _bracket_distractors(question: str, answer: str, rng: random.Random) -> list[str]:
+    """Wrong closings: the reversed order, one closer of the wrong type, one missing, one extra."""
+    closers = answer.split()
+    out = [closers[::-1]]
+    for _ in range(3):
+        i = rng.randrange(len(closers))
+        wrong_type = list(closers)
+        wrong_type[i] = rng.choice([c for c in sorted(CLOSERS) if c != closers[i]])
+        out.append(wrong_type)
+        if len(closers) > 1:
+            missing = list(closers)
+            del missing[i]
+            out.append(missing)
+        out.append([*closers, rng.choice(sorted(CLOSERS))])
+    return [" ".join(c) for c in out]
+
+
+def _gym_batch(name: str, base: int, count: int) -> list[tuple[str, str]]:
+    """`count` reasoning-gym items; item i is generated from seed base + i (reasoning-gym seeds items that way)."""
+    import reasoning_gym
+
+    dataset = reasoning_gym.create_dataset(name, seed=base, size=count, **GYM_CONFIGS[name])
+    return [(item["question"], item["answer"]) for item in (dataset[i] for i in range(count))]
+
+
+def _gym_task(name: str, description: str, fewshot_tokens: int = 16, chat_tokens: int = 96) -> Task:
+    def single(rng: random.Random) -> tuple[str, str]:
+        return _gym_batch(name, rng.randrange(2**31), 1)[0]
+
+    return Task(name, "number", single, near_numbers, NUMBER_INSTRUCTION, fewshot_tokens=fewshot_tokens,
+                chat_tokens=chat_tokens, batch_generator=partial(_gym_batch, name), description=description)
+
+
+def _build() -> dict[str, Task]:
+    tasks = [
+        Task("successor", "number", _successor, _successor_distractors, NUMBER_INSTRUCTION, fewshot_tokens=8,
+             chat_tokens=48, description='what number comes after 37 (answer "38")'),
+        Task("copy", "list", _copy, _copy_distractors, "Reply with the words only, separated by commas.",
+             fewshot_tokens=32, chat_tokens=64, description="repeat a list of 3-5 words"),
+        Task("uppercase", "upper", _uppercase, _uppercase_distractors, "Reply with the word in capitals only.",
+             fewshot_tokens=12, chat_tokens=48, description="write a word in capital letters"),
+        Task("category", "label", _category, _category_distractors, "Reply with the category only.",
+             labels=LABELS, fewshot_tokens=8, chat_tokens=48, description="category of a word (8 labels)"),
+        _gym_task("chain_sum", "reasoning-gym chain_sum: 2-4 terms of 1-2 digits, + and -"),
+        _gym_task("products", "reasoning-gym products: two factors of 1-2 digits"),
+        _gym_task("basic_arithmetic", "reasoning-gym basic_arithmetic: 2-3 one-digit terms, + - *, parentheses"),
+        _gym_task("gsm_symbolic", "reasoning-gym gsm_symbolic: GSM8K-style word problems", chat_tokens=256),
+        Task("brackets", "brackets", _brackets, _bracket_distractors,
+             "Reply with the closing brackets only, separated by spaces.", fewshot_tokens=24, chat_tokens=48,
+             description="close the open brackets of a nested sequence"),
+    ]
+    return {t.name: t for t in tasks}
+
+
+TASKS: dict[str, Task] = _build()
+
+
+def get_task(name: str) -> Task:
+    """The built-in task called `name`; UsageError listing the names otherwise."""
+    if name not in TASKS:
+        raise UsageError(f"task {name!r} is unknown; built-in tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def task_names(names: Sequence[str] | None = None) -> list[str]:
+    """Validate a list of task names (all built-in tasks when None)."""
+    names = list(TASKS) if names is None else list(names)
+    for name in names:
+        get_task(name)
+    return names

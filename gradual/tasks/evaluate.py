@@ -1,0 +1,151 @@
+"""Evaluate a live model on built-in tasks: generative (extracted exact match) and classification (log-likelihood
+choice) forms over the same problems, so the gap between the two is measured on identical items.
+
+Result keys: `<task>` for the generative form, `mc_<task>` for the classification form.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torchmetrics.aggregation import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from gradual.errors import UsageError
+from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, format_prompt, generate
+from gradual.tasks.base import Problem, Task, fewshot_examples
+from gradual.tasks.builtin import get_task
+from gradual.tasks.extract import FAILURES, classify_failure, extract_answer
+from gradual.tasks.result import TaskResult
+from gradual.tasks.scoring import continuation_logprobs
+
+FORMS = ("generative", "classification")
+FORMATS = ("fewshot", "chat")
+FEWSHOT_STOP = ["\nQ:", "\n\n"]
+CODE_TASKS = ("humaneval",)
+
+
+def fewshot_prefix(task: Task, k: int = 5) -> str:
+    """k worked examples as plain `Q: ... / A: ...` lines; ends in a single newline."""
+    return "".join(f"Q: {ex.question}\nA: {ex.answer}\n" for ex in fewshot_examples(task, k))
+
+
+def build_prompt(task: Task, problem: Problem, tokenizer: PreTrainedTokenizerBase, fmt: str, shots: int = 5) -> str:
+    """The full prompt string: few-shot examples + `Q: ...\\nA:`, or the chat template with an answer instruction."""
+    if fmt == "fewshot":
+        return f"{fewshot_prefix(task, shots)}Q: {problem.question}\nA:"
+    return format_prompt(tokenizer, task.chat_message(problem), system=DEFAULT_SYSTEM_PROMPT, chat=True)
+
+
+def choice_text(prompt: str, choice: str) -> str:
+    """A choice as a continuation: after `A:` it needs a leading space; after a chat template's newline it does not."""
+    return choice if prompt[-1:].isspace() else f" {choice}"
+
+
+def answer_text(reply: str, fmt: str) -> str:
+    """The part of a reply that holds the answer: the first non-empty line for few-shot (examples are one line)."""
+    if fmt == "fewshot":
+        lines = [line for line in reply.strip().split("\n") if line.strip()]
+        return lines[0] if lines else ""
+    return reply
+
+
+def evaluate_generative(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
+                        problems: Sequence[Problem], fmt: str = "fewshot", batch_size: int = 16,
+                        max_new_tokens: int | None = None, progress: bool = True, records: bool = False,
+                        shots: int = 5) -> TaskResult:
+    """Greedy batched generation, answer extraction and failure analysis over `problems`."""
+    prompts = [build_prompt(task, p, tokenizer, fmt, shots) for p in problems]
+    budget = max_new_tokens or (task.fewshot_tokens if fmt == "fewshot" else task.chat_tokens)
+    config = DecodingConfig(do_sample=False, max_new_tokens=budget, stop=FEWSHOT_STOP if fmt == "fewshot" else [])
+    replies = [r[0] for r in generate(model, tokenizer, prompts, config, batch_size=batch_size, progress=progress,
+                                      desc=task.name)]
+    accuracy = MeanMetric()
+    failures = dict.fromkeys(FAILURES, 0)
+    items = []
+    for p, reply in zip(problems, replies, strict=True):
+        text = answer_text(reply, fmt)
+        category = classify_failure(task.kind, text, p.answer, task.labels, p.brackets)
+        failures[category] += 1
+        accuracy.update(torch.tensor(float(category == "correct")))
+        if records:
+            items.append(dict(question=p.question, answer=p.answer, reply=reply,
+                              extracted=extract_answer(task.kind, text, task.labels), failure=category))
+    return TaskResult(task.name, "generative", float(accuracy.compute()), len(problems), failures, fmt,
+                      items if records else None)
+
+
+def evaluate_classification(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
+                            problems: Sequence[Problem], fmt: str = "fewshot", batch_size: int = 16,
+                            progress: bool = True, records: bool = False, shots: int = 5) -> TaskResult:
+    """Pick the choice with the highest summed log-probability; accuracy against the reference answer's index."""
+    pairs, owner = [], []
+    for k, p in enumerate(problems):
+        prompt = build_prompt(task, p, tokenizer, fmt, shots)
+        for choice in p.choices:
+            pairs.append((prompt, choice_text(prompt, choice)))
+            owner.append(k)
+    flat = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, progress=progress,
+                                 desc=f"mc_{task.name}")
+    width = max(len(p.choices) for p in problems)
+    scores = torch.full((len(problems), width), -math.inf)
+    fill = [0] * len(problems)
+    for k, s in zip(owner, flat, strict=True):
+        scores[k, fill[k]] = s
+        fill[k] += 1
+    target = torch.tensor([p.label for p in problems])
+    metric = MulticlassAccuracy(num_classes=width, average="micro")
+    metric.update(scores, target)
+    pred = scores.argmax(dim=1)
+    correct = int((pred == target).sum())
+    items = None
+    if records:
+        items = [dict(question=p.question, answer=p.answer, choices=list(p.choices), label=p.label,
+                      logprobs=scores[k, :len(p.choices)].tolist(), predicted=int(pred[k]))
+                 for k, p in enumerate(problems)]
+    return TaskResult(f"mc_{task.name}", "classification", float(metric.compute()), len(problems),
+                      {"correct": correct, "wrong_choice": len(problems) - correct}, fmt, items)
+
+
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], n: int = 100,
+             forms: Sequence[str] = FORMS, fmt: str = "fewshot", batch_size: int = 16,
+             max_new_tokens: int | None = None, seed: int = 0, progress: bool = True, records: bool = False,
+             enable_code: bool = False, shots: int = 5) -> dict[str, TaskResult]:
+    """Score the model on each task's evaluation split (`n` problems from `seed`).
+
+    Returns `{<task>: generative result, mc_<task>: classification result}` for the requested forms. Code tasks
+    (`humaneval`) run model-written code in a sandbox and need `enable_code=True`. `max_new_tokens=None` uses each
+    task's own budget (short for few-shot answers, longer for chat replies that reason first); `shots` is the number
+    of worked examples in the few-shot format.
+    """
+    bad_forms = [f for f in forms if f not in FORMS]
+    if bad_forms or not forms:
+        raise UsageError(f"forms={list(forms)} is invalid; allowed: {', '.join(FORMS)}")
+    if fmt not in FORMATS:
+        raise UsageError(f"fmt={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
+    if n < 1 or batch_size < 1 or shots < 0:
+        raise UsageError(f"n={n}, batch_size={batch_size}, shots={shots} are invalid; need n, batch_size >= 1, "
+                         "shots >= 0")
+    code = [t for t in tasks if t in CODE_TASKS]
+    builtin = [get_task(t) for t in tasks if t not in CODE_TASKS]
+    results: dict[str, TaskResult] = {}
+    for task in tqdm(builtin, desc="tasks", disable=not progress, leave=False):
+        problems = task.problems("eval", n, seed)
+        if "generative" in forms:
+            results[task.name] = evaluate_generative(model, tokenizer, task, problems, fmt, batch_size,
+                                                     max_new_tokens, progress, records, shots)
+        if "classification" in forms:
+            res = evaluate_classification(model, tokenizer, task, problems, fmt, batch_size, progress, records,
+                                          shots)
+            results[res.task] = res
+    if code:
+        from gradual.tasks.code import evaluate_humaneval
+
+        results["humaneval"] = evaluate_humaneval(model, tokenizer, n=n, enable_code=enable_code,
+                                                  batch_size=batch_size, max_new_tokens=max_new_tokens or 256,
+                                                  progress=progress, records=records)
+    return results

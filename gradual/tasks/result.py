@@ -1,0 +1,40 @@
+"""The record every evaluation returns (built-in tasks, lm-eval tasks, code), and a table for the CLI."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TaskResult:
+    """One score with its sample size, failure counts and (optionally) per-item records."""
+
+    task: str
+    form: str
+    score: float
+    n: int
+    failures: dict[str, int] = field(default_factory=dict)
+    fmt: str = ""
+    records: list[dict] | None = None
+
+    @property
+    def stderr(self) -> float:
+        """Binomial standard error of an accuracy, sqrt(p(1-p)/n): the noise floor when comparing stages."""
+        return math.sqrt(max(self.score * (1 - self.score), 0.0) / self.n) if self.n else float("nan")
+
+    def to_dict(self, with_records: bool = False) -> dict:
+        out = asdict(self)
+        if not with_records:
+            out.pop("records")
+        out["stderr"] = self.stderr
+        return out
+
+
+def format_results_table(results: dict[str, TaskResult]) -> str:
+    """A Markdown table of results: key, form, format, n, score +- stderr, non-zero failure counts."""
+    lines = ["| task | form | format | n | score | ± | failures |", "|---|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        fails = ", ".join(f"{k} {v}" for k, v in r.failures.items() if v and k != "correct")
+        lines.append(f"| {key} | {r.form} | {r.fmt or '-'} | {r.n} | {r.score:.3f} | {r.stderr:.3f} | {fails or '-'} |")
+    return "\n".join(lines)

