@@ -1,0 +1,50 @@
+"""Stop when retention falls below the user's threshold, and roll back to the last stage that met it."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from gradual.errors import UsageError
+from gradual.retention import AGGREGATES, retention
+
+
+class RetentionStopping(Callback):
+    """Observe each stage's scores against the baseline; stop below `threshold`.
+
+    Args:
+        threshold: the retention the final model must keep, in (0, 1] (0.9 keeps 90% of the baseline score).
+        monitor: `generative_mean` (default), `classification_mean`, `min`, or one score key (e.g. `chain_sum`).
+    """
+
+    def __init__(self, threshold: float = 0.9, monitor: str = "generative_mean") -> None:
+        if not 0 < threshold <= 1:
+            raise UsageError(f"retention threshold={threshold} is invalid; allowed: 0 < threshold <= 1")
+        self.threshold, self.monitor = threshold, monitor
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse a monitor that cannot be computed before any layer is removed."""
+        baseline = pl_module.history[0].scores
+        if not baseline:
+            raise UsageError("RetentionStopping found no baseline scores; list an evaluation callback before it")
+        if self.monitor in AGGREGATES:
+            if self.monitor not in retention(baseline, baseline):
+                raise UsageError(f"retention monitor={self.monitor!r} has no task with a non-zero baseline score")
+            return
+        if self.monitor not in baseline:
+            raise UsageError(f"retention monitor={self.monitor!r} is not a score; allowed: "
+                             f"{', '.join(AGGREGATES + tuple(baseline))}")
+        if baseline[self.monitor]["score"] <= 0:
+            raise UsageError(f"retention monitor={self.monitor!r} has a zero baseline score, so retention is "
+                             "undefined; monitor another task or an aggregate")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        record = pl_module.history[-1]
+        record.retention = retention(record.scores, pl_module.history[0].scores)
+        value = record.retention.get(self.monitor, 0.0)
+        record.meets_threshold = value >= self.threshold
+        pl_module.log("retention", value, prog_bar=True, on_epoch=True)
+        if not record.meets_threshold:
+            trainer.should_stop = True
+            pl_module.stop_reason = (f"stage {record.stage}: {self.monitor} retention {value:.3f} < threshold "
+                                     f"{self.threshold}; rolled back to stage {pl_module.chosen_stage()}")

@@ -1,0 +1,166 @@
+"""The `gradual` command: `fit` (LightningCLI: the prune → heal → measure loop), `score`, `eval`, `compare`.
+
+Bad input ends with one line on stderr and exit code 2, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+USAGE = """usage: gradual <command> [options]
+
+commands:
+  fit       run the prune -> heal -> measure loop (LightningCLI: --config, --print_config, dotted overrides)
+  score     score and rank a model's layers with an importance metric
+  eval      evaluate a model (any path or alias) on built-in and lm-eval tasks
+  compare   one-shot vs gradual, SGR vs dataset answers, at equal depth and training budget
+
+`gradual <command> --help` describes each command's options."""
+
+
+def _split(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
+def score_command(argv: Sequence[str]) -> int:
+    from gradual import importance
+
+    p = argparse.ArgumentParser(prog="gradual score", description="Score and rank a model's layers.")
+    p.add_argument("--model", required=True, help="hub id, local path, smollm2-135m-instruct or tiny:<arch>")
+    p.add_argument("--metric", default="block_influence", help=f"one of: {', '.join(importance.METRICS)}")
+    p.add_argument("--span", type=int, default=1, help="angular distance span n")
+    p.add_argument("--calibration", default=None, help=".txt (one text a line) or .jsonl (field 'text') file")
+    p.add_argument("--num-calibration", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--protect-first", type=int, default=0)
+    p.add_argument("--protect-last", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true")
+    args = p.parse_args(argv)
+    from gradual.errors import UsageError
+    from gradual.models import load_model, load_tokenizer
+
+    if args.metric not in importance.METRICS or args.metric == "task_ablation":
+        allowed = [m for m in importance.METRICS if m != "task_ablation"]
+        raise UsageError(f"--metric {args.metric!r} is not available here; allowed: {', '.join(allowed)}")
+    texts = importance.calibration_texts(args.calibration, n=args.num_calibration, seed=args.seed)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    batches = importance.calibration_batches(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
+    scores = importance.score_layers(model, batches, args.metric, span=args.span, seed=args.seed)
+    print(importance.format_table(scores, protect_first=args.protect_first, protect_last=args.protect_last))
+    return 0
+
+
+def eval_command(argv: Sequence[str]) -> int:
+    from gradual.tasks import TASKS
+
+    p = argparse.ArgumentParser(prog="gradual eval", description="Evaluate a model on built-in and lm-eval tasks.")
+    p.add_argument("--model", required=True, help="hub id, local path (e.g. runs/demo/final), alias or tiny:<arch>")
+    p.add_argument("--tasks", type=_split, default=[], help=f"comma-separated built-in tasks: {', '.join(TASKS)}")
+    p.add_argument("--forms", type=_split, default=["generative", "classification"])
+    p.add_argument("--fmt", default="fewshot", help="fewshot or chat")
+    p.add_argument("--n", type=int, default=100, help="problems per task")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lm-eval-tasks", type=_split, default=[], help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", default=None, help="directory of local lm-eval YAML tasks")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval items per task")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--trust-remote-code", action="store_true")
+    args = p.parse_args(argv)
+    from gradual.errors import UsageError
+    from gradual.models import load_model, load_tokenizer
+    from gradual.tasks import evaluate, format_results_table
+    from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
+
+    if not args.tasks and not args.lm_eval_tasks:
+        raise UsageError("nothing to evaluate; give --tasks and/or --lm-eval-tasks")
+    unknown = [t for t in args.tasks if t not in TASKS]
+    if unknown:
+        raise UsageError(f"unknown task(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(TASKS)}")
+    if args.fmt not in ("fewshot", "chat"):
+        raise UsageError(f"--fmt {args.fmt!r} is unknown; allowed: fewshot, chat")
+    if args.include_path and not os.path.isdir(args.include_path):
+        raise UsageError(f"--include-path {args.include_path!r} is not a directory")
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    results = {}
+    if args.tasks:
+        results.update(evaluate(model, tokenizer, args.tasks, n=args.n, forms=tuple(args.forms), fmt=args.fmt,
+                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed))
+    if args.lm_eval_tasks:
+        results.update(evaluate_lm_eval(model, tokenizer, args.lm_eval_tasks, limit=args.limit,
+                                        include_path=args.include_path, batch_size=args.batch_size))
+    print(format_results_table(results))
+    return 0
+
+
+def compare_command(argv: Sequence[str]) -> int:
+    from gradual.compare import main as compare_main
+
+    return compare_main(argv)
+
+
+def fit_command(argv: Sequence[str]) -> int:
+    """Parse and check everything (no model loaded yet), then run one `trainer.fit` over all stages.
+
+    A run that fails on bad input after it started (a zero baseline on the monitored task) leaves no run
+    directory behind if it created it.
+    """
+    import shutil
+
+    from gradual.errors import UsageError
+    from gradual.lightning_cli import GradualCLI
+
+    sys.argv = [f"{sys.argv[0]} fit"]
+    cli = GradualCLI(args=list(argv), run=False)
+    module = cli.model
+    module.check_run_dir()
+    state = module.saved_state()
+    if state and state.get("finished"):
+        print(f"run in {module.run_dir} is already complete; see {module.run_dir / 'report.md'}")
+        return 0
+    existed = module.run_dir.exists()
+    try:
+        cli.trainer.fit(module, datamodule=cli.datamodule)
+    except UsageError:
+        if not existed and cli.trainer.is_global_zero:
+            shutil.rmtree(module.run_dir, ignore_errors=True)
+        raise
+    print(f"done: {module.stop_reason}; final model (stage {module.chosen_stage()}) in {module.run_dir / 'final'}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "fit": fit_command, "score": score_command, "eval": eval_command, "compare": compare_command,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from gradual.errors import UsageError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"gradual: error: unknown command {argv[0]!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except UsageError as e:
+        print(f"gradual: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

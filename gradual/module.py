@@ -1,0 +1,401 @@
+"""The LightningModule that owns the model through the prune → heal cycle.
+
+One Lightning epoch is one pruning stage: at its start the module scores the current layers, removes the
+chosen ones, attaches fresh LoRA adapters and rebuilds the optimizer; it trains `steps_per_stage` steps and,
+after the stage's last batch, merges the adapters into the base weights. Callbacks then observe the merged
+model (evaluate, decide, checkpoint). Stage 0 is the unpruned model, evaluated by the callbacks at train start.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_only
+from torch.nn.parallel import DistributedDataParallel
+
+from gradual import importance, models, surgery
+from gradual.errors import UsageError
+from gradual.lora import LoraSettings, attach_lora, merge_lora, quantize_nf4
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class Schedule:
+    """Which layers go, and how much recovery each stage gets."""
+
+    mode: Literal["gradual", "one_shot"] = "gradual"
+    layers_per_stage: int = 1
+    max_layers: int | None = None
+    target_ratio: float | None = None
+    min_depth: int = 1
+    layers: list[int] | None = None
+    steps_per_stage: int = 50
+
+    def total_to_remove(self, depth: int) -> int:
+        """How many layers the whole run may remove from a model of `depth` layers."""
+        limits = [depth - self.min_depth]
+        if self.layers is not None:
+            limits.append(len(self.layers))
+        if self.max_layers is not None:
+            limits.append(self.max_layers)
+        if self.target_ratio is not None:
+            limits.append(int(round(self.target_ratio * depth)))
+        return max(0, min(limits))
+
+    def stage_sizes(self, depth: int) -> list[int]:
+        """Layers removed per stage. One-shot removes everything in one stage (with the same total steps)."""
+        total = self.total_to_remove(depth)
+        if self.mode == "one_shot":
+            return [total] if total else []
+        sizes, left = [], total
+        while left > 0:
+            sizes.append(min(self.layers_per_stage, left))
+            left -= sizes[-1]
+        return sizes
+
+    def steps_for_stage(self, n_removed: int) -> int:
+        """Recovery steps of a stage: one-shot gets the budget of all the gradual stages it replaces."""
+        if self.mode == "one_shot":
+            return self.steps_per_stage * max(1, -(-n_removed // self.layers_per_stage))
+        return self.steps_per_stage
+
+    def validate(self, depth: int | None = None) -> None:
+        if self.mode not in ("gradual", "one_shot"):
+            raise UsageError(f"schedule.mode={self.mode!r} is unknown; allowed: 'gradual', 'one_shot'")
+        if self.layers_per_stage < 1:
+            raise UsageError(f"schedule.layers_per_stage={self.layers_per_stage} is invalid; it must be >= 1")
+        if self.steps_per_stage < 0:
+            raise UsageError(f"schedule.steps_per_stage={self.steps_per_stage} is invalid; it must be >= 0")
+        if self.target_ratio is not None and not 0 < self.target_ratio < 1:
+            raise UsageError(f"schedule.target_ratio={self.target_ratio} is invalid; allowed: 0 < ratio < 1")
+        if self.max_layers is not None and self.max_layers < 1:
+            raise UsageError(f"schedule.max_layers={self.max_layers} is invalid; it must be >= 1")
+        if self.min_depth < 1:
+            raise UsageError(f"schedule.min_depth={self.min_depth} is invalid; it must be >= 1")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise UsageError(f"schedule.layers={self.layers} has duplicates; list each original index once")
+        if depth is None:
+            return
+        if self.max_layers is not None and self.max_layers >= depth:
+            raise UsageError(f"schedule.max_layers={self.max_layers} is invalid for a model of {depth} layers; "
+                             f"allowed: 1..{depth - 1}")
+        if self.min_depth >= depth:
+            raise UsageError(f"schedule.min_depth={self.min_depth} leaves nothing to remove from {depth} layers; "
+                             f"allowed: 1..{depth - 1}")
+        if self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < depth]
+            if bad or len(self.layers) >= depth:
+                raise UsageError(f"schedule.layers={self.layers} is invalid; indices must lie in 0..{depth - 1} "
+                                 f"and leave at least one layer")
+
+
+@dataclass
+class Selection:
+    """How the layers to remove are chosen on the *current* model at every stage."""
+
+    metric: str = "block_influence"
+    span: int = 1
+    protect_first: int = 1
+    protect_last: int = 1
+    calibration: str | None = None
+    num_calibration: int = 32
+    calibration_batch_size: int = 8
+    calibration_max_length: int = 256
+
+    def validate(self) -> None:
+        if self.metric not in importance.METRICS:
+            raise UsageError(f"selection.metric={self.metric!r} is unknown; allowed: {', '.join(importance.METRICS)}")
+        if self.metric == "task_ablation":
+            raise UsageError("selection.metric='task_ablation' needs a score callable; use it from Python "
+                             "(gradual.importance.score_layers) or pick another metric for `gradual fit`")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise UsageError(f"selection.calibration={self.calibration!r} does not exist; give a .txt/.jsonl file "
+                             "or leave it empty for the built-in prompts")
+        if self.protect_first < 0 or self.protect_last < 0:
+            raise UsageError("selection.protect_first/protect_last must be >= 0")
+
+
+@dataclass
+class StageRecord:
+    """What happened in one stage; callbacks add scores, retention and decisions."""
+
+    stage: int
+    depth: int
+    removed: list[int] = field(default_factory=list)
+    removed_total: list[int] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    importance: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    loss: float | None = None
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retention: dict[str, float] = field(default_factory=dict)
+    meets_threshold: bool | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageRecord:
+        return cls(**d)
+
+
+class GradualModule(L.LightningModule):
+    """Owns the HF model, its LoRA life cycle and the stage history.
+
+    Args:
+        model: HF hub id, local path, `smollm2-135m-instruct` (offline) or `tiny:<arch>` (tests).
+        dtype: weights dtype for loading and saving (`float32`, `bfloat16`, `float16`, `auto`).
+        quantize: `nf4` for QLoRA (4-bit base through bitsandbytes); merged stages are saved de-quantised.
+        trust_remote_code: run the model repository's own code (off unless you trust it).
+        schedule: how many layers go per stage and in total, and the recovery steps per stage.
+        selection: the importance metric and calibration data used on the current model at every stage.
+        lora: LoRA adapter settings (fresh adapters every stage, merged at its end).
+        optimizer: optimizer factory (defaults to the paper's AdamW: lr 2e-4, betas (0.9, 0.99), wd 1e-4).
+        lr_scheduler: scheduler factory (defaults to linear warm-up over `warmup_steps`, then constant).
+        warmup_steps: warm-up steps of the default scheduler, restarted with every stage's fresh adapters.
+        run_dir: where stages, the final model and reports go.
+        overwrite: allow replacing a run directory that holds a different run.
+        seed: seeds scoring ties, LoRA init and dropout per stage, so a resumed run matches an uninterrupted one.
+    """
+
+    def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "float32", quantize: str | None = None,
+                 trust_remote_code: bool = False, schedule: Schedule | None = None,
+                 selection: Selection | None = None, lora: LoraSettings | None = None,
+                 optimizer: OptimizerCallable | None = None, lr_scheduler: LRSchedulerCallable | None = None,
+                 warmup_steps: int = 50, run_dir: str = "runs/gradual", overwrite: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.model_name = model
+        self.dtype_name = dtype
+        self.quantize = quantize
+        self.trust_remote_code = trust_remote_code
+        self.schedule = schedule or Schedule()
+        self.selection = selection or Selection()
+        self.lora = lora or LoraSettings()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.warmup_steps = warmup_steps
+        self.run_dir = Path(run_dir)
+        self.overwrite = overwrite
+        self.seed = seed
+        self.schedule.validate()
+        self.selection.validate()
+        if quantize not in (None, "nf4"):
+            raise UsageError(f"quantize={quantize!r} is unknown; allowed: nf4 or null")
+        self.depth0 = models.model_depth(model, trust_remote_code=trust_remote_code)
+        self.schedule.validate(self.depth0)
+        self.stage_sizes = self.schedule.stage_sizes(self.depth0)
+        self.model: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.history: list[StageRecord] = []
+        self.final_stage: int | None = None
+        self.stop_reason: str | None = None
+        self._calibration: list[dict[str, torch.Tensor]] | None = None
+        self._stage_start = 0.0
+        self._losses: list[float] = []
+        self._run_dir_checked = False
+
+    # ----------------------------------------------------------------- identity and resume
+    def run_config(self) -> dict[str, Any]:
+        """What defines a run: a different one in the same directory is refused unless `overwrite` is set."""
+        return {"model": self.model_name, "dtype": self.dtype_name, "quantize": self.quantize,
+                "schedule": asdict(self.schedule), "selection": asdict(self.selection), "lora": asdict(self.lora),
+                "warmup_steps": self.warmup_steps, "seed": self.seed}
+
+    def saved_state(self) -> dict[str, Any] | None:
+        path = self.run_dir / STATE_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def check_run_dir(self) -> None:
+        """Refuse to mix runs: an existing directory must hold this same run (then it resumes) or be empty.
+
+        With `overwrite`, a directory holding anything else is cleared. Runs once, before anything is written.
+        """
+        if self._run_dir_checked or rank_zero_only.rank != 0:
+            return
+        self._run_dir_checked = True
+        if not self.run_dir.exists() or not any(self.run_dir.iterdir()):
+            return
+        state = self.saved_state()
+        if state is not None and state.get("config") == self.run_config() and not self.overwrite:
+            return
+        if not self.overwrite:
+            raise UsageError(f"run_dir={str(self.run_dir)!r} already holds a different run; choose another "
+                             "run_dir or set overwrite: true")
+        shutil.rmtree(self.run_dir)
+
+    # ----------------------------------------------------------------- model life cycle
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        state = self.saved_state()
+        source = self.model_name
+        if state and state.get("resume_from"):
+            source = str(self.run_dir / state["resume_from"])
+            last = int(state["resume_from"].split("_")[1])
+            self.history = [StageRecord.from_dict(r) for r in state["history"] if r["stage"] <= last]
+        self.tokenizer = models.load_tokenizer(self.model_name, trust_remote_code=self.trust_remote_code)
+        self.model = models.load_model(source, dtype=self.dtype_name, quantize=self.quantize,
+                                       trust_remote_code=self.trust_remote_code)
+        self.model.config.use_cache = False
+        if not self.history:
+            self.history = [StageRecord(stage=0, depth=self.depth, kept=surgery.original_indices(self.model))]
+
+    def setup(self, stage: str) -> None:
+        """Check the run directory and size every stage's data: `steps × accumulation` batches per rank."""
+        self.check_run_dir()
+        dm = self.trainer.datamodule
+        if dm is not None:
+            steps = self.schedule.steps_for_stage(self.stage_sizes[0] if self.stage_sizes else 0)
+            batches = max(1, steps) * self.trainer.accumulate_grad_batches
+            dm.samples_per_epoch = batches * dm.batch_size * self.trainer.world_size
+
+    def on_fit_start(self) -> None:
+        """On resume, continue Lightning's epoch count at the stage reached, so data and logs line up."""
+        done = len(self.history) - 1
+        progress = self.trainer.fit_loop.epoch_progress
+        for counter in (progress.current, progress.total):
+            counter.ready = counter.started = counter.processed = counter.completed = done
+
+    def chosen_stage(self) -> int:
+        """The stage whose model is the result: the last one that did not fail the retention threshold."""
+        return max(r.stage for r in self.history if r.meets_threshold is not False)
+
+    @property
+    def stage(self) -> int:
+        """The stage in progress (or last finished); stage 0 is the unpruned baseline."""
+        return max(0, len(self.history) - 1)
+
+    @property
+    def depth(self) -> int:
+        return surgery.num_layers(self.model)
+
+    def next_stage_size(self) -> int:
+        """Layers the next stage removes; 0 when the schedule is done."""
+        done = len(self.history) - 1 if self.history else 0
+        return self.stage_sizes[done] if done < len(self.stage_sizes) else 0
+
+    def choose_layers(self, k: int) -> tuple[list[int], dict[str, Any]]:
+        """Current indices of the `k` layers to remove now, and the scores that chose them."""
+        if self.schedule.layers is not None:
+            kept = surgery.original_indices(self.model)
+            removed = {i for r in self.history for i in r.removed}
+            todo = [i for i in self.schedule.layers if i not in removed][:k]
+            return [kept.index(i) for i in todo], {"metric": "explicit", "layers": todo}
+        if self._calibration is None:
+            texts = importance.calibration_texts(self.selection.calibration, n=self.selection.num_calibration,
+                                                 seed=self.seed)
+            self._calibration = importance.calibration_batches(
+                self.tokenizer, texts, batch_size=self.selection.calibration_batch_size,
+                max_length=self.selection.calibration_max_length)
+        batches = [{key: v.to(self.device) for key, v in b.items()} for b in self._calibration]
+        scores = importance.score_layers(self.model, batches, self.selection.metric, span=self.selection.span,
+                                         seed=self.seed + self.stage)
+        chosen = scores.choose(k, protect_first=self.selection.protect_first,
+                               protect_last=self.selection.protect_last)
+        return chosen, {"metric": scores.metric, "scores": [float(s) for s in scores.scores],
+                        "original": list(scores.original_indices)}
+
+    def on_train_epoch_start(self) -> None:
+        """Start a stage: score, remove, attach fresh adapters, rebuild the optimizer."""
+        k = self.next_stage_size()
+        stage = len(self.history)
+        L.seed_everything(self.seed + stage, verbose=False)
+        self._stage_start = time.perf_counter()
+        self._losses = []
+        dm = self.trainer.datamodule
+        if stage > 1 and getattr(getattr(dm, "sgr", None), "teacher", None) == "previous":
+            dm.regenerate(self.model, f"{self.model_name}@stage_{stage - 1}")
+        t = time.perf_counter()
+        chosen, scores = self.choose_layers(k)
+        t_score = time.perf_counter() - t
+        t = time.perf_counter()
+        removed = surgery.remove_layers(self.model, chosen)
+        t_surgery = time.perf_counter() - t
+        previous = self.history[-1].removed_total if self.history else []
+        steps = self.schedule.steps_for_stage(k)
+        self.history.append(StageRecord(stage=stage, depth=self.depth, removed=removed,
+                                        removed_total=sorted(previous + removed),
+                                        kept=surgery.original_indices(self.model), importance=scores, steps=steps,
+                                        timings={"scoring_s": t_score, "surgery_s": t_surgery}))
+        if steps > 0:
+            if self.quantize == "nf4" and not _is_quantized(self.model):
+                self.model = quantize_nf4(self.model)
+            self.model = attach_lora(self.model, self.lora)
+            self._rebuild_optimizer()
+        self.model.train()
+        self.log_dict({"stage": float(stage), "depth": float(self.depth)}, prog_bar=True, on_epoch=True)
+
+    def _rebuild_optimizer(self) -> None:
+        """New adapters are new parameters: rebuild the optimizer (and the DDP wrapper) around them."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy.model, DistributedDataParallel):
+            strategy.model = strategy._setup_model(self)
+        strategy.setup_optimizers(self.trainer)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if self.history[-1].steps == 0:
+            return None
+        loss = self.model(**batch).loss
+        self._losses.append(float(loss.detach()))
+        self.log("loss", loss, prog_bar=True, on_step=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx + 1 >= self.trainer.num_training_batches:
+            self.end_stage()
+
+    def end_stage(self) -> None:
+        """Merge the stage's adapters so callbacks see (and save) a plain HF model."""
+        record = self.history[-1]
+        train_s = time.perf_counter() - self._stage_start - sum(record.timings.values())
+        t = time.perf_counter()
+        if record.steps > 0:
+            self.model = merge_lora(self.model, requantize=False)
+            self.model.config.use_cache = False
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        record.loss = sum(self._losses) / len(self._losses) if self._losses else None
+        record.timings.update(train_s=train_s, merge_s=time.perf_counter() - t)
+        self.model.eval()
+
+    def on_train_epoch_end(self) -> None:
+        """After the evaluating and deciding callbacks: stop when the schedule has nothing left."""
+        if self.next_stage_size() == 0 and not self.trainer.should_stop:
+            self.trainer.should_stop = True
+            self.stop_reason = self.stop_reason or "schedule complete"
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            params = [torch.nn.Parameter(torch.zeros(1))]
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(params)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.99), weight_decay=1e-4)
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        else:
+            warmup = max(1, self.warmup_steps)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- plain model export
+    def export(self, path: str | Path) -> None:
+        """Save the current (merged) model and tokenizer in HF safetensors format, in the model's own dtype."""
+        models.save_model(self.model, self.tokenizer, path)
+
+
+def _is_quantized(model: torch.nn.Module) -> bool:
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())

@@ -1,0 +1,82 @@
+"""Run reports: `results.json`, `report.md` (a table per stage) and `retention.png`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+FAILURES = ("wrong_value", "no_answer", "unbalanced_brackets", "repetition")
+
+
+def stage_table(history: Sequence[dict[str, Any]]) -> str:
+    """One row per stage: depth, layers removed (original indices), each score with its retention."""
+    keys = list(history[0]["scores"])
+    head = ["stage", "depth", "removed", "loss"] + keys + ["monitor ok"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in history:
+        cells = [str(r["stage"]), str(r["depth"]), ",".join(map(str, r["removed_total"])) or "-",
+                 f"{r['loss']:.3f}" if r.get("loss") is not None else "-"]
+        for k in keys:
+            s = r["scores"].get(k)
+            ret = r.get("retention", {}).get(k)
+            cells.append("-" if s is None else f"{s['score']:.3f}" + (f" ({ret:.2f})" if ret is not None else ""))
+        ok = r.get("meets_threshold")
+        cells.append("-" if ok is None else ("yes" if ok else "**no**"))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def failure_table(history: Sequence[dict[str, Any]]) -> str:
+    """Failure categories of the generative answers per stage and task: the paper's diagnosis, counted."""
+    rows = ["| stage | task | " + " | ".join(FAILURES) + " |", "|" + "---|" * (len(FAILURES) + 2)]
+    for r in history:
+        for key, s in r["scores"].items():
+            if s.get("form") == "generative" and s.get("failures"):
+                rows.append(f"| {r['stage']} | {key} | " + " | ".join(str(s["failures"].get(f, 0)) for f in FAILURES)
+                            + " |")
+    return "\n".join(rows)
+
+
+def plot_retention(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Retention of every score vs layers removed; solid = generative, dashed = classification."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    keys = list(history[0]["scores"])
+    for key in keys:
+        xs = [len(r["removed_total"]) for r in history if key in r.get("retention", {}) or r["stage"] == 0]
+        ys = [1.0 if r["stage"] == 0 else r["retention"][key] for r in history
+              if key in r.get("retention", {}) or r["stage"] == 0]
+        form = history[0]["scores"][key].get("form")
+        ax.plot(xs, ys, marker="o", linestyle="-" if form == "generative" else "--", label=key)
+    ax.axhline(1.0, color="grey", linewidth=0.5)
+    ax.set_xlabel("layers removed")
+    ax.set_ylabel("retention (score / baseline)")
+    ax.set_title(title or "retention vs layers removed")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: int | None,
+                 stop_reason: str | None, config: dict[str, Any]) -> None:
+    """Write results.json, report.md and retention.png into the run directory."""
+    run_dir = Path(run_dir)
+    results = {"config": config, "final_stage": final_stage, "stop_reason": stop_reason, "stages": list(history)}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    plot_retention(history, run_dir / "retention.png", title=str(config.get("model", "")))
+    final = history[final_stage] if final_stage is not None else history[-1]
+    lines = [f"# gradual run: {config.get('model')}", "",
+             f"- final model: stage {final['stage']} ({final['depth']} layers, removed original layers "
+             f"{final['removed_total'] or 'none'})" + (" in `final/`" if final_stage is not None else ""),
+             f"- stop: {stop_reason or 'still running'}", "",
+             "Scores per stage, retention against stage 0 in brackets:", "", stage_table(history), "",
+             "Failure categories of generative answers:", "", failure_table(history), "",
+             "![retention](retention.png)", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))
