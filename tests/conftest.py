@@ -1,0 +1,27 @@
+"""Shared test setup: offline hub access and tiny-model fixtures (per-file fixtures live in their own files)."""
+
+import os
+
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from gradual.models import tiny_model, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    """One byte-level tiny tokenizer for the session (treat as read-only)."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def make_tiny():
+    """Factory: `make_tiny("gemma3", num_layers=6)` builds a fresh, seeded tiny random model."""
+
+    def make(arch: str, num_layers: int = 4, seed: int = 0):
+        return tiny_model(arch, num_layers=num_layers, seed=seed)
+
+    return make
