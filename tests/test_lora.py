@@ -1,0 +1,259 @@
+"""LoRA / QLoRA: targets, exact merges, repeated attach/merge around surgery, CPU QLoRA training, optimizer."""
+
+import copy
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit, has_avx512bf16
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from gradual.errors import UsageError
+from gradual.lora import (
+    LoraSettings,
+    OptimizerSettings,
+    attach_lora,
+    build_optimizer,
+    default_target_modules,
+    dequantize,
+    disable_cpu_repacking,
+    merge_lora,
+    quantize_nf4,
+)
+from gradual.models import load_model, tiny_model
+from gradual.surgery import ORIGINAL_LAYERS_KEY, decoder_layers, remove_layers
+
+EXPECTED_TARGETS = {
+    "llama": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+    "gpt2": ["c_attn", "c_fc", "c_proj"],
+    "gpt_neox": ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
+}
+PER_LAYER = {"llama": 7, "gpt2": 4, "gpt_neox": 4}  # GPT-2 has two modules named c_proj
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(10, 250, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return model(input_ids=ids).logits
+
+
+def _train(model: PeftModel, ids: torch.Tensor, steps: int = 4) -> None:
+    optimizer, scheduler = build_optimizer(model, OptimizerSettings(lr=1e-2, warmup_steps=0))
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def _lora_paths(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED_TARGETS))
+def test_default_targets_are_the_decoder_projections_only(arch):
+    model = tiny_model(arch, num_layers=2)
+    assert default_target_modules(model) == EXPECTED_TARGETS[arch]
+    peft_model = attach_lora(model)
+    layer_modules = {id(m) for m in decoder_layers(peft_model).modules()}
+    adapted = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    assert len(adapted) == 2 * PER_LAYER[arch]
+    assert all(id(m) in layer_modules for m in adapted)
+    assert not isinstance(peft_model.get_output_embeddings(), LoraLayer)
+    assert all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    if arch == "gpt2":
+        assert all(isinstance(m.get_base_layer(), Conv1D) and m.fan_in_fan_out for m in adapted)
+
+
+def test_a_same_named_projection_outside_the_layers_is_not_adapted():
+    model = tiny_model("llama", num_layers=2)
+    model.model.q_proj = nn.Linear(64, 64)  # as if an architecture had one outside its decoder layers
+    adapted = _lora_paths(attach_lora(model))
+    assert len(adapted) == 2 * 7 and not any(p.endswith("model.model.q_proj") for p in adapted)
+
+
+def test_bad_settings_and_targets_are_usage_errors():
+    with pytest.raises(UsageError, match="lm_head"):
+        attach_lora(tiny_model("llama", num_layers=2), LoraSettings(target_modules=["lm_head"]))
+    with pytest.raises(UsageError, match="r=0"):
+        LoraSettings(r=0)
+    with pytest.raises(UsageError, match="dropout=1.5"):
+        LoraSettings(dropout=1.5)
+    only_q = attach_lora(tiny_model("llama", num_layers=2), LoraSettings(target_modules=["q_proj"]))
+    assert [p.rsplit(".", 1)[-1] for p in _lora_paths(only_q)] == ["q_proj", "q_proj"]
+    with pytest.raises(TypeError, match="merge_lora"):
+        attach_lora(only_q)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_gives_the_adapter_logits_in_a_plain_model(arch):
+    ids = _ids()
+    model = tiny_model(arch, num_layers=2)
+    base = _logits(model, ids)
+    peft_model = attach_lora(model, LoraSettings(r=8, dropout=0.05))
+    assert torch.allclose(_logits(peft_model, ids), base, atol=1e-6)  # B starts at zero
+    _train(peft_model, ids)
+    adapted = _logits(peft_model, ids)
+    merged = merge_lora(peft_model)
+    assert isinstance(merged, PreTrainedModel) and not isinstance(merged, PeftModel)
+    assert not _lora_paths(merged) and not any("lora" in n for n, _ in merged.named_parameters())
+    assert torch.allclose(_logits(merged, ids), adapted, atol=1e-5)
+    assert (adapted - base).abs().max() > 1e-2
+
+
+def test_repeated_attach_train_merge_around_layer_removal():
+    ids = _ids(1)
+    model = tiny_model("llama", num_layers=4)
+    for cycle in range(3):
+        peft_model = attach_lora(model, LoraSettings(r=4, dropout=0.0))
+        optimizer, _ = build_optimizer(peft_model)
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        assert [id(p) for g in optimizer.param_groups for p in g["params"]] == [id(p) for p in trainable]
+        assert len(trainable) == 2 * 7 * (4 - cycle)
+        before = _logits(peft_model, ids)
+        _train(peft_model, ids, steps=2)
+        adapted = _logits(peft_model, ids)
+        model = merge_lora(peft_model)
+        assert torch.allclose(_logits(model, ids), adapted, atol=1e-5)
+        assert (adapted - before).abs().max() > 1e-3
+        remove_layers(model, [1])
+    assert getattr(model.config, ORIGINAL_LAYERS_KEY) == [0]
+    assert model.config.num_hidden_layers == 1 and not _lora_paths(model)
+
+
+@pytest.fixture
+def nf4_model():
+    return load_model("tiny:llama", quantize="nf4")
+
+
+def _all_lora_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_qlora_trains_on_cpu_after_an_eval_forward(nf4_model):
+    ids = _ids(2)
+    peft_model = attach_lora(nf4_model, LoraSettings(r=4))
+    q_layers = [m for m in peft_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(q_layers) == 4 * 7 and not any(m.support_avx512bf16_for_cpu for m in q_layers)
+    _logits(peft_model, ids)  # eval-mode forward: where bitsandbytes would repack on an avx512_bf16 CPU
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    grads = _all_lora_grads(peft_model)
+    assert len(grads) == 2 * 4 * 7 and all(g is not None for g in grads.values())
+    assert all(g.abs().max() > 0 for n, g in grads.items() if "lora_B" in n)  # A's grad is 0 while B == 0
+
+
+@pytest.mark.skipif(not has_avx512bf16(), reason="CPU lacks avx512_bf16: bitsandbytes never repacks weights here")
+def test_without_the_fix_an_eval_forward_loses_lora_gradients(nf4_model):
+    ids = _ids(3)
+    peft_model = attach_lora(nf4_model, LoraSettings(r=4))
+    for m in peft_model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = True  # bitsandbytes' default on this CPU
+    _logits(peft_model, ids)
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert any(g is None for g in _all_lora_grads(peft_model).values())
+    peft_model.zero_grad(set_to_none=True)
+    disable_cpu_repacking(peft_model)
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert all(g is not None for g in _all_lora_grads(peft_model).values())
+
+
+def test_already_repacked_weights_are_restored(nf4_model):
+    """The repack itself is plain torch, so its undo is checked on any CPU (only the repacked matmul needs avx512)."""
+    layers = [m for m in nf4_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    before = [(m.weight.data.clone(), dequantize_4bit(m.weight.data, m.weight.quant_state)) for m in layers]
+    for m in layers:
+        m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+    assert disable_cpu_repacking(nf4_model) == len(layers)
+    for m, (codes, weight) in zip(layers, before, strict=True):
+        assert not m.weight.quant_state.packing_format_for_cpu
+        assert torch.equal(m.weight.data, codes)
+        # bitsandbytes' repack stores the block scales in bfloat16, so they come back rounded (< 1% of the range)
+        restored = dequantize_4bit(m.weight.data, m.weight.quant_state)
+        assert (restored - weight).abs().max() < 0.01 * weight.abs().max()
+
+
+def test_quantize_and_dequantize_round_trip():
+    ids = _ids(5)
+    for arch, plain_type in (("llama", nn.Linear), ("gpt2", Conv1D)):
+        model = tiny_model(arch, num_layers=2)
+        fp = _logits(model, ids)
+        quantize_nf4(model)
+        q_layers = [m for m in decoder_layers(model).modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert len(q_layers) == 2 * PER_LAYER[arch]
+        assert type(model.get_output_embeddings()) is nn.Linear
+        quantized = _logits(model, ids)
+        assert (quantized - fp).abs().max() > 1e-3  # NF4 rounds
+        dequantize(model, torch.float32)
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        assert all(type(m) is plain_type for m in decoder_layers(model).modules()
+                   if isinstance(m, (nn.Linear, Conv1D)))
+        # a Linear4bit computing in fp32 is de-quantise + matmul, so the de-quantised model gives the same logits
+        assert torch.allclose(_logits(model, ids), quantized, atol=1e-4)
+
+
+def test_merge_into_4bit_base_goes_through_a_dequantised_copy(nf4_model, tmp_path):
+    ids = _ids(6)
+    fp_error = (_logits(nf4_model, ids) - _logits(tiny_model("llama"), ids)).abs().max()
+    remove_layers(nf4_model, [2])
+    peft_model = attach_lora(nf4_model, LoraSettings(r=4, dropout=0.0))
+    _train(peft_model, ids)
+    adapted = _logits(peft_model, ids)
+
+    naive = copy.deepcopy(peft_model).merge_and_unload()  # peft's own 4-bit merge re-rounds base + delta
+    naive_error = (_logits(naive, ids) - adapted).abs().max()
+
+    merged = merge_lora(peft_model)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    assert not hasattr(merged.config, "quantization_config")
+    assert getattr(merged.config, ORIGINAL_LAYERS_KEY) == [0, 1, 3]
+    merged_logits = _logits(merged, ids)
+    assert (merged_logits - adapted).abs().max() < 1e-4 < naive_error
+
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert getattr(reloaded.config, ORIGINAL_LAYERS_KEY) == [0, 1, 3]
+    assert torch.allclose(_logits(reloaded, ids), merged_logits, atol=1e-6)
+
+    requantized = quantize_nf4(merged)  # for the next QLoRA stage: a fresh, lossy NF4 rounding
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in requantized.modules()) == 3 * 7
+    requantized_error = (_logits(requantized, ids) - merged_logits).abs().max()
+    assert 1e-4 < requantized_error < 2 * fp_error
+    cycle = merge_lora(attach_lora(requantized), requantize=True)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in cycle.modules()) == 3 * 7
+    half = merge_lora(attach_lora(cycle), dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(_logits(half, ids).float()).all()
+
+
+def test_optimizer_warms_up_then_stays_constant():
+    model = attach_lora(tiny_model("llama", num_layers=2), LoraSettings(r=4))
+    optimizer, scheduler = build_optimizer(model, OptimizerSettings(lr=1e-3, warmup_steps=4))
+    assert optimizer.defaults["betas"] == (0.9, 0.99) and optimizer.defaults["weight_decay"] == 1e-4
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 2 * 7 * 2  # layers × modules × (A, B)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    defaults = OptimizerSettings()
+    assert (defaults.lr, defaults.betas, defaults.weight_decay, defaults.warmup_steps, defaults.clip) == (
+        2e-4, (0.9, 0.99), 1e-4, 50, 1.0)
+    with pytest.raises(UsageError, match="lr=0"):
+        OptimizerSettings(lr=0)
+    with pytest.raises(ValueError, match="no parameter requires grad"):
+        build_optimizer(tiny_model("llama", num_layers=2).requires_grad_(False))
