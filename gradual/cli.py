@@ -110,6 +110,15 @@ def compare_command(argv: Sequence[str]) -> int:
     return compare_main(argv)
 
 
+def _usage_error_in(exc: BaseException | None) -> BaseException | None:
+    """The UsageError behind a wrapped exception, if any."""
+    from gradual.errors import UsageError
+
+    while exc is not None and not isinstance(exc, UsageError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
 def fit_command(argv: Sequence[str]) -> int:
     """Parse and check everything (no model loaded yet), then run one `trainer.fit` over all stages.
 
@@ -122,7 +131,11 @@ def fit_command(argv: Sequence[str]) -> int:
     from gradual.lightning_cli import GradualCLI
 
     sys.argv = [f"{sys.argv[0]} fit"]
-    cli = GradualCLI(args=list(argv), run=False)
+    try:
+        cli = GradualCLI(args=list(argv), run=False)
+    except ValueError as e:  # jsonargparse wraps errors raised while instantiating callbacks
+        raise _usage_error_in(e) or e
+
     module = cli.model
     module.check_run_dir()
     state = module.saved_state()

@@ -343,9 +343,14 @@ class GradualModule(L.LightningModule):
             strategy.model = strategy._setup_model(self)
         strategy.setup_optimizers(self.trainer)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        """`steps_per_stage: 0` prunes without recovery: end the stage before its only (placeholder) batch."""
         if self.history[-1].steps == 0:
-            return None
+            self.end_stage()
+            return -1
+        return None
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
         self._losses.append(float(loss.detach()))
         self.log("loss", loss, prog_bar=True, on_step=True)
