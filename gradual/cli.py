@@ -18,6 +18,7 @@ commands:
   fit       run the prune -> heal -> measure loop (LightningCLI: --config, --print_config, dotted overrides)
   score     score and rank a model's layers with an importance metric
   eval      evaluate a model (any path or alias) on built-in and lm-eval tasks
+  prune     remove layers in one shot (no recovery) and save the model
   compare   one-shot vs gradual, SGR vs dataset answers, at equal depth and training budget
 
 `gradual <command> --help` describes each command's options."""
@@ -38,8 +39,6 @@ def score_command(argv: Sequence[str]) -> int:
     p.add_argument("--num-calibration", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--protect-first", type=int, default=0)
-    p.add_argument("--protect-last", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true")
@@ -55,7 +54,7 @@ def score_command(argv: Sequence[str]) -> int:
     model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     batches = importance.calibration_batches(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
     scores = importance.score_layers(model, batches, args.metric, span=args.span, seed=args.seed)
-    print(importance.format_table(scores, protect_first=args.protect_first, protect_last=args.protect_last))
+    print(importance.format_table(scores))
     return 0
 
 
@@ -104,6 +103,49 @@ def eval_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def prune_command(argv: Sequence[str]) -> int:
+    from gradual import importance
+
+    p = argparse.ArgumentParser(prog="gradual prune", description="Remove layers in one shot (no recovery) and save "
+                                "the model in Hugging Face format.")
+    p.add_argument("--model", required=True, help="hub id, local path, smollm2-135m-instruct or tiny:<arch>")
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--layers", type=_split, help="comma-separated indices of the layers to remove")
+    which.add_argument("--num", type=int, help="remove this many layers, least important first by --metric")
+    p.add_argument("--metric", default="block_influence", help=f"one of: {', '.join(importance.METRICS)}")
+    p.add_argument("--protect-first", type=int, default=1)
+    p.add_argument("--protect-last", type=int, default=1)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--trust-remote-code", action="store_true")
+    args = p.parse_args(argv)
+    from gradual import surgery
+    from gradual.errors import UsageError
+    from gradual.models import load_model, load_tokenizer, model_depth, save_model
+
+    if os.path.exists(args.out):
+        raise UsageError(f"--out {args.out!r} already exists; give a new folder")
+    depth = model_depth(args.model, trust_remote_code=args.trust_remote_code)
+    if args.layers is not None:
+        bad = [v for v in args.layers if not v.lstrip("-").isdigit()]
+        if bad:
+            raise UsageError(f"--layers {','.join(args.layers)!r} is invalid; give integers in 0..{depth - 1}")
+        layers = [int(v) for v in args.layers]
+        surgery.check_indices(layers, depth)
+    elif not 1 <= args.num < depth:
+        raise UsageError(f"--num {args.num} is invalid for a model of {depth} layers; allowed: 1..{depth - 1}")
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    if args.layers is None:
+        texts = importance.calibration_texts(None)
+        scores = importance.score_layers(model, importance.calibration_batches(tokenizer, texts), args.metric)
+        layers = scores.choose(args.num, protect_first=args.protect_first, protect_last=args.protect_last)
+    removed = surgery.remove_layers(model, layers)
+    save_model(model, tokenizer, args.out)
+    print(f"removed original layers {removed}; {surgery.num_layers(model)} layers left; saved to {args.out}")
+    return 0
+
+
 def compare_command(argv: Sequence[str]) -> int:
     from gradual.compare import main as compare_main
 
@@ -130,9 +172,9 @@ def fit_command(argv: Sequence[str]) -> int:
     from gradual.errors import UsageError
     from gradual.lightning_cli import GradualCLI
 
-    sys.argv = [f"{sys.argv[0]} fit"]
+    sys.argv = [sys.argv[0], "fit", *argv]  # Lightning's DDP launcher re-runs sys.argv in each extra process
     try:
-        cli = GradualCLI(args=list(argv), run=False)
+        cli = GradualCLI(args=list(argv), run=False, parser_kwargs={"prog": "gradual fit"})
     except ValueError as e:  # jsonargparse wraps errors raised while instantiating callbacks
         raise _usage_error_in(e) or e
 
@@ -154,7 +196,8 @@ def fit_command(argv: Sequence[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "fit": fit_command, "score": score_command, "eval": eval_command, "compare": compare_command,
+    "fit": fit_command, "score": score_command, "eval": eval_command, "prune": prune_command,
+    "compare": compare_command,
 }
 
 

@@ -154,6 +154,11 @@ def _pass_input_through(module: nn.Module, args: tuple, kwargs: dict, output: An
     raise TypeError(f"{type(module).__name__} returned {type(output).__name__}; expected a tensor or a tuple")
 
 
+def check_indices(indices: Iterable[int] | int, n: int) -> list[int]:
+    """Validate layer indices for a model of `n` layers before loading it (the CLI's early check); sorted."""
+    return _checked_indices(indices, n, allow_all=False)
+
+
 def _checked_indices(indices: Iterable[int] | int, n: int, allow_all: bool) -> list[int]:
     """Validate user-given current layer indices; return them sorted."""
     if isinstance(indices, Integral):
