@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 import gradual.sgr as sgr
+from gradual.data import tokenize_pair
 from gradual.errors import UsageError
 from gradual.generation import DecodingConfig, format_prompt, generate
 from gradual.models import tiny_model, tiny_tokenizer
@@ -27,6 +28,7 @@ from gradual.sgr import (
     merge_shards,
     model_identity,
     shard,
+    teacher_input,
     teacher_responses,
     vllm_sampling_kwargs,
     weights_digest,
@@ -123,14 +125,20 @@ def test_batched_greedy_sgr_equals_unbatched(model, tok, base):
 
 
 def test_teacher_sees_chat_formatted_prompts_and_pairs_keep_raw_prompt(model, tok, spy):
+    """The teacher continues exactly the prompt part the data module trains on; pairs store the raw user text."""
     cfg = cfg_for(system_prompt="Be brief.")
     pairs = build_pairs(model, tok, cfg, items=ITEMS[:3], progress=False)
     assert sorted(spy.prompts) == sorted(format_prompt(tok, it.prompt, "Be brief.") for it in ITEMS[:3])
     assert "<|system|>Be brief." in spy.prompts[0]
+    for chat in (True, False):
+        ids = tokenize_pair(tok, ITEMS[1].prompt, "answer", "Be brief.", chat=chat)
+        prompt_ids = [i for i, label in zip(ids["input_ids"], ids["labels"], strict=True) if label == -100]
+        teacher = teacher_input(tok, ITEMS[1].prompt, "Be brief.", chat)
+        assert prompt_ids == tok(teacher, add_special_tokens=False)["input_ids"]
     assert [p["prompt"] for p in pairs] == [it.prompt for it in ITEMS[:3]]
     spy.prompts.clear()
     build_pairs(model, tok, cfg_for(chat=False), items=ITEMS[:3], progress=False)
-    assert sorted(spy.prompts) == sorted(it.prompt for it in ITEMS[:3])
+    assert sorted(spy.prompts) == sorted(it.prompt + "\n" for it in ITEMS[:3]), "the plain prompt data.py trains on"
 
 
 def test_cache_hit_generates_nothing(model, tok, spy, base, cached):
