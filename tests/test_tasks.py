@@ -34,6 +34,7 @@ from gradual.tasks import (
 )
 from gradual.tasks.base import _SPLIT_BASE
 from gradual.tasks.code import evaluate_humaneval, humaneval_program, load_humaneval, run_sandboxed
+from gradual.tasks.evaluate import choice_text
 from gradual.tasks.extract import closing_sequence, is_balanced
 from gradual.tasks.scoring import continuation_logprobs, encode_pair
 
@@ -230,14 +231,30 @@ def test_batched_scoring_equals_unbatched_and_full_logits(tiny):
     task = get_task("category")
     problems = task.problems("eval", 3)
     pairs = [(build_prompt(task, p, tok, "fewshot", shots=1), f" {c}") for p in problems for c in p.choices]
-    batched = continuation_logprobs(model, tok, pairs, batch_size=5, progress=False)
-    single = continuation_logprobs(model, tok, pairs, batch_size=1, progress=False)
+    batched = continuation_logprobs(model, tok, pairs, batch_size=5, progress=False, prefix_cache=False)
+    single = continuation_logprobs(model, tok, pairs, batch_size=1, progress=False, prefix_cache=False)
     assert batched == pytest.approx(single, abs=1e-4)
     ctx, cont = encode_pair(tok, *pairs[0])
     with torch.no_grad():
         logits = model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
     manual = sum(float(logits[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
     assert batched[0] == pytest.approx(manual, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+@pytest.mark.parametrize("fmt", ["fewshot", "chat"])
+def test_prefix_cached_scoring_equals_plain_batched_scoring(arch, fmt):
+    # gemma3's tiny config mixes sliding-window layers (window 4) with full ones; gpt2 has learned positions
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    pairs = []
+    for name in ("copy", "brackets"):  # multi-token choices of different lengths, two different shared prefixes
+        task = get_task(name)
+        for p in task.problems("eval", 2):
+            prompt = build_prompt(task, p, tok, fmt, shots=1)
+            pairs += [(prompt, choice_text(prompt, c)) for c in p.choices]
+    cached = continuation_logprobs(model, tok, pairs, progress=False)
+    plain = continuation_logprobs(model, tok, pairs, batch_size=5, progress=False, prefix_cache=False)
+    assert cached == pytest.approx(plain, abs=1e-4)
 
 
 def test_chat_format_uses_the_chat_template_and_instruction(tiny):

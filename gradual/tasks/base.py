@@ -149,5 +149,18 @@ def assert_disjoint(task: Task, n_train: int, n_eval: int, seed: int = 0) -> Non
 
 
 def fewshot_examples(task: Task, k: int = 5) -> list[Problem]:
-    """Worked examples for the few-shot prompt, from the training split so they never leak evaluation items."""
-    return task.problems("train", k, seed=999) if k else []
+    """Worked examples for the few-shot prompt, from the training split so they never leak evaluation items.
+
+    Examples with distinct answers are preferred: a small model copies the answers it has just seen, so five
+    examples showing two labels would bias a label task towards them.
+    """
+    if k < 1:
+        return []
+    pool = task.problems("train", max(10 * k, 50), seed=999)
+    chosen: list[Problem] = []
+    for p in pool:
+        if p.answer not in {c.answer for c in chosen}:
+            chosen.append(p)
+        if len(chosen) == k:
+            return chosen
+    return (chosen + [p for p in pool if p not in chosen])[:k]
