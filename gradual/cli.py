@@ -172,11 +172,12 @@ def fit_command(argv: Sequence[str]) -> int:
     from gradual.errors import UsageError
     from gradual.lightning_cli import GradualCLI
 
-    sys.argv = [sys.argv[0], "fit", *argv]  # Lightning's DDP launcher re-runs sys.argv in each extra process
+    script = sys.argv[0]
+    sys.argv = [f"{script} fit"]
     try:
-        cli = GradualCLI(args=list(argv), run=False, parser_kwargs={"prog": "gradual fit"})
+        cli = GradualCLI(args=list(argv), run=False)
     except ValueError as e:  # jsonargparse wraps errors raised while instantiating callbacks
-        raise _usage_error_in(e) or e
+        raise (_usage_error_in(e) or e) from None
 
     module = cli.model
     module.check_run_dir()
@@ -185,13 +186,15 @@ def fit_command(argv: Sequence[str]) -> int:
         print(f"run in {module.run_dir} is already complete; see {module.run_dir / 'report.md'}")
         return 0
     existed = module.run_dir.exists()
+    sys.argv = [script, "fit", *argv]  # Lightning's DDP launcher starts the other ranks with this command
     try:
         cli.trainer.fit(module, datamodule=cli.datamodule)
     except UsageError:
         if not existed and cli.trainer.is_global_zero:
             shutil.rmtree(module.run_dir, ignore_errors=True)
         raise
-    print(f"done: {module.stop_reason}; final model (stage {module.chosen_stage()}) in {module.run_dir / 'final'}")
+    if cli.trainer.is_global_zero:
+        print(f"done: {module.stop_reason}; final model (stage {module.chosen_stage()}) in {module.run_dir / 'final'}")
     return 0
 
 

@@ -9,7 +9,6 @@ import torch
 
 from gradual import models
 from gradual.data import RecoveryDataModule
-from gradual.generation import DEFAULT_SYSTEM_PROMPT
 from gradual.sgr import SGRConfig, build_pairs, load_prompts
 
 
@@ -23,24 +22,23 @@ class GradualDataModule(RecoveryDataModule):
 
     Args:
         model: the model to prune (linked from `model.model`); the teacher and the tokenizer come from it.
-        sgr: prompt source, decoding and response mode (`sgr`, `sgr_filtered`, `dataset`).
+        sgr: prompt source, decoding and response mode (`sgr`, `sgr_filtered`, `dataset`); its `system_prompt`
+            and `chat` also format the training examples, so the student learns in the teacher's format.
         dtype: teacher dtype for generation.
         batch_size: examples per batch and rank.
         max_length: tokens per example (prompt + response); longer responses are truncated.
-        system_prompt: system prompt of the training chat template (the one the answers were generated with).
-        chat: use the chat template (when the tokenizer has one).
         seed: data order seed (linked from `model.seed`).
         trust_remote_code: linked from the model.
     """
 
     def __init__(self, model: str = "smollm2-135m-instruct", sgr: SGRConfig | None = None,
-                 dtype: str = "float32", batch_size: int = 8, max_length: int = 512,
-                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, chat: bool = True, seed: int = 0,
+                 dtype: str = "float32", batch_size: int = 8, max_length: int = 512, seed: int = 0,
                  trust_remote_code: bool = False) -> None:
+        sgr = sgr or SGRConfig()
         super().__init__(batch_size=batch_size, samples_per_epoch=batch_size, max_length=max_length,
-                         system_prompt=system_prompt, chat=chat, seed=seed)
+                         system_prompt=sgr.system_prompt, chat=sgr.chat, seed=seed)
         self.model_name, self.dtype_name, self.trust_remote_code = model, dtype, trust_remote_code
-        self.sgr = sgr or SGRConfig()
+        self.sgr = sgr
         if self.sgr.cache_dir is None:
             self.sgr.cache_dir = str(models.cache_dir() / "sgr")
         self.items = load_prompts(self.sgr)
