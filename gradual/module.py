@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gradual import importance, models, surgery
 from gradual.errors import UsageError
-from gradual.lora import LoraSettings, attach_lora, merge_lora, quantize_nf4
+from gradual.lora import LoraSettings, attach_lora, dequantize, merge_lora, quantize_nf4
 
 STATE_FILE = "state.json"
 
@@ -198,7 +198,6 @@ class GradualModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
         self.history: list[StageRecord] = []
-        self.final_stage: int | None = None
         self.stop_reason: str | None = None
         self._calibration: list[dict[str, torch.Tensor]] | None = None
         self._stage_start = 0.0
@@ -341,6 +340,7 @@ class GradualModule(L.LightningModule):
         strategy = self.trainer.strategy
         if isinstance(strategy.model, DistributedDataParallel):
             strategy.model = strategy._setup_model(self)
+            strategy._register_ddp_hooks()  # a configured DDP communication hook (GPU) belongs to the new wrapper
         strategy.setup_optimizers(self.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
@@ -370,6 +370,8 @@ class GradualModule(L.LightningModule):
             self.model.config.use_cache = False
             for p in self.model.parameters():
                 p.requires_grad_(False)
+        elif _is_quantized(self.model):  # pruned without recovery: stages are still saved as float weights
+            self.model = dequantize(self.model, dtype=self.model.get_input_embeddings().weight.dtype)
         record.loss = sum(self._losses) / len(self._losses) if self._losses else None
         record.timings.update(train_s=train_s, merge_s=time.perf_counter() - t)
         self.model.eval()

@@ -133,7 +133,7 @@ def evaluate_humaneval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     config = DecodingConfig(do_sample=False, max_new_tokens=max_new_tokens, stop=CODE_STOP)
     completions = [c[0] for c in generate(model, tokenizer, [p["prompt"] for p in problems], config,
                                           batch_size=batch_size, progress=progress, desc="humaneval")]
-    passed = MeanMetric()
+    passed = MeanMetric(sync_on_compute=False)  # local: under DDP only rank 0 evaluates
     failures = dict.fromkeys(CODE_FAILURES, 0)
     items = []
     for p, completion in zip(problems, completions, strict=True):

@@ -64,7 +64,7 @@ def evaluate_generative(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     config = DecodingConfig(do_sample=False, max_new_tokens=budget, stop=FEWSHOT_STOP if fmt == "fewshot" else [])
     replies = [r[0] for r in generate(model, tokenizer, prompts, config, batch_size=batch_size, progress=progress,
                                       desc=task.name)]
-    accuracy = MeanMetric()
+    accuracy = MeanMetric(sync_on_compute=False)  # local: under DDP only rank 0 evaluates
     failures = dict.fromkeys(FAILURES, 0)
     items = []
     for p, reply in zip(problems, replies, strict=True):
@@ -98,7 +98,7 @@ def evaluate_classification(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
         scores[k, fill[k]] = s
         fill[k] += 1
     target = torch.tensor([p.label for p in problems])
-    metric = MulticlassAccuracy(num_classes=width, average="micro")
+    metric = MulticlassAccuracy(num_classes=width, average="micro", sync_on_compute=False)
     metric.update(scores, target)
     pred = scores.argmax(dim=1)
     correct = int((pred == target).sum())
