@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import bitsandbytes as bnb
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -27,6 +28,11 @@ def weights_checksum(model: torch.nn.Module) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def count_4bit(model: torch.nn.Module) -> int:
+    """bitsandbytes 4-bit layers (not peft's LoRA wrappers of them, which share the class name)."""
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
 class RankProbe(Callback):
@@ -46,7 +52,7 @@ class RankProbe(Callback):
         trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         self.steps[-1].update(
             loss=pl_module._losses[-1], wrapper=type(trainer.strategy.model).__name__, trainable=len(trainable),
-            linear4bit=sum(type(m).__name__ == "Linear4bit" for m in pl_module.model.modules()),
+            linear4bit=count_4bit(pl_module.model),
             grads={n: None if p.grad is None else float(p.grad.double().sum()) for n, p in trainable})
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -60,7 +66,7 @@ class RankProbe(Callback):
         record = pl_module.history[-1]
         self.stages.append({"stage": record.stage, "removed": record.removed, "kept": record.kept,
                             "checksum": weights_checksum(pl_module.model),
-                            "linear4bit": sum(type(m).__name__ == "Linear4bit" for m in pl_module.model.modules()),
+                            "linear4bit": count_4bit(pl_module.model),
                             "scores": {k: v["score"] for k, v in record.scores.items()},
                             "retention": record.retention, "meets_threshold": record.meets_threshold,
                             "should_stop": trainer.should_stop})
