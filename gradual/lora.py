@@ -250,6 +250,7 @@ def quantize_nf4(model: PreTrainedModel, compute_dtype: torch.dtype | None = Non
             q = q.to(weight.device)  # Params4bit quantises when moved to a device
             layer.set_submodule(name, q)
     disable_cpu_repacking(model)
+    model.is_loaded_in_4bit = True  # peft reads this flag to wrap Linear4bit with its 4-bit LoRA layer
     return model
 
 

@@ -204,6 +204,15 @@ def test_quantize_and_dequantize_round_trip():
         assert torch.allclose(_logits(model, ids), quantized, atol=1e-4)
 
 
+def test_a_requantised_model_gets_peft_4bit_lora_layers():
+    """peft picks its 4-bit LoRA layer only for models flagged as loaded in 4 bits."""
+    from peft.tuners.lora.bnb import Linear4bit as Lora4bit
+
+    peft_model = attach_lora(quantize_nf4(tiny_model("llama", num_layers=2)), LoraSettings(r=4))
+    adapted = [m for m in peft_model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert adapted and all(isinstance(m, Lora4bit) for m in adapted)
+
+
 def test_merge_into_4bit_base_goes_through_a_dequantised_copy(nf4_model, tmp_path):
     ids = _ids(6)
     fp_error = (_logits(nf4_model, ids) - _logits(tiny_model("llama"), ids)).abs().max()
