@@ -29,7 +29,7 @@ def test_lm_eval_task_is_scored_every_stage_and_drives_retention(tmp_path: Path)
     results = json.loads((run_dir / "results.json").read_text())
     stages = results["stages"]
     baseline = stages[0]["scores"][KEY]
-    assert baseline["form"] == "lm_eval" and baseline["n"] == 8 and baseline["score"] > 0
+    assert baseline["form"] == "classification" and baseline["n"] == 8 and baseline["score"] > 0
     assert sum(baseline["failures"].values()) == 8
     for s in stages[1:]:
         score = s["scores"][KEY]

@@ -99,5 +99,7 @@ def evaluate_lm_eval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         if records:
             items = [dict(doc_id=s.get("doc_id"), target=s.get("target"), response=s.get("filtered_resps"),
                           score=None if s.get(metric) is None else float(s[metric])) for s in samples]
-        results[name] = TaskResult(name, "lm_eval", score, n, failures, f"lm-eval {key}", items)
+        output_type = out.get("configs", {}).get(name, {}).get("output_type")
+        form = "generative" if output_type == "generate_until" else "classification"
+        results[name] = TaskResult(name, form, score, n, failures, f"lm-eval {key}", items)
     return results
