@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from gradual.errors import UsageError
-from gradual.tasks import TASKS, evaluate
+from gradual.tasks import CODE_TASKS, TASKS, evaluate
 from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
 
 
@@ -55,17 +55,23 @@ class TaskEvaluation(_Evaluation):
         forms: which forms to score: `generative`, `classification`.
         fmt: prompt format, `fewshot` (5 worked examples) or `chat` (the model's chat template, 0-shot).
         batch_size: generation / scoring batch size.
-        max_new_tokens: generation budget per answer.
+        max_new_tokens: generation budget per answer (None: each task's own budget).
         seed: problem seed (the evaluation split).
+        enable_code: allow `humaneval` (needs `pip install gradual[code]`): model-written code then runs in a
+            sandboxed subprocess with time and memory limits. Off by default.
     """
 
     name = "tasks"
 
     def __init__(self, tasks: list[str], n: int = 100, forms: list[str] | None = None, fmt: str = "fewshot",
-                 batch_size: int = 32, max_new_tokens: int = 32, seed: int = 0) -> None:
-        unknown = [t for t in tasks if t not in TASKS]
+                 batch_size: int = 32, max_new_tokens: int | None = None, seed: int = 0,
+                 enable_code: bool = False) -> None:
+        unknown = [t for t in tasks if t not in TASKS and t not in CODE_TASKS]
         if unknown:
-            raise UsageError(f"unknown task(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(TASKS)}")
+            raise UsageError(f"unknown task(s) {', '.join(map(repr, unknown))}; allowed: "
+                             f"{', '.join([*TASKS, *CODE_TASKS])}")
+        if any(t in CODE_TASKS for t in tasks) and not enable_code:
+            raise UsageError("task 'humaneval' runs model-written code; set enable_code: true to allow it")
         self.forms = list(forms or ["generative", "classification"])
         bad = [f for f in self.forms if f not in ("generative", "classification")]
         if bad:
@@ -76,19 +82,21 @@ class TaskEvaluation(_Evaluation):
             raise UsageError(f"n={n} is invalid; it must be >= 1")
         self.tasks, self.n, self.fmt = list(tasks), n, fmt
         self.batch_size, self.max_new_tokens, self.seed = batch_size, max_new_tokens, seed
+        self.enable_code = enable_code
 
     def keys(self) -> list[str]:
         keys = []
         for t in self.tasks:
             if "generative" in self.forms:
                 keys.append(t)
-            if "classification" in self.forms and TASKS[t].has_classification:
+            if "classification" in self.forms and t in TASKS and TASKS[t].has_classification:
                 keys.append(f"mc_{t}")
         return keys
 
     def results(self, pl_module: L.LightningModule) -> dict[str, dict[str, Any]]:
         out = evaluate(pl_module.model, pl_module.tokenizer, self.tasks, n=self.n, forms=tuple(self.forms),
-                       fmt=self.fmt, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, seed=self.seed)
+                       fmt=self.fmt, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, seed=self.seed,
+                       enable_code=self.enable_code)
         return {key: {"score": r.score, "form": r.form, "n": r.n, "failures": dict(r.failures)}
                 for key, r in out.items()}
 

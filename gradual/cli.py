@@ -59,7 +59,7 @@ def score_command(argv: Sequence[str]) -> int:
 
 
 def eval_command(argv: Sequence[str]) -> int:
-    from gradual.tasks import TASKS
+    from gradual.tasks import CODE_TASKS, TASKS
 
     p = argparse.ArgumentParser(prog="gradual eval", description="Evaluate a model on built-in and lm-eval tasks.")
     p.add_argument("--model", required=True, help="hub id, local path (e.g. runs/demo/final), alias or tiny:<arch>")
@@ -68,8 +68,9 @@ def eval_command(argv: Sequence[str]) -> int:
     p.add_argument("--fmt", default="fewshot", help="fewshot or chat")
     p.add_argument("--n", type=int, default=100, help="problems per task")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own budget")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enable-code", action="store_true", help="allow humaneval (runs model code in a sandbox)")
     p.add_argument("--lm-eval-tasks", type=_split, default=[], help="comma-separated lm-eval task names")
     p.add_argument("--include-path", default=None, help="directory of local lm-eval YAML tasks")
     p.add_argument("--limit", type=int, default=None, help="lm-eval items per task")
@@ -83,9 +84,12 @@ def eval_command(argv: Sequence[str]) -> int:
 
     if not args.tasks and not args.lm_eval_tasks:
         raise UsageError("nothing to evaluate; give --tasks and/or --lm-eval-tasks")
-    unknown = [t for t in args.tasks if t not in TASKS]
+    unknown = [t for t in args.tasks if t not in TASKS and t not in CODE_TASKS]
     if unknown:
-        raise UsageError(f"unknown task(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(TASKS)}")
+        allowed = ", ".join([*TASKS, *CODE_TASKS])
+        raise UsageError(f"unknown task(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
+    if any(t in CODE_TASKS for t in args.tasks) and not args.enable_code:
+        raise UsageError("task 'humaneval' runs model-written code; add --enable-code to allow it")
     if args.fmt not in ("fewshot", "chat"):
         raise UsageError(f"--fmt {args.fmt!r} is unknown; allowed: fewshot, chat")
     if args.include_path and not os.path.isdir(args.include_path):
@@ -95,7 +99,8 @@ def eval_command(argv: Sequence[str]) -> int:
     results = {}
     if args.tasks:
         results.update(evaluate(model, tokenizer, args.tasks, n=args.n, forms=tuple(args.forms), fmt=args.fmt,
-                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed))
+                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                enable_code=args.enable_code))
     if args.lm_eval_tasks:
         results.update(evaluate_lm_eval(model, tokenizer, args.lm_eval_tasks, limit=args.limit,
                                         include_path=args.include_path, batch_size=args.batch_size))

@@ -61,6 +61,7 @@ def test_prune_saves_a_model_equal_to_in_memory_surgery(tmp_path: Path, capsys: 
     (["score", "--model", "tiny:llama:4", "--calibration", "/nonexistent.txt"], "/nonexistent.txt"),
     (["eval", "--model", "tiny:llama:4", "--tasks", "poetry"], "'poetry'"),
     (["eval", "--model", "tiny:llama:4", "--tasks", "successor", "--fmt", "essay"], "'essay'"),
+    (["eval", "--model", "tiny:llama:4", "--tasks", "humaneval"], "--enable-code"),
     (["bogus"], "unknown command 'bogus'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], needle: str, tmp_path: Path,

@@ -66,7 +66,7 @@ def test_stages_remove_one_layer_each_and_write_every_output(smoke_run: tuple[Gr
     stages = results["stages"]
     assert [s["depth"] for s in stages] == [6, 5, 4, 3]
     assert [len(s["removed_total"]) for s in stages] == [0, 1, 2, 3]
-    for prev, cur in zip(stages, stages[1:]):
+    for prev, cur in zip(stages, stages[1:], strict=False):
         assert set(prev["removed_total"]) < set(cur["removed_total"])
         assert sorted(cur["kept"] + cur["removed_total"]) == list(range(6))
         assert cur["steps"] == 2 and cur["loss"] is not None and cur["scores"] and cur["retention"]
@@ -180,6 +180,7 @@ BAD_INPUTS = {
     "architecture": ({"model__model": "tiny:bert"}, "'bert'"),
     "prompt_file": ({"data__sgr__source": "file", "data__sgr__path": "/nonexistent/prompts.jsonl"},
                     "/nonexistent/prompts.jsonl"),
+    "code_not_enabled": ({"trainer__callbacks__0__init_args__tasks": ["humaneval"]}, "enable_code"),
     "zero_baseline": ({"trainer__callbacks__1__init_args__monitor": "successor"}, "zero baseline"),
 }
 
