@@ -104,6 +104,17 @@ def plot_compare(curves: dict[str, list[dict[str, Any]]], path: Path, title: str
     plt.close(fig)
 
 
+def timing_table(timings: dict[str, Any]) -> str:
+    """Wall time of the shared preparation and of every run (steps: optimizer steps taken by this invocation)."""
+    rows = ["| run | minutes | optimizer steps |", "|---|---|---|",
+            f"| shared baseline + ranking | {timings['prepare_s'] / 60:.1f} | - |"]
+    for name, r in timings["runs"].items():
+        steps = "-" if r["optimizer_steps"] is None else str(r["optimizer_steps"])
+        rows.append(f"| {name} | {r['seconds'] / 60:.1f} | {steps} |")
+    rows.append(f"| total (this invocation) | {timings['total_s'] / 60:.1f} | |")
+    return "\n".join(rows)
+
+
 def write_outputs(out: Path, result: dict[str, Any]) -> None:
     """compare.json (everything), compare.md (the tables) and compare.png (the curves) in `out`."""
     out = Path(out)
@@ -117,5 +128,5 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
              "## Budget and retention", "", summary_table(result["points"]), "",
              "## Scores (retention in brackets)", "", scores_table(result["baseline"], result["points"]), "",
              "## Generative failures (summed over tasks)", "", failure_table(result["baseline"], result["points"]), "",
-             "![retention vs layers removed](compare.png)", ""]
+             "![retention vs layers removed](compare.png)", "", "## Timings", "", timing_table(result["timings"]), ""]
     (out / "compare.md").write_text("\n".join(lines))
