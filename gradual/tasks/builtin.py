@@ -18,13 +18,15 @@ from gradual.tasks.words import ALL_WORDS, CATEGORY_OF, LABELS
 
 NUMBER_INSTRUCTION = "Give the final answer as a single number at the end of your reply."
 
-# Small operands keep a 135M model off the floor. basic_arithmetic uses its parenthesised generator: the plain
-# one in reasoning-gym 0.1.25 evaluates left to right ("9 + 0 * 4" -> 36), the parenthesised one is correct.
+# One-digit operands keep SmolLM2-135M off the floor (few-shot, n=30 probes: chain_sum 2-4 terms of 1-2 digits 0.10
+# vs 2-3 one-digit terms 0.23; products of 1-2 digits 0.17 vs one-digit 0.70, but one-digit products have only 100
+# questions, so negative factors are allowed: 361 questions, 0.43). basic_arithmetic uses its parenthesised
+# generator: the plain one in reasoning-gym 0.1.25 evaluates left to right ("9 + 0 * 4" -> 36).
 GYM_CONFIGS: dict[str, dict] = {
-    "basic_arithmetic": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=1, operators=("+", "-", "*"),
+    "basic_arithmetic": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=("+", "-", "*"),
                              allow_parentheses=True, allow_negation=False),
-    "chain_sum": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2),
-    "products": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2),
+    "chain_sum": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=1),
+    "products": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, allow_negation=True),
     "gsm_symbolic": {},
 }
 
@@ -178,9 +180,9 @@ def _build() -> dict[str, Task]:
         Task("category", "label", _category, _category_distractors,
              f"Reply with one of: {', '.join(LABELS[:-1])} or {LABELS[-1]}.",
              labels=LABELS, fewshot_tokens=8, chat_tokens=48, description="category of a word (8 labels)"),
-        _gym_task("chain_sum", "reasoning-gym chain_sum: 2-4 terms of 1-2 digits, + and -"),
-        _gym_task("products", "reasoning-gym products: two factors of 1-2 digits"),
-        _gym_task("basic_arithmetic", "reasoning-gym basic_arithmetic: 2-3 one-digit terms, + - *, parentheses"),
+        _gym_task("chain_sum", "reasoning-gym chain_sum: 2-3 one-digit terms, + and -"),
+        _gym_task("products", "reasoning-gym products: two one-digit factors, negatives allowed"),
+        _gym_task("basic_arithmetic", "reasoning-gym basic_arithmetic: two one-digit terms, + - *, signs, parentheses"),
         _gym_task("gsm_symbolic", "reasoning-gym gsm_symbolic: GSM8K-style word problems", chat_tokens=256),
         Task("brackets", "brackets", _brackets, _bracket_distractors,
              "Reply with the closing brackets only, separated by spaces.", fewshot_tokens=24, chat_tokens=48,
