@@ -223,3 +223,10 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("gradual: error: schedule.max_layers=99")
+
+
+def test_gradient_accumulation_trains_steps_times_accumulation_batches(tmp_path: Path) -> None:
+    config, _ = write_config(tmp_path, model__schedule__max_layers=1, trainer__accumulate_grad_batches=2)
+    cli = fit_in_process(config)
+    assert cli.trainer.global_step == 2
+    assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4
