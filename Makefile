@@ -34,8 +34,8 @@ test-all: install
 demo: install
 	$(VENV)/bin/gradual fit --config configs/demo.yaml
 
-bench: install
-	$(PY) scripts/bench.py
+bench: install  # make bench BENCH_ARGS="--quick --out /tmp/bench.json"
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
