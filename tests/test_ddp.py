@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from rank_probe import LM_EVAL_TASK, lm_eval_callback, probe_callback, weights_checksum, write_lm_eval_task
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 TESTS = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow  # an end-to-end run of a minute or more; CI runs it (make test-slow)
 def test_two_cpu_ranks_prune_heal_and_decide_in_lockstep(tmp_path: Path) -> None:
     callbacks = yaml.safe_load(SMOKE.read_text())["trainer"]["callbacks"]
     callbacks.insert(1, lm_eval_callback(write_lm_eval_task(tmp_path / "lm_eval_tasks")))

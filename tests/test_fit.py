@@ -104,6 +104,7 @@ def test_steps_zero_prunes_without_recovery(tmp_path: Path) -> None:
     assert cli.trainer.global_step == 0
 
 
+@pytest.mark.slow  # an end-to-end run of a minute or more; CI runs it (make test-slow)
 def test_one_shot_and_gradual_share_depth_and_step_budget(tmp_path: Path) -> None:
     runs = {}
     for mode in ("gradual", "one_shot"):
@@ -138,6 +139,7 @@ def run_cli(config: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # an end-to-end run of a minute or more; CI runs it (make test-slow)
 def test_resume_after_kill_mid_stage_gives_same_final_weights(tmp_path: Path) -> None:
     """Through the real CLI: an uninterrupted run, and one killed during stage 2 then re-run with the same command."""
     changes = dict(model__schedule__steps_per_stage=6)

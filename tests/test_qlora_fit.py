@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from rank_probe import probe_callback, weights_checksum
@@ -35,6 +36,7 @@ def assert_plain_float_checkpoint(path: Path) -> AutoModelForCausalLM:
     return model
 
 
+@pytest.mark.slow  # an end-to-end run of a minute or more; CI runs it (make test-slow)
 def test_qlora_stages_heal_a_4bit_base_and_save_float_weights(tmp_path: Path) -> None:
     callbacks = yaml.safe_load(SMOKE.read_text())["trainer"]["callbacks"]
     callbacks[-1]["init_args"]["keep"] = "all"
