@@ -10,7 +10,6 @@ Trainer must be built with `use_distributed_sampler=False` (otherwise Lightning 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from gradual.errors import UsageError
 from gradual.generation import DEFAULT_SYSTEM_PROMPT, format_prompt
+from gradual.jsonl import read_jsonl
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF causal-LM loss) skips
 log = logging.getLogger(__name__)
@@ -63,14 +63,8 @@ def load_pairs(source: Sequence[dict] | str | Path) -> list[dict[str, str]]:
         path = Path(source)
         if not path.is_file():
             raise UsageError(f"recovery pairs file {str(path)!r} does not exist; give a JSONL file or a list of pairs")
-        records, where = [], []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}:{n} is not valid JSON ({e.msg}); expected one object per line") from e
-                where.append(f"{path}:{n}")
+        rows = read_jsonl(path)
+        where, records = [place for place, _ in rows], [row for _, row in rows]
     else:
         records, where = list(source), [f"pair {i}" for i in range(len(source))]
     pairs = []

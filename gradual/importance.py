@@ -32,7 +32,6 @@ composition and the padded length do not change any score.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradual.errors import UsageError
+from gradual.jsonl import read_jsonl
 from gradual.surgery import decoder_layers, original_indices, skip_layers
 
 METRICS: tuple[str, ...] = (
@@ -142,19 +142,12 @@ def _read_file_texts(path: Path, field_name: str) -> list[str]:
     if not path.is_file():
         raise UsageError(f"calibration file not found: {path} (give a .txt with one text per line, "
                          f"a .jsonl with a '{field_name}' field, or nothing for the built-in prompts)")
-    lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix.lower() not in (".jsonl", ".json"):
-        return [line.strip() for line in lines if line.strip()]
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{number} is not valid JSON ({err.msg}); expected one object per line") from err
-        if not isinstance(record, dict) or not isinstance(record.get(field_name), str):
-            raise UsageError(f"{path}:{number} has no string field '{field_name}'; set the text field name")
+    for place, record in read_jsonl(path):
+        if not isinstance(record.get(field_name), str):
+            raise UsageError(f"{place} has no string field '{field_name}'; set the text field name")
         if record[field_name].strip():
             texts.append(record[field_name])
     return texts

@@ -45,6 +45,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradual.errors import UsageError
 from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, format_prompt, generate
+from gradual.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -186,18 +187,7 @@ def _file_rows(path: Path) -> list[dict[str, Any]]:
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise UsageError(f"prompt file {str(path)!r} must hold a JSON list of objects")
         return data
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"prompt file {str(path)!r} line {n} is not valid JSON: {e}") from None
-        if not isinstance(row, dict):
-            raise UsageError(f"prompt file {str(path)!r} line {n} is not a JSON object")
-        rows.append(row)
-    return rows
+    return [row for _, row in read_jsonl(path)]
 
 
 def _hf_rows(cfg: SGRConfig) -> list[dict[str, Any]]:

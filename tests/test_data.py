@@ -153,10 +153,10 @@ def test_pairs_from_jsonl_list_or_set_later(tmp_path, tok):
     assert len(dm.dataset) == 1
     assert load_pairs(path) == [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
     path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
-    with pytest.raises(UsageError, match="pairs.jsonl:2"):
+    with pytest.raises(UsageError, match="pairs.jsonl line 2"):
         load_pairs(path)
     path.write_text("not json\n")
-    with pytest.raises(UsageError, match="pairs.jsonl:1 is not valid JSON"):
+    with pytest.raises(UsageError, match="pairs.jsonl line 1 is not valid JSON"):
         load_pairs(path)
     with pytest.raises(UsageError, match="does not exist"):
         load_pairs(tmp_path / "missing.jsonl")
