@@ -104,6 +104,7 @@ def test_table_json_and_plot_are_written(comparison: tuple[dict[str, Any], Path,
     assert "| 2 | one_shot_dataset | one_shot | dataset |" in table
     assert "gradual_sgr (stage 1 of gradual_sgr-2)" in table
     assert "| 0 | baseline |" in table and "wrong_value" in table and "mc_successor" in table
+    assert "| gradual_sgr-2 |" in table.split("## Timings")[1]
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "configs" / "gradual_sgr-2.yaml").is_file()
 
