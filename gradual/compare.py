@@ -306,6 +306,7 @@ def prepare(plan: Plan) -> dict[str, Any]:
     path = plan.out / BASELINE_FILE
     if path.is_file():
         return json.loads(path.read_text())
+    from gradual import surgery
     from gradual.callbacks import LmEvalEvaluation, TaskEvaluation
 
     t0 = time.perf_counter()
@@ -314,7 +315,8 @@ def prepare(plan: Plan) -> dict[str, Any]:
     module.configure_model()
     module.to(cli.trainer.strategy.root_device)
     t = time.perf_counter()
-    ranking = {str(d): module.choose_layers(d)[0] for d in plan.depths}
+    kept = surgery.original_indices(module.model)  # schedule.layers are original indices (the model may be pruned)
+    ranking = {str(d): [kept[i] for i in module.choose_layers(d)[0]] for d in plan.depths}
     scoring_s = time.perf_counter() - t
     scores: dict[str, Any] = {}
     for cb in cli.trainer.callbacks:
