@@ -25,3 +25,14 @@ def make_tiny():
         return tiny_model(arch, num_layers=num_layers, seed=seed)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a shared machine extra threads only spin."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from gradual.importance import calibration_batches, calibration_texts
 from gradual.models import tiny_model, tiny_tokenizer
@@ -39,13 +38,6 @@ def tiny():
     return tiny_model("llama", 4), tiny_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a shared machine extra threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
