@@ -1,8 +1,9 @@
 """Fast batched generation shared by SGR (teacher answers) and task evaluation.
 
-Prompts are sorted by token length so each batch wastes little padding, padded on the left so every row's
-next token sits in the last column, and decoded with the KV cache. Greedy batched output equals
-batch-size-1 output in fp32 (tested); results come back in the caller's order.
+Prompts are sorted by token length so each batch wastes little padding; the tokens every prompt of a batch shares
+(few-shot examples, the chat template's system turn) run once (`gradual.kvcache`), and a row leaves the batch the
+moment it finishes, so no compute goes to padding or to finished rows. Greedy batched output equals batch-size-1
+output in fp32 (tested); results come back in the caller's order.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from gradual.errors import UsageError
+from gradual.kvcache import prefill
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -83,44 +86,32 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
 
     Prompts are full strings (apply `format_prompt` first). Special tokens are not added again, so a chat
     template's BOS is not doubled. `on_batch(indices, completions)` is called after each batch with the
-    caller's prompt indices, so a caller can persist results before the whole call ends. The tokenizer's
-    padding side is restored afterwards (training code usually pads on the right).
+    caller's prompt indices, so a caller can persist results before the whole call ends. Sampling draws from one
+    generator per (prompt, sample), seeded from `config.seed` and the prompt's index, so the answers do not depend
+    on the batch size.
     """
     config = config or DecodingConfig()
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size} is invalid; it must be >= 1")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    end_ids = _end_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    end_ids = torch.tensor(sorted(_end_ids(model, tokenizer)))
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
     results: list[list[str]] = [[] for _ in prompts]
-    was_training, old_side = model.training, tokenizer.padding_side
+    was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
     new_tokens, start = 0, time.perf_counter()
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt", leave=False)
     try:
-        for b, lo in enumerate(range(0, len(order), batch_size)):
+        for lo in range(0, len(order), batch_size):
             idx = order[lo:lo + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
-            kwargs = dict(max_new_tokens=config.max_new_tokens, num_return_sequences=config.num_samples,
-                          pad_token_id=tokenizer.pad_token_id, use_cache=True)
-            if config.do_sample:
-                torch.manual_seed(config.seed * 1_000_003 + b)
-                kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if config.stop:
-                kwargs.update(stop_strings=list(config.stop), tokenizer=tokenizer)
-            out = model.generate(**batch, **kwargs)
-            gen = out[:, batch["input_ids"].shape[1]:]
-            for row, seq in enumerate(gen):
-                keep = _until_end(seq, end_ids)
-                new_tokens += int(keep.numel())
-                text = tokenizer.decode(keep, skip_special_tokens=True)
-                results[idx[row // config.num_samples]].append(truncate_at_stop(text, config.stop))
+            rows = [(i, s) for i in idx for s in range(config.num_samples)]
+            outputs = _decode(model, [encoded[i] for i, _ in rows], config, pad_id, end_ids,
+                              [config.seed * 1_000_003 + i * config.num_samples + s for i, s in rows], tokenizer)
+            for (i, _), tokens in zip(rows, outputs, strict=True):
+                new_tokens += len(tokens)
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                results[i].append(truncate_at_stop(text, config.stop))
             if on_batch is not None:
                 on_batch(list(idx), [results[i] for i in idx])
             bar.update(len(idx))
@@ -128,14 +119,49 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     finally:
         bar.close()
         model.train(was_training)
-        tokenizer.padding_side = old_side
     return results
 
 
-def _until_end(seq: torch.Tensor, end_ids: set[int]) -> torch.Tensor:
-    """Tokens before the first end id: `generate` pads rows that finished early."""
-    hits = torch.isin(seq, torch.tensor(sorted(end_ids), device=seq.device)).nonzero()
-    return seq[: int(hits[0])] if len(hits) else seq
+def _decode(model: PreTrainedModel, rows: list[list[int]], config: DecodingConfig, pad_id: int,
+            end_ids: torch.Tensor, seeds: list[int], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Decode a batch of token rows with the KV cache; each row leaves the batch as soon as it ends (an end id, a
+    stop string or the token budget), so no compute goes to finished rows. Returns each row's new tokens, without
+    the end id."""
+    state, logits = prefill(model, rows, pad_id, extra_columns=config.max_new_tokens)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(config.temperature), TopPLogitsWarper(config.top_p)]
+                                  if config.do_sample else [])
+    generators = [torch.Generator().manual_seed(s) for s in seeds] if config.do_sample else []
+    out: list[list[int]] = [[] for _ in rows]
+    active = list(range(len(rows)))
+    end_ids = end_ids.to(logits.device)
+    for step in range(config.max_new_tokens):
+        if config.do_sample:
+            probs = torch.softmax(warpers(None, logits.float()), dim=-1).cpu()
+            picks = torch.stack([torch.multinomial(probs[r], 1, generator=generators[a])[0]
+                                 for r, a in enumerate(active)])
+        else:
+            picks = logits.argmax(dim=-1).cpu()
+        ended = torch.isin(picks, end_ids.cpu()).tolist()
+        keep = []
+        for r, (a, token, end) in enumerate(zip(active, picks.tolist(), ended, strict=True)):
+            if not end:
+                out[a].append(token)
+            if not end and not (config.stop and _hits_stop(tokenizer, out[a], config.stop)):
+                keep.append(r)
+        if not keep or step == config.max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            state.select(torch.tensor(keep))
+            active = [active[r] for r in keep]
+        logits = state.extend(picks[keep][:, None], logits_to_keep=1)[:, -1]
+    return out
+
+
+def _hits_stop(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stop: Sequence[str]) -> bool:
+    """Whether the text of the last tokens holds a stop string: a token decodes to at least one character, so a
+    tail of as many tokens as the longest stop string has characters is enough."""
+    tail = tokenizer.decode(tokens[-max(len(s) for s in stop) - 1:], skip_special_tokens=True)
+    return any(s in tail for s in stop)
 
 
 def agreement_rate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],

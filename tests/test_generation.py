@@ -1,4 +1,5 @@
-"""Batched generation: equals batch-size-1 greedy output, keeps order, samples, stops, formats chat prompts."""
+"""Batched generation: equals plain `model.generate` at batch size 1, keeps order, samples, stops, formats chat
+prompts; the shared-prefix KV cache it runs on reproduces each row's own forward pass."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from gradual.generation import (
     generate,
     truncate_at_stop,
 )
+from gradual.kvcache import common_prefix, prefill
 from gradual.models import tiny_model, tiny_tokenizer
 
 PROMPTS = ["a", "hello world", "what is 2+2?", "x" * 40, "Tell me a story about cats", "q", "12 + 30 =", "Hi!"]
@@ -38,39 +40,62 @@ def model():
     return tiny_model("qwen2", num_layers=2)
 
 
+def hf_greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[list[str]]:
+    """The independent reference: each prompt alone through transformers' `generate`, cut at the first end id."""
+    ends = {tok.eos_token_id, tok.pad_token_id}
+    out = []
+    for p in prompts:
+        ids = tok(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        new = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                             attention_mask=torch.ones_like(ids))[0, ids.shape[1]:].tolist()
+        cut = next((i for i, t in enumerate(new) if t in ends), len(new))
+        out.append([tok.decode(new[:cut], skip_special_tokens=True)])
+    return out
+
+
 @pytest.fixture(scope="module")
 def single(model, tok) -> list[list[str]]:
-    return generate(model, tok, PROMPTS, GREEDY, batch_size=1, progress=False)
+    return hf_greedy(model, tok, PROMPTS, GREEDY.max_new_tokens)
 
 
-@pytest.mark.parametrize("batch_size", [3, 8])
-def test_batched_greedy_equals_batch_size_one(model, tok, single, batch_size):
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_batched_greedy_equals_plain_generate_at_batch_size_one(model, tok, single, batch_size):
     batched = generate(model, tok, PROMPTS, GREEDY, batch_size=batch_size, progress=True)
     assert batched == single
     assert all(len(c) == 1 and c[0] for c in single)
     assert len({c[0] for c in single}) > 1, "a degenerate model would make the comparison vacuous"
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_batched_greedy_equals_batch_size_one_other_archs(tok, arch):
+# gemma3's tiny config has window-4 sliding layers (no prefix is shared there); mistral's window (4096) is wide enough
+# to share one; gpt2 and opt have learned positions, which the explicit position ids must index correctly
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3", "gpt2", "opt", "phi3"])
+def test_shared_prefix_prompts_equal_plain_generate(tok, arch):
+    """Few-shot-like prompts: a long shared prefix, suffixes of different lengths (pads between prefix and row)."""
     other = tiny_model(arch, num_layers=2)
-    prompts = [format_prompt(tok, p) for p in PROMPTS[:5]]
-    cfg = DecodingConfig(do_sample=False, max_new_tokens=8)
-    assert generate(other, tok, prompts, cfg, batch_size=5, progress=False) == \
-        generate(other, tok, prompts, cfg, batch_size=1, progress=False)
+    prefix = "Q: 2 + 3\nA: 5\nQ: 10 + 1\nA: 11\n"
+    prompts = [f"{prefix}Q: {q}\nA:" for q in ("1 + 1", "what is seven plus a number that is large", "x", "9")]
+    prompts += [format_prompt(tok, p) for p in PROMPTS[:3]]
+    cfg = DecodingConfig(do_sample=False, max_new_tokens=10)
+    assert generate(other, tok, prompts, cfg, batch_size=4, progress=False) == hf_greedy(other, tok, prompts, 10)
 
 
-def test_batched_token_ids_equal_unbatched(model, tok):
-    """Direct check at the token level: left-padded batch rows reproduce each prompt's own greedy ids."""
-    tok.padding_side = "left"
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:4]]
-    batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
-    pad = tok.pad_token_id
-    out = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=pad)[:, batch["input_ids"].shape[1]:]
-    for row, ids in enumerate(prompts):
-        alone = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=pad)[0, len(ids):]
-        n = min(len(alone), len(out[row]))
-        assert n >= 1 and torch.equal(out[row][:n], alone[:n])
+def test_prefill_rows_equal_their_own_forward(model, tok):
+    """The cache machinery itself, in logits: shared prefix once, pads in the middle, then rows dropped and
+    repeated — every row's logits equal those of its tokens run alone."""
+    rows = [[5, 6, 7, 20, 21, 22, 23], [5, 6, 7, 30], [5, 6, 7, 40, 41]]
+    with torch.no_grad():
+        alone = [model(torch.tensor([r])).logits[0] for r in rows]
+        state, last = prefill(model, rows, tok.pad_token_id)
+        assert state.mask.shape[1] == 3 + 4  # 3 shared columns + suffixes left-padded to 4
+        for r in range(len(rows)):
+            torch.testing.assert_close(last[r], alone[r][-1], rtol=0, atol=1e-5)
+        state.select(torch.tensor([2, 0, 0]))
+        nxt = torch.tensor([[11, 12], [13, 14], [15, 16]])
+        logits = state.extend(nxt)
+        for r, (src, extra) in enumerate(zip([2, 0, 0], nxt.tolist(), strict=True)):
+            ref = model(torch.tensor([rows[src] + extra])).logits[0, -2:]
+            torch.testing.assert_close(logits[r], ref, rtol=0, atol=1e-5)
+    assert common_prefix(rows) == 3 and common_prefix([[1], [2]]) == 0
 
 
 def test_order_preserved(model, tok, single):
@@ -87,6 +112,12 @@ def test_on_batch_reports_every_prompt_once(model, tok, single):
 
     generate(model, tok, PROMPTS, GREEDY, batch_size=3, progress=False, on_batch=record)
     assert [seen[i] for i in range(len(PROMPTS))] == single
+
+
+def test_sampling_does_not_depend_on_batch_size(model, tok):
+    cfg = DecodingConfig(do_sample=True, temperature=1.0, top_p=0.9, max_new_tokens=10, num_samples=2, seed=3)
+    assert generate(model, tok, PROMPTS, cfg, batch_size=1, progress=False) == \
+        generate(model, tok, PROMPTS, cfg, batch_size=5, progress=False)
 
 
 def test_num_samples_and_seed(model, tok):

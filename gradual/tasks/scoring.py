@@ -2,9 +2,10 @@
 
 Two equivalent paths (tested to agree):
 - cached (default): the token prefix every context shares (the few-shot examples, or a chat template's system
-  turn) is run once; each distinct context then runs once on a copy of that KV cache; its choices run together
-  on the context's cache repeated once per choice. On CPU this is ~5x less compute than rerunning the few-shot
-  examples for every choice. The split is made on token ids, never on strings, so no tokenization changes.
+  turn) runs once per batch; the distinct contexts of a batch then run together on that KV cache
+  (`gradual.kvcache`), and the choices' remaining tokens run together on their context's cache repeated once per
+  choice. On CPU this is ~5x less compute than rerunning the few-shot examples for every choice. The split is made
+  on token ids, never on strings, so no tokenization changes.
 - batched: pairs sorted by length and right-padded (positions start at 0 in every row, no position ids needed).
 Both compute logits only where continuation tokens are predicted (`logits_to_keep`), which keeps memory small for
 a 50k-token vocabulary.
@@ -12,12 +13,13 @@ a 50k-token vocabulary.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from gradual.kvcache import prefill
 
 
 def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -48,64 +50,44 @@ def continuation_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     model.eval()
     try:
         if prefix_cache:
-            return _cached(model, encoded, pad_id, progress, desc)
+            return _cached(model, encoded, pad_id, batch_size, progress, desc)
         return _batched(model, encoded, pad_id, batch_size, progress, desc)
     finally:
         model.train(was_training)
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for s in seqs[1:]:
-        k = 0
-        while k < n and s[k] == first[k]:
-            k += 1
-        n = k
-    return n
-
-
-def _cached(model: PreTrainedModel, encoded: list[tuple[list[int], list[int]]], pad_id: int, progress: bool,
-            desc: str) -> list[float]:
+def _cached(model: PreTrainedModel, encoded: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
+            progress: bool, desc: str) -> list[float]:
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(encoded):
         groups.setdefault(tuple(ctx), []).append(i)
-    contexts = list(groups)
-    # keep >= 1 token of every context for its own forward, which predicts the continuation's first token
-    shared = min(_common_prefix(contexts), min(len(c) for c in contexts) - 1)
-    device = next(model.parameters()).device
-    base = None
-    if shared > 0:
-        base = model(input_ids=torch.tensor([contexts[0][:shared]], device=device), use_cache=True).past_key_values
+    contexts = sorted(groups, key=len)
     scores = [0.0] * len(encoded)
     bar = tqdm(total=len(encoded), desc=desc, disable=not progress, unit="choice", leave=False)
     try:
-        for ctx, idx in groups.items():
-            out = model(input_ids=torch.tensor([ctx[shared:]], device=device), use_cache=True, logits_to_keep=1,
-                        past_key_values=copy.deepcopy(base) if base is not None else None)
-            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-            conts = [encoded[i][1] for i in idx]
-            width = max(len(c) for c in conts) - 1
-            rest = None
-            if width > 0:  # the choices' remaining tokens, right-padded, on the context's cache repeated per choice
-                cache = out.past_key_values
-                cache.batch_repeat_interleave(len(idx))
-                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), len(ctx) + width), dtype=torch.long)
-                mask[:, :len(ctx)] = 1
-                for r, c in enumerate(conts):
-                    ids[r, :len(c) - 1] = torch.tensor(c[:-1])
-                    mask[r, len(ctx):len(ctx) + len(c) - 1] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
-                               use_cache=True).logits
-                rest = torch.log_softmax(logits.float(), dim=-1)
-            for r, (i, c) in enumerate(zip(idx, conts, strict=True)):
-                total = first[c[0]]
-                if len(c) > 1:
-                    steps = torch.arange(len(c) - 1, device=device)
-                    total = total + rest[r, steps, torch.tensor(c[1:], device=device)].sum()
-                scores[i] = float(total)
-            bar.update(len(idx))
+        for lo in range(0, len(contexts), batch_size):
+            batch = contexts[lo:lo + batch_size]
+            pairs = [(j, i) for j, ctx in enumerate(batch) for i in groups[ctx]]
+            width = max(len(encoded[i][1]) for _, i in pairs) - 1
+            state, last = prefill(model, [list(c) for c in batch], pad_id, extra_columns=width)
+            first = torch.log_softmax(last.float(), dim=-1)
+            rest = torch.zeros((len(pairs), max(width, 0)))
+            if width > 0:  # the choices' remaining tokens, right-padded, on their context's cache repeated per choice
+                state.select(torch.tensor([j for j, _ in pairs]))
+                ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+                targets = torch.zeros((len(pairs), width), dtype=torch.long)
+                real = torch.zeros((len(pairs), width), dtype=torch.long)
+                for r, (_, i) in enumerate(pairs):
+                    cont = encoded[i][1]
+                    ids[r, :len(cont) - 1] = torch.tensor(cont[:-1])
+                    targets[r, :len(cont) - 1] = torch.tensor(cont[1:])
+                    real[r, :len(cont) - 1] = 1
+                logits = state.extend(ids, real).float()
+                picked = logits.gather(-1, targets[..., None].to(logits.device))[..., 0] - logits.logsumexp(-1)
+                rest = (picked * real.to(picked.device)).cpu()
+            for r, (j, i) in enumerate(pairs):
+                scores[i] = float(first[j, encoded[i][1][0]] + rest[r].sum())
+            bar.update(len(pairs))
     finally:
         bar.close()
     return scores
