@@ -34,6 +34,7 @@ class DecodingConfig:
     stop: list[str] = field(default_factory=list)
     num_samples: int = 1
     seed: int = 0
+    stop_at_line_end: bool = False  # end a reply once a non-blank line is complete (one-line few-shot answers)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -146,7 +147,7 @@ def _decode(model: PreTrainedModel, rows: list[list[int]], config: DecodingConfi
         for r, (a, token, end) in enumerate(zip(active, picks.tolist(), ended, strict=True)):
             if not end:
                 out[a].append(token)
-            if not end and not (config.stop and _hits_stop(tokenizer, out[a], config.stop)):
+            if not end and not _stops(tokenizer, out[a], config):
                 keep.append(r)
         if not keep or step == config.max_new_tokens - 1:
             break
@@ -157,11 +158,16 @@ def _decode(model: PreTrainedModel, rows: list[list[int]], config: DecodingConfi
     return out
 
 
-def _hits_stop(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stop: Sequence[str]) -> bool:
-    """Whether the text of the last tokens holds a stop string: a token decodes to at least one character, so a
-    tail of as many tokens as the longest stop string has characters is enough."""
-    tail = tokenizer.decode(tokens[-max(len(s) for s in stop) - 1:], skip_special_tokens=True)
-    return any(s in tail for s in stop)
+def _stops(tokenizer: PreTrainedTokenizerBase, tokens: list[int], config: DecodingConfig) -> bool:
+    """Whether a reply is complete: it holds a stop string, or (`stop_at_line_end`) a non-blank line has ended.
+    For stop strings the text of the last tokens suffices: a token decodes to at least one character, so a tail of
+    as many tokens as the longest stop string has characters holds any stop string that just appeared."""
+    if config.stop_at_line_end and "\n" in tokenizer.decode(tokens, skip_special_tokens=True).lstrip():
+        return True
+    if not config.stop:
+        return False
+    tail = tokenizer.decode(tokens[-max(len(s) for s in config.stop) - 1:], skip_special_tokens=True)
+    return any(s in tail for s in config.stop)
 
 
 def agreement_rate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],

@@ -54,7 +54,7 @@ RESPONSES = ("sgr", "dataset", "sgr_filtered")
 BACKENDS = ("transformers", "vllm")
 TEACHERS = ("original", "previous")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-(prompt, sample) sampling generators, independent of batch size
 T = TypeVar("T")
 
 
@@ -300,7 +300,8 @@ def decoding_key(decoding: DecodingConfig) -> dict[str, Any]:
 def fingerprint(identity: str, inputs: Sequence[str], decoding: DecodingConfig,
                 backend: str = "transformers") -> str:
     """Cache key: model identity, the exact model inputs (formatted prompts: covers chat template and system
-    prompt), decoding settings and backend. Batch and chunk sizes are left out: they only pick other random draws."""
+    prompt), decoding settings and backend. Batch and chunk sizes are left out: the batch size changes no draw (one
+    generator per prompt), the chunk size only picks other draws (each chunk has its own seed)."""
     h = hashlib.sha256()
     h.update(json.dumps({"version": CACHE_VERSION, "identity": identity, "decoding": decoding_key(decoding),
                          "backend": backend, "n": len(inputs)}, sort_keys=True).encode())

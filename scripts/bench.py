@@ -131,7 +131,7 @@ class Sizes:
     slow_rounds: int = 2  # best-of rounds of the comparisons whose baseline is slow (generation, training, eval)
     calib_texts: int = 8
     calib_max_length: int = 64
-    gen_prompts: int = 10
+    gen_prompts: int = 32  # one batch of the demo's SGR generation batch size
     gen_tokens: int = 24
     decode_tokens: int = 24
     prune: tuple[int, ...] = (4, 8)
@@ -139,15 +139,16 @@ class Sizes:
     train_batch: int = 4
     train_max_length: int = 128
     eval_tasks: tuple[str, ...] = ("successor", "copy")
-    eval_n: int = 2
+    eval_n: int = 20
+    eval_rounds: int = 1  # the one-item-at-a-time baseline takes minutes
     eval_tokens: int = 16
-    stage_steps: int = 2
-    stage_eval_n: int = 2
+    stage_steps: int | None = None  # None: the demo's own steps per stage, so the stage is measured, not projected
+    stage_eval_n: int | None = None  # None: the demo's own problems per task
 
 
 QUICK = Sizes(rounds=2, slow_rounds=1, calib_texts=8, gen_prompts=6, gen_tokens=16, decode_tokens=12,
               train_steps=2, train_batch=2, train_max_length=96, eval_tasks=("successor",), eval_n=2,
-              stage_steps=2, stage_eval_n=1)
+              eval_rounds=1, stage_steps=2, stage_eval_n=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -626,7 +627,7 @@ def run(args: argparse.Namespace) -> list[Figure]:
     report(gen_figures)
     ids = tokenizer(prompts[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
     report(bench_pruned_decode(model, ids, sizes.decode_tokens, sizes.prune, sizes.rounds))
-    report(bench_evaluation(model, tokenizer, sizes.eval_tasks, sizes.eval_n, sizes.eval_tokens, sizes.slow_rounds))
+    report(bench_evaluation(model, tokenizer, sizes.eval_tasks, sizes.eval_n, sizes.eval_tokens, sizes.eval_rounds))
     weight_bytes = fp32_weight_bytes(model)
     del model
     pairs = [{"prompt": u, "response": r} for u, r in zip(users, responses, strict=True)]
@@ -634,8 +635,8 @@ def run(args: argparse.Namespace) -> list[Figure]:
         recovery = StageSpec(args.model, pairs, steps=sizes.train_steps, batch_size=sizes.train_batch,
                              max_length=sizes.train_max_length, lora=demo["lora"], warmup_steps=demo["warmup_steps"])
         report(bench_recovery(recovery, sizes.slow_rounds, Path(tmp)))
-        stage = StageSpec(**{**demo, "model": args.model, "pairs": pairs, "steps": sizes.stage_steps,
-                             "eval_n": sizes.stage_eval_n, "checkpoint": True})
+        stage = StageSpec(**{**demo, "model": args.model, "pairs": pairs, "steps": sizes.stage_steps or demo["steps"],
+                             "eval_n": sizes.stage_eval_n or demo["eval_n"], "checkpoint": True})
         report(bench_stage(stage, demo, threads, weight_bytes, Path(tmp)))
     report(machine_figures(start_load, time.perf_counter() - start))
     return figures

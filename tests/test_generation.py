@@ -10,6 +10,7 @@ from gradual.errors import UsageError
 from gradual.generation import (
     DEFAULT_SYSTEM_PROMPT,
     DecodingConfig,
+    _stops,
     agreement_rate,
     format_prompt,
     generate,
@@ -137,6 +138,15 @@ def test_stop_strings_cut_completion(model, tok, single):
     out = generate(model, tok, [PROMPTS[1]], DecodingConfig(do_sample=False, max_new_tokens=16, stop=[stop]),
                    progress=False)
     assert out == [[full[: full.find(stop)]]]
+
+
+@pytest.mark.parametrize(("reply", "ends"), [(" 875\nA: 9", True), ("\n\n 87", False), (" 87", False),
+                                             ("\n 87\n", True)])
+def test_stop_at_line_end_waits_for_a_non_blank_line(tok, reply, ends):
+    """Few-shot answers are the first non-blank line: a reply is complete once that line has ended, not before."""
+    tokens = tok(reply, add_special_tokens=False)["input_ids"]
+    assert _stops(tok, tokens, DecodingConfig(do_sample=False, stop_at_line_end=True)) is ends
+    assert _stops(tok, tokens, DecodingConfig(do_sample=False)) is False
 
 
 def test_generation_config_eos_ends_completion(tok, single):

@@ -61,7 +61,9 @@ def evaluate_generative(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     """Greedy batched generation, answer extraction and failure analysis over `problems`."""
     prompts = [build_prompt(task, p, tokenizer, fmt, shots) for p in problems]
     budget = max_new_tokens or (task.fewshot_tokens if fmt == "fewshot" else task.chat_tokens)
-    config = DecodingConfig(do_sample=False, max_new_tokens=budget, stop=FEWSHOT_STOP if fmt == "fewshot" else [])
+    # a few-shot answer is the reply's first non-blank line (`answer_text`): decoding stops when that line ends
+    config = DecodingConfig(do_sample=False, max_new_tokens=budget, stop=FEWSHOT_STOP if fmt == "fewshot" else [],
+                            stop_at_line_end=fmt == "fewshot")
     replies = [r[0] for r in generate(model, tokenizer, prompts, config, batch_size=batch_size, progress=progress,
                                       desc=task.name)]
     accuracy = MeanMetric(sync_on_compute=False)  # local: under DDP only rank 0 evaluates
