@@ -4,11 +4,13 @@ Evaluation prompts share their few-shot examples and chat prompts share the temp
 token prefix runs once at batch size 1 and its KV cache is repeated per row. Each row's own tokens follow, padded
 on the left so every row's last token sits in the last column; the pads sit *between* the prefix and the row's
 tokens, masked out, and every token gets an explicit position id, so a row sees exactly the keys and positions it
-would see alone. Rows can then be dropped (finished generations) or repeated (one per answer choice) in place.
+would see alone. Rows can then be dropped in place (finished generations), or the whole batch forked (to score
+one answer choice per row at a time).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +63,10 @@ class CachedRows:
     @property
     def rows(self) -> int:
         return int(self.mask.shape[0])
+
+    def fork(self) -> CachedRows:
+        """An independent copy to extend (e.g. with one answer choice per row) while this one stays as it is."""
+        return CachedRows(self.model, copy.deepcopy(self.cache), self.mask, self.next_pos)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep (or repeat) the rows in `index`, in that order."""

@@ -135,7 +135,7 @@ class Sizes:
     gen_tokens: int = 24
     decode_tokens: int = 24
     prune: tuple[int, ...] = (4, 8)
-    train_steps: int = 3
+    train_steps: int = 6  # steps 1.. are timed: 5 steps keep one slow step from deciding the ratio
     train_batch: int = 4
     train_max_length: int = 128
     eval_tasks: tuple[str, ...] = ("successor", "copy")

@@ -3,9 +3,9 @@
 Two equivalent paths (tested to agree):
 - cached (default): the token prefix every context shares (the few-shot examples, or a chat template's system
   turn) runs once per batch; the distinct contexts of a batch then run together on that KV cache
-  (`gradual.kvcache`), and the choices' remaining tokens run together on their context's cache repeated once per
-  choice. On CPU this is ~5x less compute than rerunning the few-shot examples for every choice. The split is made
-  on token ids, never on strings, so no tokenization changes.
+  (`gradual.kvcache`), and the remaining tokens of every context's k-th choice run together on a copy of the
+  contexts' cache, one choice slot after another. On CPU this is ~5x less compute than rerunning the few-shot
+  examples for every choice. The split is made on token ids, never on strings, so no tokenization changes.
 - batched: pairs sorted by length and right-padded (positions start at 0 in every row, no position ids needed).
 Both compute logits only where continuation tokens are predicted (`logits_to_keep`), which keeps memory small for
 a 50k-token vocabulary.
@@ -68,25 +68,29 @@ def _cached(model: PreTrainedModel, encoded: list[tuple[list[int], list[int]]], 
         for lo in range(0, len(contexts), batch_size):
             batch = contexts[lo:lo + batch_size]
             pairs = [(j, i) for j, ctx in enumerate(batch) for i in groups[ctx]]
-            width = max(len(encoded[i][1]) for _, i in pairs) - 1
-            state, last = prefill(model, [list(c) for c in batch], pad_id, extra_columns=width)
+            state, last = prefill(model, [list(c) for c in batch], pad_id,
+                                  extra_columns=max(len(encoded[i][1]) for _, i in pairs))
             first = torch.log_softmax(last.float(), dim=-1)
-            rest = torch.zeros((len(pairs), max(width, 0)))
-            if width > 0:  # the choices' remaining tokens, right-padded, on their context's cache repeated per choice
-                state.select(torch.tensor([j for j, _ in pairs]))
-                ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-                targets = torch.zeros((len(pairs), width), dtype=torch.long)
-                real = torch.zeros((len(pairs), width), dtype=torch.long)
-                for r, (_, i) in enumerate(pairs):
+            for j, i in pairs:
+                scores[i] = float(first[j, encoded[i][1][0]])
+            for k in range(max(len(groups[ctx]) for ctx in batch)):  # the k-th choice of every context at once
+                members = [(j, groups[ctx][k]) for j, ctx in enumerate(batch) if k < len(groups[ctx])]
+                width = max(len(encoded[i][1]) for _, i in members) - 1
+                if width <= 0:
+                    continue
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                targets = torch.zeros((len(batch), width), dtype=torch.long)
+                real = torch.zeros((len(batch), width), dtype=torch.long)
+                for j, i in members:
                     cont = encoded[i][1]
-                    ids[r, :len(cont) - 1] = torch.tensor(cont[:-1])
-                    targets[r, :len(cont) - 1] = torch.tensor(cont[1:])
-                    real[r, :len(cont) - 1] = 1
-                logits = state.extend(ids, real).float()
+                    ids[j, :len(cont) - 1] = torch.tensor(cont[:-1])
+                    targets[j, :len(cont) - 1] = torch.tensor(cont[1:])
+                    real[j, :len(cont) - 1] = 1
+                logits = state.fork().extend(ids, real).float()
                 picked = logits.gather(-1, targets[..., None].to(logits.device))[..., 0] - logits.logsumexp(-1)
-                rest = (picked * real.to(picked.device)).cpu()
-            for r, (j, i) in enumerate(pairs):
-                scores[i] = float(first[j, encoded[i][1][0]] + rest[r].sum())
+                rest = (picked * real.to(picked.device)).sum(-1).cpu()
+                for j, i in members:
+                    scores[i] += float(rest[j])
             bar.update(len(pairs))
     finally:
         bar.close()
