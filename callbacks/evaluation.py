@@ -59,13 +59,14 @@ class TaskEvaluation(_Evaluation):
         seed: problem seed (the evaluation split).
         enable_code: allow `humaneval` (needs `pip install gradual[code]`): model-written code then runs in a
             sandboxed subprocess with time and memory limits. Off by default.
+        progress: progress bars per task and form (off for batch jobs whose logs should stay readable).
     """
 
     name = "tasks"
 
     def __init__(self, tasks: list[str], n: int = 100, forms: list[str] | None = None, fmt: str = "fewshot",
                  batch_size: int = 32, max_new_tokens: int | None = None, seed: int = 0,
-                 enable_code: bool = False) -> None:
+                 enable_code: bool = False, progress: bool = True) -> None:
         unknown = [t for t in tasks if t not in TASKS and t not in CODE_TASKS]
         if unknown:
             raise UsageError(f"unknown task(s) {', '.join(map(repr, unknown))}; allowed: "
@@ -82,7 +83,7 @@ class TaskEvaluation(_Evaluation):
             raise UsageError(f"n={n} is invalid; it must be >= 1")
         self.tasks, self.n, self.fmt = list(tasks), n, fmt
         self.batch_size, self.max_new_tokens, self.seed = batch_size, max_new_tokens, seed
-        self.enable_code = enable_code
+        self.enable_code, self.progress = enable_code, progress
 
     def keys(self) -> list[str]:
         keys = []
@@ -96,7 +97,7 @@ class TaskEvaluation(_Evaluation):
     def results(self, pl_module: L.LightningModule) -> dict[str, dict[str, Any]]:
         out = evaluate(pl_module.model, pl_module.tokenizer, self.tasks, n=self.n, forms=tuple(self.forms),
                        fmt=self.fmt, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, seed=self.seed,
-                       enable_code=self.enable_code)
+                       enable_code=self.enable_code, progress=self.progress)
         return {key: {"score": r.score, "form": r.form, "n": r.n, "failures": dict(r.failures)}
                 for key, r in out.items()}
 

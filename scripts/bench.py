@@ -316,7 +316,7 @@ def run_stage(spec: StageSpec, run_dir: Path) -> tuple[GradualModule, StepTimer]
     callbacks: list[Callback] = [timer]
     if spec.eval_tasks:
         callbacks.append(StageEvaluation(spec.eval_tasks, n=spec.eval_n, max_new_tokens=spec.eval_tokens,
-                                         batch_size=spec.eval_batch_size))
+                                         batch_size=spec.eval_batch_size, progress=False))
     if spec.checkpoint:
         callbacks.append(StageCheckpoint())
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=1, gradient_clip_val=1.0,
@@ -566,8 +566,7 @@ def bench_stage(spec: StageSpec, demo: dict[str, Any], threads: int, weight_byte
     job = workdir / "stage" / "job.json"
     job.parent.mkdir(parents=True, exist_ok=True)
     job.write_text(json.dumps({"spec": asdict(spec), "threads": threads}))
-    env = {**os.environ, "TQDM_DISABLE": "1"}  # the evaluation's progress bars would flood the bench output
-    subprocess.run([sys.executable, __file__, "--stage-worker", str(job)], check=True, env=env)
+    subprocess.run([sys.executable, __file__, "--stage-worker", str(job)], check=True)
     result = json.loads((job.parent / "result.json").read_text())
     figures = stage_figures(result["timings"], result["steps_s"], spec.steps, demo["steps"], spec.eval_n,
                             demo["eval_n"])
