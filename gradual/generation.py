@@ -134,7 +134,6 @@ def _decode(model: PreTrainedModel, rows: list[list[int]], config: DecodingConfi
     generators = [torch.Generator().manual_seed(s) for s in seeds] if config.do_sample else []
     out: list[list[int]] = [[] for _ in rows]
     active = list(range(len(rows)))
-    end_ids = end_ids.to(logits.device)
     for step in range(config.max_new_tokens):
         if config.do_sample:
             probs = torch.softmax(warpers(None, logits.float()), dim=-1).cpu()
@@ -142,7 +141,7 @@ def _decode(model: PreTrainedModel, rows: list[list[int]], config: DecodingConfi
                                  for r, a in enumerate(active)])
         else:
             picks = logits.argmax(dim=-1).cpu()
-        ended = torch.isin(picks, end_ids.cpu()).tolist()
+        ended = torch.isin(picks, end_ids).tolist()
         keep = []
         for r, (a, token, end) in enumerate(zip(active, picks.tolist(), ended, strict=True)):
             if not end:
