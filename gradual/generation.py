@@ -59,6 +59,15 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, user: str, system: str | N
     return user
 
 
+def response_prompt(tokenizer: PreTrainedTokenizerBase, user: str, system: str | None = DEFAULT_SYSTEM_PROMPT,
+                    chat: bool = True) -> str:
+    """The text a model continues with its answer: `format_prompt`, plus "\n" when there is no chat template.
+    SGR generation and recovery training both use it, so the student learns to continue exactly what the teacher
+    saw."""
+    templated = chat and bool(getattr(tokenizer, "chat_template", None))
+    return format_prompt(tokenizer, user, system, chat) + ("" if templated else "\n")
+
+
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     """Cut a completion at the first stop string (generation of a batch runs until every row stops)."""
     cut = len(text)

@@ -7,7 +7,7 @@ The seed paper heals a pruned model by finetuning it on what the *unpruned* mode
 - prompts come from the built-in tasks' training split (refused if it shares a question with the evaluation
   split), a local JSONL/JSON/CSV file, or a Hugging Face dataset;
 - the teacher answers each prompt through its chat template (plain text plus a newline without one: the same
-  prompt text the data module trains on, `teacher_input`) with the paper's sampling defaults, batched
+  prompt text the data module trains on, `generation.response_prompt`) with the paper's sampling defaults, batched
   (`gradual.generation.generate`) or through vLLM when asked;
 - answers are cached as JSONL under `<cache_dir>/<fingerprint>.jsonl`, one record per prompt flushed as soon as
   its batch finishes, so an interrupted run resumes where it stopped and later stages reuse the original model's
@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradual.errors import UsageError
-from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, format_prompt, generate
+from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, generate, response_prompt
 from gradual.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -485,13 +485,6 @@ class _VLLMBackend:
             torch.cuda.empty_cache()
 
 
-def teacher_input(tokenizer: PreTrainedTokenizerBase, prompt: str, system: str | None, chat: bool) -> str:
-    """The text the teacher continues: the chat template, or the plain prompt plus "\\n" without one, exactly the
-    prompt part `gradual.data.tokenize_pair` trains on, so the student learns to continue what the teacher saw."""
-    templated = chat and bool(getattr(tokenizer, "chat_template", None))
-    return format_prompt(tokenizer, prompt, system, chat) + ("" if templated else "\n")
-
-
 def _chunk_seed(seed: int, chunk: int, rank: int) -> int:
     """A distinct sampling seed per (chunk, rank): otherwise every chunk and rank would replay the same draws."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{chunk}:{rank}".encode()).digest()[:4], "little")
@@ -508,7 +501,7 @@ def teacher_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     if cfg.backend == "vllm" and world > 1:
         raise UsageError("sgr backend='vllm' does not run under torch.distributed; use backend='transformers'")
     prompts = [it.prompt for it in items]
-    inputs = [teacher_input(tokenizer, p, cfg.system_prompt, cfg.chat) for p in prompts]
+    inputs = [response_prompt(tokenizer, p, cfg.system_prompt, cfg.chat) for p in prompts]
     model_id = model_id or getattr(model.config, "name_or_path", "") or None
     fp = fingerprint(model_identity(model, model_id, tokenizer), inputs, cfg.decoding, cfg.backend)
     cache = None

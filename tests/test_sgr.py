@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import gradual.sgr as sgr
 from gradual.data import tokenize_pair
 from gradual.errors import UsageError
-from gradual.generation import DecodingConfig, format_prompt, generate
+from gradual.generation import DecodingConfig, format_prompt, generate, response_prompt
 from gradual.models import tiny_model, tiny_tokenizer
 from gradual.sgr import (
     PromptItem,
@@ -28,7 +28,6 @@ from gradual.sgr import (
     merge_shards,
     model_identity,
     shard,
-    teacher_input,
     teacher_responses,
     vllm_sampling_kwargs,
     weights_digest,
@@ -133,7 +132,7 @@ def test_teacher_sees_chat_formatted_prompts_and_pairs_keep_raw_prompt(model, to
     for chat in (True, False):
         ids = tokenize_pair(tok, ITEMS[1].prompt, "answer", "Be brief.", chat=chat)
         prompt_ids = [i for i, label in zip(ids["input_ids"], ids["labels"], strict=True) if label == -100]
-        teacher = teacher_input(tok, ITEMS[1].prompt, "Be brief.", chat)
+        teacher = response_prompt(tok, ITEMS[1].prompt, "Be brief.", chat)
         assert prompt_ids == tok(teacher, add_special_tokens=False)["input_ids"]
     assert [p["prompt"] for p in pairs] == [it.prompt for it in ITEMS[:3]]
     spy.prompts.clear()
