@@ -260,7 +260,12 @@ class GradualModule(L.LightningModule):
             dm.samples_per_epoch = batches * dm.batch_size * self.trainer.world_size
 
     def on_fit_start(self) -> None:
-        """On resume, continue Lightning's epoch count at the stage reached, so data and logs line up."""
+        """On resume, continue Lightning's epoch count at the stage reached, so data and logs line up. The epoch
+        limit becomes the planned number of stages (unless the Trainer's is lower), so the progress bar reads
+        "Epoch 1/3" rather than the open-ended loop's "Epoch 1/-2"."""
+        loop = self.trainer.fit_loop
+        if loop.max_epochs is None or loop.max_epochs < 0 or loop.max_epochs > len(self.stage_sizes):
+            loop.max_epochs = max(1, len(self.stage_sizes))
         done = len(self.history) - 1
         progress = self.trainer.fit_loop.epoch_progress
         for counter in (progress.current, progress.total):
