@@ -60,10 +60,6 @@ class CachedRows:
     mask: torch.Tensor
     next_pos: torch.Tensor
 
-    @property
-    def rows(self) -> int:
-        return int(self.mask.shape[0])
-
     def fork(self) -> CachedRows:
         """An independent copy to extend (e.g. with one answer choice per row) while this one stays as it is."""
         return CachedRows(self.model, copy.deepcopy(self.cache), self.mask, self.next_pos)
