@@ -45,6 +45,11 @@ class _Evaluation(Callback):
     def keys(self) -> list[str]:
         raise NotImplementedError
 
+    def key_forms(self) -> dict[str, str | None]:
+        """The score keys this callback will fill, with their form (`generative`/`classification`; None: known only
+        after the first evaluation). Lets `RetentionStopping` check its monitor before any heavy work."""
+        raise NotImplementedError
+
 
 class TaskEvaluation(_Evaluation):
     """Built-in offline tasks in both forms: generative (exact match) and classification (log-likelihood choice).
@@ -94,6 +99,9 @@ class TaskEvaluation(_Evaluation):
                 keys.append(f"mc_{t}")
         return keys
 
+    def key_forms(self) -> dict[str, str | None]:
+        return {k: "classification" if k.startswith("mc_") else "generative" for k in self.keys()}
+
     def results(self, pl_module: L.LightningModule) -> dict[str, dict[str, Any]]:
         out = evaluate(pl_module.model, pl_module.tokenizer, self.tasks, n=self.n, forms=tuple(self.forms),
                        fmt=self.fmt, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, seed=self.seed,
@@ -125,6 +133,9 @@ class LmEvalEvaluation(_Evaluation):
 
     def keys(self) -> list[str]:
         return self._keys or [f"lm_eval/{t}" for t in self.tasks]
+
+    def key_forms(self) -> dict[str, str | None]:
+        return dict.fromkeys(self.keys())
 
     def results(self, pl_module: L.LightningModule) -> dict[str, dict[str, Any]]:
         out = evaluate_lm_eval(pl_module.model, pl_module.tokenizer, self.tasks, limit=self.limit,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
@@ -22,6 +24,34 @@ class RetentionStopping(Callback):
             raise UsageError(f"retention threshold={threshold} is invalid; allowed: 0 < threshold <= 1")
         self.threshold, self.monitor = threshold, monitor
 
+    def check_callbacks(self, callbacks: Sequence[Callback]) -> None:
+        """Refuse a monitor that no evaluation callback listed before this one can fill, before any heavy work.
+
+        Called by `GradualCLI` once the callbacks exist (before recovery data are generated or a model loads).
+        lm-eval groups fill sub-task keys known only after they ran: `lm_eval/<task>...` is accepted for a listed
+        `<task>`. Raises UsageError naming the monitor and the allowed values.
+        """
+        before = list(callbacks)[:list(callbacks).index(self)] if self in callbacks else list(callbacks)
+        forms: dict[str, str | None] = {}
+        for cb in before:
+            if hasattr(cb, "key_forms"):
+                forms.update(cb.key_forms())
+        if not forms:
+            raise UsageError("RetentionStopping has no evaluation callback before it to read scores from; list "
+                             "TaskEvaluation or LmEvalEvaluation first")
+        if self.monitor in ("generative_mean", "classification_mean"):
+            form = self.monitor.removesuffix("_mean")
+            if any(f in (form, None) for f in forms.values()):
+                return
+            raise UsageError(f"retention monitor={self.monitor!r} needs a {form} score, but the evaluation callbacks "
+                             f"fill only: {', '.join(forms)}")
+        if self.monitor in AGGREGATES or self.monitor in forms:
+            return
+        if any(f is None and self.monitor.startswith(k) for k, f in forms.items()):
+            return  # an lm-eval group's sub-task
+        raise UsageError(f"retention monitor={self.monitor!r} is not a score; allowed: "
+                         f"{', '.join(AGGREGATES + tuple(forms))}")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse a monitor that cannot be computed before any layer is removed."""
         baseline = pl_module.history[0].scores
@@ -41,7 +71,10 @@ class RetentionStopping(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         record = pl_module.history[-1]
         record.retention = retention(record.scores, pl_module.history[0].scores)
-        value = record.retention.get(self.monitor, 0.0)
+        if self.monitor not in record.retention:
+            raise RuntimeError(f"retention monitor {self.monitor!r} has no value at stage {record.stage} (its score is "
+                               f"missing or its baseline is 0); scores present: {', '.join(record.scores) or 'none'}")
+        value = record.retention[self.monitor]
         record.meets_threshold = value >= self.threshold
         pl_module.log("retention", value, prog_bar=True, on_epoch=True)
         if not record.meets_threshold:

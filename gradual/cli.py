@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -116,7 +117,8 @@ def prune_command(argv: Sequence[str]) -> int:
     p.add_argument("--model", required=True, help="hub id, local path, smollm2-135m-instruct or tiny:<arch>")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--layers", type=_split, help="comma-separated indices of the layers to remove")
+    which.add_argument("--layers", type=_split, help="comma-separated original indices of the layers to remove "
+                       "(as recorded in an already-pruned model's config)")
     which.add_argument("--num", type=int, help="remove this many layers, least important first by --metric")
     p.add_argument("--metric", default="block_influence", help=f"one of: {', '.join(importance.METRICS)}")
     p.add_argument("--protect-first", type=int, default=1)
@@ -126,17 +128,16 @@ def prune_command(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     from gradual import surgery
     from gradual.errors import UsageError
-    from gradual.models import load_model, load_tokenizer, model_depth, save_model
+    from gradual.models import load_model, load_tokenizer, original_layers, save_model
 
     if os.path.exists(args.out):
         raise UsageError(f"--out {args.out!r} already exists; give a new folder")
-    depth = model_depth(args.model, trust_remote_code=args.trust_remote_code)
+    original = original_layers(args.model, trust_remote_code=args.trust_remote_code)
+    depth = len(original)
     if args.layers is not None:
-        bad = [v for v in args.layers if not v.lstrip("-").isdigit()]
-        if bad:
-            raise UsageError(f"--layers {','.join(args.layers)!r} is invalid; give integers in 0..{depth - 1}")
-        layers = [int(v) for v in args.layers]
-        surgery.check_indices(layers, depth)
+        if not all(v.lstrip("-").isdigit() for v in args.layers):
+            raise UsageError(f"--layers {','.join(args.layers)!r} is invalid; give original layer indices, e.g. 3,7")
+        layers = surgery.current_positions([int(v) for v in args.layers], original)
     elif not 1 <= args.num < depth:
         raise UsageError(f"--num {args.num} is invalid for a model of {depth} layers; allowed: 1..{depth - 1}")
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -166,6 +167,38 @@ def _usage_error_in(exc: BaseException | None) -> BaseException | None:
     return exc
 
 
+def parser_error_line(message: str) -> str:
+    """jsonargparse's multi-line report of a rejected value, as one line: the dotted key, the value, what is allowed.
+
+    E.g. 'Parser key "model.schedule": ... Parser key "mode": Expected a typing.Literal['gradual', 'one_shot'].
+    Got value: sideways' becomes "model.schedule.mode='sideways' is invalid; allowed: 'gradual', 'one_shot'".
+    Only the innermost key's alternatives are listed (an outer `X | None` would add a misleading "null").
+    """
+    keys = list(re.finditer(r'^( *).*?Parser key "([^"]+)":', message, flags=re.MULTILINE))
+    if not keys:
+        return " ".join(message.split())
+    key = ".".join(m.group(2) for m in keys)
+    last = keys[-1]
+    inner = [line for line in message[last.end():].splitlines()[1:]
+             if len(line) - len(line.lstrip()) > len(last.group(1))]
+    unrecognized = re.search(r"unrecognized arguments: (.*)", message)
+    if unrecognized:
+        return f"{key}: unrecognized argument(s) {unrecognized.group(1).strip()}"
+    values = [v.strip() for v in re.findall(r"(?:Got|Given) value: (.*)", "\n".join(inner))
+              if not v.strip().startswith("NestedArg(")]
+    expected: list[str] = []
+    for e in re.findall(r"Expected a (.*?)(?:\. Got value:.*)?$", "\n".join(inner), flags=re.MULTILINE):
+        e = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", e.strip())
+        literal = re.fullmatch(r"typing\.Literal\[(.*)\]", e)
+        e = literal.group(1) if literal else {"NoneType": "null"}.get(e, e)
+        if e not in expected:
+            expected.append(e)
+    if not expected:
+        return f"{key}: {' '.join(message[last.end():].split())}"
+    value = f"={values[0]!r}" if values else ""
+    return f"{key}{value} is invalid; allowed: {' or '.join(expected)}"
+
+
 def fit_command(argv: Sequence[str]) -> int:
     """Parse and check everything (no model loaded yet), then run one `trainer.fit` over all stages.
 
@@ -180,7 +213,9 @@ def fit_command(argv: Sequence[str]) -> int:
     script = sys.argv[0]
     sys.argv = [f"{script} fit"]
     try:
-        cli = GradualCLI(args=list(argv), run=False)
+        cli = GradualCLI(args=list(argv), run=False, parser_kwargs={"exit_on_error": False})
+    except argparse.ArgumentError as e:  # a value the parser itself rejects (type, allowed literals, unknown key)
+        raise UsageError(parser_error_line(str(e))) from None
     except ValueError as e:  # jsonargparse wraps errors raised while instantiating callbacks
         raise (_usage_error_in(e) or e) from None
 

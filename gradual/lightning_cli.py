@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from gradual.datamodule import GradualDataModule
@@ -26,9 +28,45 @@ class GradualCLI(LightningCLI):
         parser.link_arguments("model.seed", "data.seed")
         parser.link_arguments("model.run_dir", "trainer.default_root_dir")
 
+    def instantiate_classes(self) -> None:
+        """Build everything, then hand the module what else defines the run (data, callbacks, global seed), so a
+        run directory is resumed only by the same run (`GradualModule.run_config`)."""
+        super().instantiate_classes()
+        for callback in self.trainer.callbacks:
+            if hasattr(callback, "check_callbacks"):
+                callback.check_callbacks(self.trainer.callbacks)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data = _plain(config.get("data")) or {}
+        if isinstance(data.get("sgr"), dict):
+            data["sgr"] = _drop(data["sgr"], _RESULT_NEUTRAL)
+        callbacks = [_plain(c) for c in (config.trainer.get("callbacks") or [])]
+        for c in callbacks:
+            if isinstance(c, dict) and isinstance(c.get("init_args"), dict):
+                c["init_args"] = _drop(c["init_args"], _RESULT_NEUTRAL)
+        self.model.run_context = json.loads(json.dumps(
+            {"seed_everything": config.get("seed_everything"), "data": data, "callbacks": callbacks}, default=str))
+
     def before_instantiate_classes(self) -> None:
         """CSV logs in the run directory unless a logger is configured (TensorBoard, W&B, ...)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.logger in (None, True):
             config.trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                      "init_args": {"save_dir": config.model.run_dir, "name": "logs"}}
+
+
+_RESULT_NEUTRAL = frozenset({"batch_size", "chunk_size", "progress"})
+"""Generation/evaluation settings that change speed or display, not results: a run may resume with other values
+(e.g. a smaller batch after running out of memory). The training batch size (`data.batch_size`) is not among them."""
+
+
+def _drop(d: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def _plain(value: Any) -> Any:
+    """A parsed config value (jsonargparse Namespace, lists of them) as plain dicts and lists."""
+    if isinstance(value, Namespace):
+        return {k: _plain(v) for k, v in vars(value).items() if not k.startswith("__")}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

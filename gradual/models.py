@@ -376,15 +376,24 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
 
 def model_depth(name: str, trust_remote_code: bool = False) -> int:
     """Decoder layers of a supported model, read from its config alone, so bad schedules fail before any load."""
-    from gradual.surgery import SUPPORTED_ARCHITECTURES
+    return len(original_layers(name, trust_remote_code=trust_remote_code))
+
+
+def original_layers(name: str, trust_remote_code: bool = False) -> list[int]:
+    """Original indices of the model's decoder layers, read from its config alone (no weights loaded).
+
+    A model saved by gradual records them (`gradual_original_layers`); any other model has `0..depth-1`. Users
+    name layers by these indices everywhere (`schedule.layers`, `gradual prune --layers`).
+    """
+    from gradual.surgery import ORIGINAL_LAYERS_KEY, SUPPORTED_ARCHITECTURES
 
     if name.startswith(TINY_PREFIX):
-        return parse_tiny(name)[1]
+        return list(range(parse_tiny(name)[1]))
     if name == SMOLLM2_ALIAS and not _is_complete(cache_dir() / "models" / f"{SMOLLM2_ALIAS}-{_smollm2_gguf()[1]}"):
         from gguf import GGUFReader
 
         field = GGUFReader(_smollm2_gguf()[0]).fields["llama.block_count"]
-        return int(field.parts[field.data[0]][0])
+        return list(range(int(field.parts[field.data[0]][0])))
     config = _from_pretrained(AutoConfig.from_pretrained, name, _check_source(name),
                               trust_remote_code=trust_remote_code)
     if config.model_type not in SUPPORTED_ARCHITECTURES:
@@ -392,5 +401,14 @@ def model_depth(name: str, trust_remote_code: bool = False) -> int:
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    raise UsageError(f"model {name!r} has no layer count in its config")
+            depth = getattr(config, key)
+            break
+    else:
+        raise UsageError(f"model {name!r} has no layer count in its config")
+    recorded = getattr(config, ORIGINAL_LAYERS_KEY, None)
+    if recorded is None:
+        return list(range(depth))
+    if len(recorded) != depth:
+        raise UsageError(f"model {name!r} records {len(recorded)} original layer indices for {depth} layers; "
+                         "its config.json is inconsistent")
+    return [int(i) for i in recorded]

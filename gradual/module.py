@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
 
-from gradual import importance, models, surgery
+from gradual import importance, models, ranks, surgery
 from gradual.errors import UsageError
 from gradual.lora import LoraSettings, attach_lora, dequantize, merge_lora, quantize_nf4
 
@@ -68,7 +69,12 @@ class Schedule:
             return self.steps_per_stage * max(1, -(-n_removed // self.layers_per_stage))
         return self.steps_per_stage
 
-    def validate(self, depth: int | None = None) -> None:
+    def validate(self, original: Sequence[int] | None = None) -> None:
+        """Check the settings; with the input model's original layer indices, also the ones that depend on it.
+
+        `layers` are original indices (as recorded by `gradual_original_layers` in a pruned model's config), so
+        an index the input model no longer has, or never had, is refused here, before any model loads.
+        """
         if self.mode not in ("gradual", "one_shot"):
             raise UsageError(f"schedule.mode={self.mode!r} is unknown; allowed: 'gradual', 'one_shot'")
         if self.layers_per_stage < 1:
@@ -83,8 +89,9 @@ class Schedule:
             raise UsageError(f"schedule.min_depth={self.min_depth} is invalid; it must be >= 1")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise UsageError(f"schedule.layers={self.layers} has duplicates; list each original index once")
-        if depth is None:
+        if original is None:
             return
+        depth = len(original)
         if self.max_layers is not None and self.max_layers >= depth:
             raise UsageError(f"schedule.max_layers={self.max_layers} is invalid for a model of {depth} layers; "
                              f"allowed: 1..{depth - 1}")
@@ -92,10 +99,10 @@ class Schedule:
             raise UsageError(f"schedule.min_depth={self.min_depth} leaves nothing to remove from {depth} layers; "
                              f"allowed: 1..{depth - 1}")
         if self.layers is not None:
-            bad = [i for i in self.layers if not 0 <= i < depth]
-            if bad or len(self.layers) >= depth:
-                raise UsageError(f"schedule.layers={self.layers} is invalid; indices must lie in 0..{depth - 1} "
-                                 f"and leave at least one layer")
+            try:
+                surgery.current_positions(self.layers, original)
+            except UsageError as e:
+                raise UsageError(f"schedule.layers={self.layers}: {e}") from None
 
 
 @dataclass
@@ -192,8 +199,9 @@ class GradualModule(L.LightningModule):
         self.selection.validate()
         if quantize not in (None, "nf4"):
             raise UsageError(f"quantize={quantize!r} is unknown; allowed: nf4 or null")
-        self.depth0 = models.model_depth(model, trust_remote_code=trust_remote_code)
-        self.schedule.validate(self.depth0)
+        self.original0 = models.original_layers(model, trust_remote_code=trust_remote_code)
+        self.depth0 = len(self.original0)
+        self.schedule.validate(self.original0)
         self.stage_sizes = self.schedule.stage_sizes(self.depth0)
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
@@ -203,13 +211,19 @@ class GradualModule(L.LightningModule):
         self._stage_start = 0.0
         self._losses: list[float] = []
         self._run_dir_checked = False
+        self.run_context: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- identity and resume
     def run_config(self) -> dict[str, Any]:
-        """What defines a run: a different one in the same directory is refused unless `overwrite` is set."""
+        """What defines a run: a different one in the same directory is refused unless `overwrite` is set.
+
+        Besides the module's own settings, `run_context` holds the recovery data settings, the callbacks (tasks,
+        threshold, monitor, ...) and the global seed, set by `GradualCLI`: a run with other data or another stop
+        rule would otherwise resume this one and mix two histories.
+        """
         return {"model": self.model_name, "dtype": self.dtype_name, "quantize": self.quantize,
                 "schedule": asdict(self.schedule), "selection": asdict(self.selection), "lora": asdict(self.lora),
-                "warmup_steps": self.warmup_steps, "seed": self.seed}
+                "warmup_steps": self.warmup_steps, "seed": self.seed, **self.run_context}
 
     def saved_state(self) -> dict[str, Any] | None:
         path = self.run_dir / STATE_FILE
@@ -290,7 +304,13 @@ class GradualModule(L.LightningModule):
         return self.stage_sizes[done] if done < len(self.stage_sizes) else 0
 
     def choose_layers(self, k: int) -> tuple[list[int], dict[str, Any]]:
-        """Current indices of the `k` layers to remove now, and the scores that chose them."""
+        """Current indices of the `k` layers to remove now, and the scores that chose them.
+
+        Under DDP only rank 0 scores and chooses; every rank removes what it chose (`ranks.decide_on_rank0`).
+        """
+        return ranks.decide_on_rank0(lambda: self._score_and_choose(k))
+
+    def _score_and_choose(self, k: int) -> tuple[list[int], dict[str, Any]]:
         if self.schedule.layers is not None:
             kept = surgery.original_indices(self.model)
             removed = {i for r in self.history for i in r.removed}

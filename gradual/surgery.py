@@ -10,7 +10,7 @@ saved model) always maps back to the unpruned model.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from numbers import Integral
 from typing import Any
@@ -157,6 +157,44 @@ def _pass_input_through(module: nn.Module, args: tuple, kwargs: dict, output: An
 def check_indices(indices: Iterable[int] | int, n: int) -> list[int]:
     """Validate layer indices for a model of `n` layers before loading it (the CLI's early check); sorted."""
     return _checked_indices(indices, n, allow_all=False)
+
+
+def current_positions(indices: Iterable[int] | int, original: Sequence[int]) -> list[int]:
+    """Current positions of the layers named by their *original* indices, checked before any model loads.
+
+    `original` lists the original indices a model still has (`original_indices`, or `models.original_layers` from a
+    config alone). An index the model never had, or no longer has (removed earlier), is refused in one line, as are
+    repeats and a list that would leave no layer. Returns positions sorted like the indices.
+    """
+    if isinstance(indices, Integral):
+        indices = [indices]
+    positions = {int(i): p for p, i in enumerate(original)}
+    seen: set[int] = set()
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, Integral):
+            raise UsageError(f"layer index {i!r} is not an integer; allowed (original indices): {_span(original)}")
+        if int(i) not in positions:
+            gone = " (removed earlier)" if 0 <= i <= max(original, default=-1) else ""
+            raise UsageError(f"layer index {i} is out of range{gone}; this model keeps original layers "
+                             f"{_span(original)}")
+        if int(i) in seen:
+            raise UsageError(f"layer index {i} is given more than once")
+        seen.add(int(i))
+    if len(seen) >= len(original):
+        raise UsageError(f"removing {len(seen)} of {len(original)} layers would leave none; at least one layer "
+                         "must stay")
+    return sorted(positions[i] for i in seen)
+
+
+def _span(indices: Sequence[int]) -> str:
+    """`[0, 1, 2, 5, 7, 8]` → "0-2, 5, 7-8": a short way to show which original layers a model keeps."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _checked_indices(indices: Iterable[int] | int, n: int, allow_all: bool) -> list[int]:

@@ -1,0 +1,169 @@
+"""Inputs `gradual fit` must refuse (or accept) before heavy work: original layer indices, run identity, the
+retention monitor, and values the parser itself rejects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from gradual.callbacks import RetentionStopping, TaskEvaluation
+from test_fit import write_config
+
+from gradual.cli import main, parser_error_line
+from gradual.errors import UsageError
+from gradual.module import StageRecord
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    errors = [line for line in err if "error" in line.lower()]
+    assert errors == [err[-1]] and err[-1].startswith("gradual: error:"), err
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny:llama:6 with original layer 1 removed: it keeps original layers 0, 2, 3, 4, 5."""
+    out = tmp_path_factory.mktemp("pruned") / "A"
+    assert main(["prune", "--model", "tiny:llama:6", "--layers", "1", "--out", str(out)]) == 0
+    return out
+
+
+def test_schedule_layers_are_original_indices_of_an_already_pruned_model(pruned: Path, tmp_path: Path) -> None:
+    config, run_dir = write_config(tmp_path, model__model=str(pruned), model__schedule__layers=[5],
+                                   model__schedule__max_layers=None, model__schedule__steps_per_stage=1)
+    assert main(["fit", "--config", str(config)]) == 0
+    stages = json.loads((run_dir / "results.json").read_text())["stages"]
+    assert stages[0]["kept"] == [0, 2, 3, 4, 5]
+    assert stages[1]["removed"] == [5] and stages[1]["kept"] == [0, 2, 3, 4]
+    final = json.loads((run_dir / "final" / "config.json").read_text())
+    assert final["gradual_original_layers"] == [0, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("layers", "needle"), [
+    ([1], "layer index 1 is out of range (removed earlier); this model keeps original layers 0, 2-5"),
+    ([9], "layer index 9 is out of range; this model keeps original layers 0, 2-5"),
+    ([0, 2, 3, 4, 5], "removing 5 of 5 layers would leave none")])
+def test_a_removed_or_unknown_index_is_refused_in_one_line_before_any_load(
+        pruned: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], layers: list[int], needle: str) -> None:
+    config, run_dir = write_config(tmp_path, model__model=str(pruned), model__schedule__layers=layers,
+                                   model__schedule__max_layers=None, data__sgr__cache_dir=str(tmp_path / "sgr"))
+    assert main(["fit", "--config", str(config)]) == 2
+    line = one_error_line(capsys)
+    assert f"schedule.layers={layers}" in line and needle in line
+    assert not run_dir.exists() and not (tmp_path / "sgr").exists()
+
+
+def test_prune_takes_original_indices_too(pruned: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prune", "--model", str(pruned), "--layers", "5", "--out", str(tmp_path / "B")]) == 0
+    assert json.loads((tmp_path / "B" / "config.json").read_text())["gradual_original_layers"] == [0, 2, 3, 4]
+    capsys.readouterr()
+    assert main(["prune", "--model", str(pruned), "--layers", "1", "--out", str(tmp_path / "C")]) == 2
+    assert "removed earlier" in one_error_line(capsys) and not (tmp_path / "C").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("identity")
+    config, run_dir = write_config(tmp, model__schedule__max_layers=1, model__schedule__steps_per_stage=1,
+                                   data__sgr__cache_dir=str(tmp / "sgr"))
+    assert main(["fit", "--config", str(config)]) == 0
+    return config, run_dir
+
+
+@pytest.mark.parametrize("override", [["--trainer.callbacks", '[{"class_path": "gradual.callbacks.TaskEvaluation", '
+                                       '"init_args": {"tasks": ["successor"], "n": 8}}, {"class_path": '
+                                       '"gradual.callbacks.RetentionStopping", "init_args": {"threshold": 0.3}}]'],
+                                      ["--data.sgr.n_per_task", "5"],
+                                      ["--data.max_length", "200"],
+                                      ["--seed_everything", "1"]],
+                         ids=["callbacks", "sgr_prompts", "data_max_length", "global_seed"])
+def test_a_changed_run_is_refused_and_the_old_one_kept(finished_run: tuple[Path, Path], override: list[str],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    config, run_dir = finished_run
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    assert main(["fit", "--config", str(config), *override]) == 2
+    assert "already holds a different run" in one_error_line(capsys)
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("override", [[], ["--data.sgr.batch_size", "3"]], ids=["same", "generation_batch_size"])
+def test_the_same_run_is_recognised(finished_run: tuple[Path, Path], override: list[str],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    config, run_dir = finished_run
+    assert main(["fit", "--config", str(config), *override]) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def _callbacks_yaml(tmp_path: Path, monitor: str, forms: list[str]) -> Path:
+    path = tmp_path / "callbacks.yaml"
+    path.write_text(json.dumps({"trainer": {"callbacks": [
+        {"class_path": "gradual.callbacks.TaskEvaluation", "init_args": {"tasks": ["successor"], "n": 4,
+                                                                          "forms": forms}},
+        {"class_path": "gradual.callbacks.RetentionStopping", "init_args": {"monitor": monitor}}]}}))
+    return path
+
+
+@pytest.mark.parametrize(("monitor", "forms", "needle"), [
+    ("generativ_mean", ["generative", "classification"], "allowed: generative_mean, classification_mean, min, "
+                                                         "successor, mc_successor"),
+    ("generative_mean", ["classification"], "needs a generative score"),
+    ("mc_successor", ["generative"], "'mc_successor' is not a score"),
+])
+def test_a_bad_monitor_is_refused_before_recovery_data_or_model(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monitor: str, forms: list[str], needle: str) -> None:
+    config, run_dir = write_config(tmp_path, data__sgr__cache_dir=str(tmp_path / "sgr"))
+    assert main(["fit", "--config", str(config), "--config", str(_callbacks_yaml(tmp_path, monitor, forms))]) == 2
+    line = one_error_line(capsys)
+    assert f"monitor={monitor!r}" in line and needle in line
+    assert not run_dir.exists() and not (tmp_path / "sgr").exists()
+
+
+def test_a_monitor_needs_an_evaluation_callback_before_it() -> None:
+    stop = RetentionStopping(monitor="generative_mean")
+    with pytest.raises(UsageError, match="no evaluation callback before it"):
+        stop.check_callbacks([stop, TaskEvaluation(tasks=["successor"])])
+    stop.check_callbacks([TaskEvaluation(tasks=["successor"]), stop])
+
+
+def test_a_missing_monitor_value_is_an_error_naming_it() -> None:
+    """Before: a missing key read as retention 0.0 and rolled back with a misleading message."""
+    baseline = StageRecord(stage=0, depth=4, scores={"successor": {"score": 0.5, "form": "generative"}})
+    stage = StageRecord(stage=1, depth=3, scores={"mc_successor": {"score": 0.5, "form": "classification"}})
+    module = SimpleNamespace(history=[baseline, stage], log=lambda *a, **k: None, stop_reason=None)
+    trainer = SimpleNamespace(should_stop=False)
+    with pytest.raises(RuntimeError, match="retention monitor 'successor' has no value at stage 1"):
+        RetentionStopping(monitor="successor").on_train_epoch_end(trainer, module)
+    assert not trainer.should_stop and stage.meets_threshold is None
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--model.schedule.mode", "sideways"], "model.schedule.mode='sideways' is invalid; allowed: 'gradual', "
+                                            "'one_shot'"),
+    (["--model.schedule.max_layers", "x"], "model.schedule.max_layers='x' is invalid; allowed: int or null"),
+    (["--data.batch_size", "2.5"], "data.batch_size='2.5' is invalid; allowed: int"),
+    (["--model.nope", "1"], "unrecognized arguments: --model.nope 1"),
+])
+def test_values_the_parser_rejects_end_in_one_line(argv: list[str], needle: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    config, run_dir = write_config(tmp_path)
+    assert main(["fit", "--config", str(config), *argv]) == 2
+    captured = capsys.readouterr()
+    assert "usage:" not in captured.err and needle in one_error_line_from(captured.err)
+    assert not run_dir.exists()
+
+
+def one_error_line_from(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len([line for line in lines if "error" in line.lower()]) == 1 and lines[-1].startswith("gradual: error:")
+    return lines[-1]
+
+
+def test_parser_error_line_keeps_the_innermost_alternatives() -> None:
+    message = ('Parser key "model.schedule":\n  Does not validate against any of the Union subtypes\n  Errors:\n'
+               "    - Problem with given class_path 'gradual.module.Schedule':\n        Parser key \"mode\":\n"
+               "          Expected a typing.Literal['gradual', 'one_shot']. Got value: sideways\n"
+               "    - Expected a <class 'NoneType'>\n  Given value: NestedArg(key='mode', val='sideways')")
+    assert parser_error_line(message) == "model.schedule.mode='sideways' is invalid; allowed: 'gradual', 'one_shot'"
