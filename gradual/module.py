@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
 
 from gradual import importance, models, ranks, surgery
+from gradual.distill import Distillation, RecoveryObjective, Teacher
 from gradual.errors import UsageError
 from gradual.lora import LoraSettings, attach_lora, dequantize, merge_lora, quantize_nf4
 
@@ -167,6 +168,8 @@ class GradualModule(L.LightningModule):
         schedule: how many layers go per stage and in total, and the recovery steps per stage.
         selection: the importance metric and calibration data used on the current model at every stage.
         lora: LoRA adapter settings (fresh adapters every stage, merged at its end).
+        distillation: what a recovery step minimises: `sft` (the data's tokens, the paper), `kd` (forward KL to the
+            original model, loaded once as a frozen teacher) or `kd+sft`; temperature, hidden-state term.
         optimizer: optimizer factory (defaults to the paper's AdamW: lr 2e-4, betas (0.9, 0.99), wd 1e-4).
         lr_scheduler: scheduler factory (defaults to linear warm-up over `warmup_steps`, then constant).
         warmup_steps: warm-up steps of the default scheduler, restarted with every stage's fresh adapters.
@@ -178,6 +181,7 @@ class GradualModule(L.LightningModule):
     def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "float32", quantize: str | None = None,
                  trust_remote_code: bool = False, schedule: Schedule | None = None,
                  selection: Selection | None = None, lora: LoraSettings | None = None,
+                 distillation: Distillation | None = None,
                  optimizer: OptimizerCallable | None = None, lr_scheduler: LRSchedulerCallable | None = None,
                  warmup_steps: int = 50, run_dir: str = "runs/gradual", overwrite: bool = False,
                  seed: int = 0) -> None:
@@ -189,6 +193,9 @@ class GradualModule(L.LightningModule):
         self.schedule = schedule or Schedule()
         self.selection = selection or Selection()
         self.lora = lora or LoraSettings()
+        self.distillation = distillation or Distillation()
+        self.teacher: Teacher | None = None
+        self.objective: RecoveryObjective | None = None
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.warmup_steps = warmup_steps
@@ -223,7 +230,8 @@ class GradualModule(L.LightningModule):
         """
         return {"model": self.model_name, "dtype": self.dtype_name, "quantize": self.quantize,
                 "schedule": asdict(self.schedule), "selection": asdict(self.selection), "lora": asdict(self.lora),
-                "warmup_steps": self.warmup_steps, "seed": self.seed, **self.run_context}
+                "distillation": asdict(self.distillation), "warmup_steps": self.warmup_steps, "seed": self.seed,
+                **self.run_context}
 
     def saved_state(self) -> dict[str, Any] | None:
         path = self.run_dir / STATE_FILE
@@ -276,7 +284,13 @@ class GradualModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """On resume, continue Lightning's epoch count at the stage reached, so data and logs line up. The epoch
         limit becomes the planned number of stages (unless the Trainer's is lower), so the progress bar reads
-        "Epoch 1/3" rather than the open-ended loop's "Epoch 1/-2"."""
+        "Epoch 1/3" rather than the open-ended loop's "Epoch 1/-2". A distilling run loads its teacher (the original
+        model, also on resume) once here."""
+        if self.distillation.needs_teacher and self.teacher is None:
+            self.teacher = Teacher.load(self.model_name, dtype=self.distillation.teacher_dtype or self.dtype_name,
+                                        quantize=self.distillation.teacher_quantize,
+                                        trust_remote_code=self.trust_remote_code)
+        self.objective = RecoveryObjective(self.distillation, self.teacher)
         loop = self.trainer.fit_loop
         if loop.max_epochs is None or loop.max_epochs < 0 or loop.max_epochs > len(self.stage_sizes):
             loop.max_epochs = max(1, len(self.stage_sizes))
@@ -376,9 +390,11 @@ class GradualModule(L.LightningModule):
         return None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        loss, parts = self.objective(self.model, batch, surgery.original_indices(self.model))
         self._losses.append(float(loss.detach()))
         self.log("loss", loss, prog_bar=True, on_step=True)
+        if len(parts) > 1:
+            self.log_dict({f"loss/{k}": v for k, v in parts.items()}, on_step=True)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
