@@ -15,7 +15,8 @@ class Report(Callback):
         if trainer.is_global_zero:
             pl_module.run_dir.mkdir(parents=True, exist_ok=True)
             write_report(pl_module.run_dir, [r.to_dict() for r in pl_module.history],
-                         pl_module.chosen_stage() if final else None, pl_module.stop_reason, pl_module.run_config())
+                         pl_module.chosen_stage() if final else None, pl_module.stop_reason, pl_module.run_config(),
+                         getattr(pl_module, "in_data_tasks", ()))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer, pl_module, final=False)

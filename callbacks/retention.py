@@ -2,34 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from gradual.errors import UsageError
-from gradual.retention import AGGREGATES, retention
+from gradual.retention import AGGREGATES, DEFAULT_MONITOR, group_of, is_in_data_monitor, retention
 
 
 class RetentionStopping(Callback):
-    """Observe each stage's scores against the baseline; stop below `threshold`.
+    """Observe each stage's scores against the baseline; stop below `threshold` and roll back.
 
     Args:
         threshold: the retention the final model must keep, in (0, 1] (0.9 keeps 90% of the baseline score).
-        monitor: `generative_mean` (default), `classification_mean`, `min`, or one score key (e.g. `chain_sum`).
+        monitor: `held_out_generative_mean` (default: tasks none of whose problems fed recovery — retention there
+            shows capability coming back, not being taught), `held_out_classification_mean`,
+            `in_data_generative_mean`, `in_data_classification_mean`, `generative_mean`, `classification_mean`
+            (all tasks), `min`, or one score key (e.g. `chain_sum`). A monitor computed only from in-data tasks is
+            allowed and named as such in the stop message and the report.
     """
 
-    def __init__(self, threshold: float = 0.9, monitor: str = "generative_mean") -> None:
+    def __init__(self, threshold: float = 0.9, monitor: str = DEFAULT_MONITOR) -> None:
         if not 0 < threshold <= 1:
             raise UsageError(f"retention threshold={threshold} is invalid; allowed: 0 < threshold <= 1")
         self.threshold, self.monitor = threshold, monitor
 
-    def check_callbacks(self, callbacks: Sequence[Callback]) -> None:
+    def check_callbacks(self, callbacks: Sequence[Callback], in_data: Collection[str] = ()) -> None:
         """Refuse a monitor that no evaluation callback listed before this one can fill, before any heavy work.
 
-        Called by `GradualCLI` once the callbacks exist (before recovery data are generated or a model loads).
-        lm-eval groups fill sub-task keys known only after they ran: `lm_eval/<task>...` is accepted for a listed
-        `<task>`. Raises UsageError naming the monitor and the allowed values.
+        Called by `GradualCLI` once the callbacks and the data module exist (before recovery data are generated or
+        a model loads); `in_data` names the tasks whose problems feed recovery. lm-eval groups fill sub-task keys
+        known only after they ran: `lm_eval/<task>...` is accepted for a listed `<task>`. Raises UsageError naming
+        the monitor and the allowed values.
         """
         before = list(callbacks)[:list(callbacks).index(self)] if self in callbacks else list(callbacks)
         forms: dict[str, str | None] = {}
@@ -39,12 +45,14 @@ class RetentionStopping(Callback):
         if not forms:
             raise UsageError("RetentionStopping has no evaluation callback before it to read scores from; list "
                              "TaskEvaluation or LmEvalEvaluation first")
-        if self.monitor in ("generative_mean", "classification_mean"):
-            form = self.monitor.removesuffix("_mean")
-            if any(f in (form, None) for f in forms.values()):
+        aggregate = re.fullmatch(r"(?:(held_out|in_data)_)?(generative|classification)_mean", self.monitor)
+        if aggregate:
+            group, form = aggregate.groups()
+            if any(f in (form, None) and (group is None or group_of(k, in_data) == group) for k, f in forms.items()):
                 return
-            raise UsageError(f"retention monitor={self.monitor!r} needs a {form} score, but the evaluation callbacks "
-                             f"fill only: {', '.join(forms)}")
+            which = f"{group.replace('_', '-')} {form}" if group else form
+            raise UsageError(f"retention monitor={self.monitor!r} needs a {which} score, but the evaluation callbacks "
+                             f"fill only: {_labelled(forms, in_data)}")
         if self.monitor in AGGREGATES or self.monitor in forms:
             return
         if any(f is None and self.monitor.startswith(k) for k, f in forms.items()):
@@ -57,8 +65,9 @@ class RetentionStopping(Callback):
         baseline = pl_module.history[0].scores
         if not baseline:
             raise UsageError("RetentionStopping found no baseline scores; list an evaluation callback before it")
+        in_data = getattr(pl_module, "in_data_tasks", ())
         if self.monitor in AGGREGATES:
-            if self.monitor not in retention(baseline, baseline):
+            if self.monitor not in retention(baseline, baseline, in_data):
                 raise UsageError(f"retention monitor={self.monitor!r} has no task with a non-zero baseline score")
             return
         if self.monitor not in baseline:
@@ -70,14 +79,25 @@ class RetentionStopping(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         record = pl_module.history[-1]
-        record.retention = retention(record.scores, pl_module.history[0].scores)
+        in_data = getattr(pl_module, "in_data_tasks", ())
+        record.retention = retention(record.scores, pl_module.history[0].scores, in_data)
         if self.monitor not in record.retention:
             raise RuntimeError(f"retention monitor {self.monitor!r} has no value at stage {record.stage} (its score is "
                                f"missing or its baseline is 0); scores present: {', '.join(record.scores) or 'none'}")
         value = record.retention[self.monitor]
         record.meets_threshold = value >= self.threshold
         pl_module.log("retention", value, prog_bar=True, on_epoch=True)
+        for group in ("held_out", "in_data"):  # both on the progress bar: only held-out shows capability returning
+            if f"{group}_generative_mean" in record.retention:
+                pl_module.log(f"{group}_gen", record.retention[f"{group}_generative_mean"], prog_bar=True,
+                              on_epoch=True)
         if not record.meets_threshold:
             trainer.should_stop = True
-            pl_module.stop_reason = (f"stage {record.stage}: {self.monitor} retention {value:.3f} < threshold "
+            named = " (in-data: measured on tasks the recovery data taught)" if is_in_data_monitor(
+                self.monitor, in_data) else ""
+            pl_module.stop_reason = (f"stage {record.stage}: {self.monitor}{named} retention {value:.3f} < threshold "
                                      f"{self.threshold}; rolled back to stage {pl_module.chosen_stage()}")
+
+
+def _labelled(forms: dict[str, str | None], in_data: Collection[str]) -> str:
+    return ", ".join(f"{k} ({group_of(k, in_data).replace('_', '-')})" for k in forms)

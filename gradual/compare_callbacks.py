@@ -48,7 +48,7 @@ class RecordRetention(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         record = pl_module.history[-1]
-        record.retention = retention(record.scores, pl_module.history[0].scores)
+        record.retention = retention(record.scores, pl_module.history[0].scores, pl_module.in_data_tasks)
 
 
 def prompt_digest(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> str:

@@ -43,6 +43,13 @@ class GradualDataModule(RecoveryDataModule):
             self.sgr.cache_dir = str(models.cache_dir() / "sgr")
         self.items = load_prompts(self.sgr)
 
+    def recovery_tasks(self) -> list[str]:
+        """Built-in tasks whose problems feed the recovery data: their evaluation scores are *in-data*, every other
+        task's *held-out* (`gradual.retention`). Known from the settings alone, before anything is generated."""
+        from gradual.tasks import TASKS
+
+        return sorted({it.task for it in self.items if it.task in TASKS})
+
     def setup(self, stage: str) -> None:
         if self.pairs:
             return

@@ -32,9 +32,11 @@ class GradualCLI(LightningCLI):
         """Build everything, then hand the module what else defines the run (data, callbacks, global seed), so a
         run directory is resumed only by the same run (`GradualModule.run_config`)."""
         super().instantiate_classes()
+        in_data = self.datamodule.recovery_tasks() if hasattr(self.datamodule, "recovery_tasks") else []
+        self.model.in_data_tasks = in_data
         for callback in self.trainer.callbacks:
             if hasattr(callback, "check_callbacks"):
-                callback.check_callbacks(self.trainer.callbacks)
+                callback.check_callbacks(self.trainer.callbacks, in_data)
         config = self.config[self.subcommand] if self.subcommand else self.config
         data = _plain(config.get("data")) or {}
         if isinstance(data.get("sgr"), dict):

@@ -219,6 +219,7 @@ class GradualModule(L.LightningModule):
         self._losses: list[float] = []
         self._run_dir_checked = False
         self.run_context: dict[str, Any] = {}
+        self.in_data_tasks: list[str] = []
 
     # ----------------------------------------------------------------- identity and resume
     def run_config(self) -> dict[str, Any]:
@@ -276,6 +277,8 @@ class GradualModule(L.LightningModule):
         """Check the run directory and size every stage's data: `steps × accumulation` batches per rank."""
         self.check_run_dir()
         dm = self.trainer.datamodule
+        if hasattr(dm, "recovery_tasks"):
+            self.in_data_tasks = dm.recovery_tasks()
         if dm is not None:
             steps = self.schedule.steps_for_stage(self.stage_sizes[0] if self.stage_sizes else 0)
             batches = max(1, steps) * self.trainer.accumulate_grad_batches

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +12,27 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from gradual.retention import group_of, task_of  # noqa: E402
+
 FAILURES = ("wrong_value", "no_answer", "unbalanced_brackets", "repetition")
 
 
-def stage_table(history: Sequence[dict[str, Any]]) -> str:
-    """One row per stage: depth, layers removed (original indices), each score with its retention."""
+GROUP_COLUMNS = (("held_out_generative_mean", "held-out gen."), ("in_data_generative_mean", "in-data gen."),
+                 ("held_out_classification_mean", "held-out cls."), ("in_data_classification_mean", "in-data cls."))
+
+
+def stage_table(history: Sequence[dict[str, Any]], in_data: Collection[str] = ()) -> str:
+    """One row per stage: depth, layers removed (original indices), the mean retention of held-out and in-data
+    tasks, each score with its retention. In-data task columns are marked `*`."""
     keys = list(history[0]["scores"])
-    head = ["stage", "depth", "removed", "loss"] + keys + ["monitor ok"]
+    groups = [(k, name) for k, name in GROUP_COLUMNS if any(k in r.get("retention", {}) for r in history)]
+    head = (["stage", "depth", "removed", "loss"] + [name for _, name in groups]
+            + [k + ("*" if group_of(k, in_data) == "in_data" else "") for k in keys] + ["monitor ok"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in history:
         cells = [str(r["stage"]), str(r["depth"]), ",".join(map(str, r["removed_total"])) or "-",
                  f"{r['loss']:.3f}" if r.get("loss") is not None else "-"]
+        cells += [f"{r['retention'][k]:.2f}" if k in r.get("retention", {}) else "-" for k, _ in groups]
         for k in keys:
             s = r["scores"].get(k)
             ret = r.get("retention", {}).get(k)
@@ -65,18 +75,28 @@ def plot_retention(history: Sequence[dict[str, Any]], path: Path, title: str = "
 
 
 def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: int | None,
-                 stop_reason: str | None, config: dict[str, Any]) -> None:
-    """Write results.json, report.md and retention.png into the run directory."""
+                 stop_reason: str | None, config: dict[str, Any], in_data: Collection[str] = ()) -> None:
+    """Write results.json, report.md and retention.png into the run directory.
+
+    `in_data` names the tasks whose problems fed recovery; every other evaluated task is held-out.
+    """
     run_dir = Path(run_dir)
-    results = {"config": config, "final_stage": final_stage, "stop_reason": stop_reason, "stages": list(history)}
+    tasks = sorted({task_of(k) for r in history for k in r["scores"]})
+    held_out = [t for t in tasks if t not in in_data]
+    results = {"config": config, "final_stage": final_stage, "stop_reason": stop_reason,
+               "in_data_tasks": sorted(in_data), "held_out_tasks": held_out, "stages": list(history)}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot_retention(history, run_dir / "retention.png", title=str(config.get("model", "")))
     final = history[final_stage] if final_stage is not None else history[-1]
     lines = [f"# gradual run: {config.get('model')}", "",
              f"- final model: stage {final['stage']} ({final['depth']} layers, removed original layers "
              f"{final['removed_total'] or 'none'})" + (" in `final/`" if final_stage is not None else ""),
-             f"- stop: {stop_reason or 'still running'}", "",
-             "Scores per stage, retention against stage 0 in brackets:", "", stage_table(history), "",
+             f"- stop: {stop_reason or 'still running'}",
+             f"- held-out tasks (nothing of them fed recovery): {', '.join(held_out) or 'none'}",
+             f"- in-data tasks (their problems fed recovery; marked *): {', '.join(sorted(in_data)) or 'none'}", "",
+             "Scores per stage, retention against stage 0 in brackets; group columns are mean retentions. Only "
+             "held-out retention shows capability coming back rather than being taught:", "",
+             stage_table(history, in_data), "",
              "Failure categories of generative answers:", "", failure_table(history), "",
              "![retention](retention.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))

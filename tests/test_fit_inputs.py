@@ -74,7 +74,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("override", [["--trainer.callbacks", '[{"class_path": "gradual.callbacks.TaskEvaluation", '
-                                       '"init_args": {"tasks": ["successor"], "n": 8}}, {"class_path": '
+                                       '"init_args": {"tasks": ["category"], "n": 8}}, {"class_path": '
                                        '"gradual.callbacks.RetentionStopping", "init_args": {"threshold": 0.3}}]'],
                                       ["--data.sgr.n_per_task", "5"],
                                       ["--data.max_length", "200"],
@@ -107,8 +107,10 @@ def _callbacks_yaml(tmp_path: Path, monitor: str, forms: list[str]) -> Path:
 
 
 @pytest.mark.parametrize(("monitor", "forms", "needle"), [
-    ("generativ_mean", ["generative", "classification"], "allowed: generative_mean, classification_mean, min, "
-                                                         "successor, mc_successor"),
+    ("generativ_mean", ["generative", "classification"], "allowed: held_out_generative_mean, "
+                                                         "held_out_classification_mean, in_data_generative_mean"),
+    ("held_out_generative_mean", ["generative"], "needs a held-out generative score, but the evaluation callbacks "
+                                                 "fill only: successor (in-data)"),
     ("generative_mean", ["classification"], "needs a generative score"),
     ("mc_successor", ["generative"], "'mc_successor' is not a score"),
 ])
@@ -167,3 +169,35 @@ def test_parser_error_line_keeps_the_innermost_alternatives() -> None:
                "          Expected a typing.Literal['gradual', 'one_shot']. Got value: sideways\n"
                "    - Expected a <class 'NoneType'>\n  Given value: NestedArg(key='mode', val='sideways')")
     assert parser_error_line(message) == "model.schedule.mode='sideways' is invalid; allowed: 'gradual', 'one_shot'"
+
+
+def test_in_data_and_held_out_labels_follow_the_recovery_data(tmp_path: Path) -> None:
+    """Smoke: SGR prompts of successor and copy; successor and category evaluated. Successor is in-data (its
+    training problems fed recovery), category held-out; results.json, report.md and the stop message say so."""
+    config, run_dir = write_config(tmp_path, model__schedule__max_layers=1, model__schedule__steps_per_stage=1,
+                                   trainer__callbacks__0__init_args__n=16)
+    assert main(["fit", "--config", str(config)]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["in_data_tasks"] == ["copy", "successor"] and results["held_out_tasks"] == ["category"]
+    baseline, stage = results["stages"][0]["scores"], results["stages"][1]["retention"]
+    for key, group in (("successor", "in_data"), ("mc_successor", "in_data"), ("category", "held_out"),
+                       ("mc_category", "held_out")):
+        form = baseline[key]["form"]
+        if baseline[key]["score"] > 0:  # the group mean of one task is that task's retention
+            assert stage[f"{group}_{form}_mean"] == stage[key], key
+    report = (run_dir / "report.md").read_text()
+    assert "held-out tasks (nothing of them fed recovery): category" in report
+    assert " successor* |" in report and " category |" in report
+
+
+def test_a_stop_on_an_in_data_monitor_says_so() -> None:
+    scores = {"successor": {"score": 0.5, "form": "generative"}, "category": {"score": 0.5, "form": "generative"}}
+    baseline = StageRecord(stage=0, depth=4, scores=scores)
+    stage = StageRecord(stage=1, depth=3, scores={**scores, "successor": {"score": 0.1, "form": "generative"}})
+    module = SimpleNamespace(history=[baseline, stage], log=lambda *a, **k: None, stop_reason=None,
+                             in_data_tasks=["successor"], chosen_stage=lambda: 0)
+    trainer = SimpleNamespace(should_stop=False)
+    RetentionStopping(monitor="in_data_generative_mean", threshold=0.5).on_train_epoch_end(trainer, module)
+    assert trainer.should_stop and stage.retention["held_out_generative_mean"] == 1.0
+    assert module.stop_reason == ("stage 1: in_data_generative_mean (in-data: measured on tasks the recovery data "
+                                  "taught) retention 0.200 < threshold 0.5; rolled back to stage 0")
