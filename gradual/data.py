@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from gradual.errors import UsageError
-from gradual.generation import DEFAULT_SYSTEM_PROMPT, response_prompt
+from gradual.generation import DEFAULT_SYSTEM_PROMPT, encode_prompt, response_prompt
 from gradual.jsonl import read_jsonl
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF causal-LM loss) skips
@@ -35,14 +35,14 @@ def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str
     """Token ids of prompt + response + EOS, with labels -100 on the prompt so only the response is learned.
 
     The prompt part is `response_prompt` (the chat template with `system`, or the plain prompt followed by "\\n"
-    when there is no template or `chat` is off), tokenised without added special tokens exactly as
+    when there is no template or `chat` is off), tokenised by `encode_prompt` exactly as
     `gradual.generation.generate` feeds it, so training sees the prompt tokens inference sees. Truncation to
     `max_length` cuts the end of the response; returns None when the prompt alone leaves no room for a single
     response token (the caller drops and counts such examples).
     """
     prompt_text = response_prompt(tokenizer, prompt, system, chat)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    joint_ids = tokenizer(prompt_text + response, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, prompt_text)
+    joint_ids = encode_prompt(tokenizer, prompt_text + response)
     if joint_ids[: len(prompt_ids)] == prompt_ids:
         response_ids = joint_ids[len(prompt_ids):]
     else:  # a token straddles the boundary: keep the prompt's own tokens, encode the response alone

@@ -68,6 +68,24 @@ def response_prompt(tokenizer: PreTrainedTokenizerBase, user: str, system: str |
     return format_prompt(tokenizer, user, system, chat) + ("" if templated else "\n")
 
 
+def added_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id the tokenizer puts before every text by itself (Llama, Gemma), or None (GPT-2, Qwen, SmolLM2)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    return bos if tokenizer("x")["input_ids"][:1] == [bos] else None
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A prompt's token ids as the model saw them in training: the tokenizer's BOS exactly once at the start when the
+    tokenizer adds one, not doubled when the text already begins with it (chat templates write it themselves), and
+    no other special token (a continuation of the prompt must not be cut off by an EOS). Quiet about prompts longer
+    than the tokenizer's `model_max_length`: the callers fit them to the model's positions."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    bos = added_bos(tokenizer)
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     """Cut a completion at the first stop string (generation of a batch runs until every row stops)."""
     cut = len(text)
@@ -94,8 +112,8 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
              on_batch: Callable[[list[int], list[list[str]]], None] | None = None) -> list[list[str]]:
     """Complete every prompt `config.num_samples` times; returns one list of completions per prompt, in order.
 
-    Prompts are full strings (apply `format_prompt` first). Special tokens are not added again, so a chat
-    template's BOS is not doubled. `on_batch(indices, completions)` is called after each batch with the
+    Prompts are full strings (apply `format_prompt` first), encoded by `encode_prompt` (one BOS where the model
+    expects it, never a chat template's BOS twice). `on_batch(indices, completions)` is called after each batch with the
     caller's prompt indices, so a caller can persist results before the whole call ends. Sampling draws from one
     generator per (prompt, sample), seeded from `config.seed` and the prompt's index, so the answers do not depend
     on the batch size.
@@ -105,7 +123,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         raise UsageError(f"batch_size={batch_size} is invalid; it must be >= 1")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ends = torch.tensor(sorted(end_ids(model, tokenizer)))
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
     results: list[list[str]] = [[] for _ in prompts]
     was_training = model.training

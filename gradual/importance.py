@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradual.errors import UsageError
+from gradual.generation import encode_prompt
 from gradual.jsonl import read_jsonl
 from gradual.surgery import decoder_layers, original_indices, skip_layers
 
@@ -177,13 +178,14 @@ def calibration_texts(source: str | Path | Sequence[str] | None = None, n: int |
 
 def calibration_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 8,
                         max_length: int = 256) -> list[Batch]:
-    """Tokenise, truncate to `max_length` tokens and right-pad into batches of similar length.
+    """Tokenise (with the tokenizer's BOS once, as `encode_prompt`), keep the first `max_length` tokens and
+    right-pad into batches of similar length.
 
     Texts are sorted longest first so batches waste little padding and the largest batch runs first.
     """
     if batch_size < 1 or max_length < 1:
         raise UsageError(f"batch_size={batch_size}, max_length={max_length} are invalid; both must be >= 1")
-    encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    encoded = [encode_prompt(tokenizer, t)[:max_length] for t in texts]
     encoded = sorted((ids for ids in encoded if ids), key=len, reverse=True)
     if not encoded:
         raise UsageError("calibration texts produced no tokens")

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from gradual.generation import encode_prompt
 from gradual.kvcache import prefill
 
 
@@ -27,10 +28,10 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
 
     Encoding the joined string and splitting after the context's tokens keeps merges across the boundary (a leading
     space belongs to the continuation's first token); if the context's tokens are not a prefix of the joint
-    encoding, the continuation is encoded on its own.
+    encoding, the continuation is encoded on its own. The context starts as every prompt does (`encode_prompt`).
     """
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = encode_prompt(tokenizer, context)
+    whole = encode_prompt(tokenizer, context + continuation)
     if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
         return ctx, whole[len(ctx):]
     return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
