@@ -14,7 +14,7 @@ from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
 
 
 class _Evaluation(Callback):
-    """Fills `scores` of the stage record: `{key: {"score", "form", "n", "failures"}}`.
+    """Fills `scores` of the stage record: `{key: {"score", "form", "n", "failures", "truncated"}}`.
 
     Rank 0 evaluates and broadcasts, so every DDP rank takes the same stop decision.
     """
@@ -106,8 +106,8 @@ class TaskEvaluation(_Evaluation):
         out = evaluate(pl_module.model, pl_module.tokenizer, self.tasks, n=self.n, forms=tuple(self.forms),
                        fmt=self.fmt, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, seed=self.seed,
                        enable_code=self.enable_code, progress=self.progress)
-        return {key: {"score": r.score, "form": r.form, "n": r.n, "failures": dict(r.failures)}
-                for key, r in out.items()}
+        return {key: {"score": r.score, "form": r.form, "n": r.n, "failures": dict(r.failures),
+                      "truncated": r.truncated} for key, r in out.items()}
 
 
 class LmEvalEvaluation(_Evaluation):
@@ -141,7 +141,7 @@ class LmEvalEvaluation(_Evaluation):
         out = evaluate_lm_eval(pl_module.model, pl_module.tokenizer, self.tasks, limit=self.limit,
                                num_fewshot=self.num_fewshot, include_path=self.include_path,
                                batch_size=self.batch_size)
-        results = {f"lm_eval/{key}": {"score": r.score, "form": r.form, "n": r.n, "failures": dict(r.failures)}
-                   for key, r in out.items()}
+        results = {f"lm_eval/{key}": {"score": r.score, "form": r.form, "n": r.n, "failures": dict(r.failures),
+                                      "truncated": r.truncated} for key, r in out.items()}
         self._keys = list(results)
         return results

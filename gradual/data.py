@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from gradual.errors import UsageError
-from gradual.generation import DEFAULT_SYSTEM_PROMPT, response_prompt
+from gradual.generation import DEFAULT_SYSTEM_PROMPT, encode_prompt, response_prompt
 from gradual.jsonl import read_jsonl
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF causal-LM loss) skips
@@ -35,14 +35,14 @@ def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str
     """Token ids of prompt + response + EOS, with labels -100 on the prompt so only the response is learned.
 
     The prompt part is `response_prompt` (the chat template with `system`, or the plain prompt followed by "\\n"
-    when there is no template or `chat` is off), tokenised without added special tokens exactly as
+    when there is no template or `chat` is off), tokenised by `encode_prompt` exactly as
     `gradual.generation.generate` feeds it, so training sees the prompt tokens inference sees. Truncation to
     `max_length` cuts the end of the response; returns None when the prompt alone leaves no room for a single
     response token (the caller drops and counts such examples).
     """
     prompt_text = response_prompt(tokenizer, prompt, system, chat)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    joint_ids = tokenizer(prompt_text + response, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, prompt_text)
+    joint_ids = encode_prompt(tokenizer, prompt_text + response)
     if joint_ids[: len(prompt_ids)] == prompt_ids:
         response_ids = joint_ids[len(prompt_ids):]
     else:  # a token straddles the boundary: keep the prompt's own tokens, encode the response alone
@@ -186,12 +186,16 @@ class RecoveryDataModule(LightningDataModule):
     module at fit start); tokenisation happens on the first `train_dataloader` call after a change. The Trainer
     must use `use_distributed_sampler=False`: the sampler already splits each stage across DDP ranks, giving
     every rank `samples_per_epoch / world_size` examples (`batches_per_epoch` batches).
+
+    `max_positions` (the model's position limit, None if unknown) caps `max_length` rather than refusing it, so one
+    config serves models of different context sizes: an example longer than the positions is cut there (or dropped,
+    when its prompt fills them) as if `max_length` were the limit, counted in `num_clamped` and logged.
     """
 
     def __init__(self, pairs: list[dict] | str | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
                  samples_per_epoch: int = 800, batch_size: int = 8, max_length: int = 512,
                  system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, chat: bool = True, seed: int = 0,
-                 mega_batch_mult: int = 50, num_workers: int = 0) -> None:
+                 mega_batch_mult: int = 50, num_workers: int = 0, max_positions: int | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise UsageError(f"batch_size={batch_size} is invalid; it must be >= 1")
@@ -203,9 +207,9 @@ class RecoveryDataModule(LightningDataModule):
         self.samples_per_epoch, self.batch_size, self.max_length = samples_per_epoch, batch_size, max_length
         self.system_prompt, self.chat, self.seed = system_prompt, chat, seed
         self.mega_batch_mult, self.num_workers = mega_batch_mult, num_workers
-        self.tokenizer = tokenizer
+        self.tokenizer, self.max_positions = tokenizer, max_positions
         self.pairs: list[dict[str, str]] = load_pairs(pairs) if pairs is not None else []
-        self.num_dropped = 0
+        self.num_dropped = self.num_clamped = 0
         self._dataset: TokenizedPairs | None = None
 
     def set_pairs(self, pairs: list[dict] | str | Path) -> None:
@@ -225,19 +229,27 @@ class RecoveryDataModule(LightningDataModule):
                 raise ValueError("RecoveryDataModule has no tokenizer; call set_tokenizer first")
             if not self.pairs:
                 raise UsageError("no recovery pairs; give a JSONL file or a list of {prompt, response} dicts")
-            examples = []
+            limit = min(self.max_length, self.max_positions or self.max_length)
+            examples, self.num_clamped = [], 0
             for pair in tqdm(self.pairs, desc="tokenize recovery pairs", unit="pair", leave=False,
                              disable=len(self.pairs) < 1000):
                 example = tokenize_pair(self.tokenizer, pair["prompt"], pair["response"], self.system_prompt,
                                         self.max_length, self.chat)
+                if example is not None and len(example["input_ids"]) > limit:
+                    self.num_clamped += 1
+                    example = tokenize_pair(self.tokenizer, pair["prompt"], pair["response"], self.system_prompt,
+                                            limit, self.chat)
                 if example is not None:
                     examples.append(example)
             self.num_dropped = len(self.pairs) - len(examples)
+            if self.num_clamped:
+                log.warning("max_length=%d is above the model's %d positions: %d of %d recovery examples were cut "
+                            "at %d tokens", self.max_length, limit, self.num_clamped, len(self.pairs), limit)
             if self.num_dropped:
                 log.warning("dropped %d of %d recovery pairs whose prompt alone fills max_length=%d",
-                            self.num_dropped, len(self.pairs), self.max_length)
+                            self.num_dropped, len(self.pairs), limit)
             if not examples:
-                raise UsageError(f"max_length={self.max_length} is too small: every prompt fills it; raise it")
+                raise UsageError(f"max_length={limit} is too small: every prompt fills it; raise it")
             self._dataset = TokenizedPairs(examples)
         return self._dataset
 

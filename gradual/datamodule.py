@@ -26,7 +26,8 @@ class GradualDataModule(RecoveryDataModule):
             and `chat` also format the training examples, so the student learns in the teacher's format.
         dtype: teacher dtype for generation.
         batch_size: examples per batch and rank.
-        max_length: tokens per example (prompt + response); longer responses are truncated.
+        max_length: tokens per example (prompt + response); longer responses are truncated. Capped at the model's
+            positions (examples cut there are counted and logged), so one config fits models of any context size.
         seed: data order seed (linked from `model.seed`).
         trust_remote_code: linked from the model.
     """
@@ -36,7 +37,8 @@ class GradualDataModule(RecoveryDataModule):
                  trust_remote_code: bool = False) -> None:
         sgr = sgr or SGRConfig()
         super().__init__(batch_size=batch_size, samples_per_epoch=batch_size, max_length=max_length,
-                         system_prompt=sgr.system_prompt, chat=sgr.chat, seed=seed)
+                         system_prompt=sgr.system_prompt, chat=sgr.chat, seed=seed,
+                         max_positions=models.model_positions(model, trust_remote_code))
         self.model_name, self.dtype_name, self.trust_remote_code = model, dtype, trust_remote_code
         self.sgr = sgr
         if self.sgr.cache_dir is None:

@@ -8,9 +8,11 @@ output in fp32 (tested); results come back in the caller's order.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +23,8 @@ from gradual.errors import UsageError
 from gradual.kvcache import prefill
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,6 +72,64 @@ def response_prompt(tokenizer: PreTrainedTokenizerBase, user: str, system: str |
     return format_prompt(tokenizer, user, system, chat) + ("" if templated else "\n")
 
 
+def max_positions(model: Any) -> int | None:
+    """The most tokens the model can attend over (its config's position limit; a model, PEFT wrapper or config),
+    or None when the config names none, in which case nothing is truncated."""
+    config = getattr(model, "config", model)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def added_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id the tokenizer puts before every text by itself (Llama, Gemma), or None (GPT-2, Qwen, SmolLM2)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    return bos if tokenizer("x")["input_ids"][:1] == [bos] else None
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A prompt's token ids as the model saw them in training: the tokenizer's BOS exactly once at the start when the
+    tokenizer adds one, not doubled when the text already begins with it (chat templates write it themselves), and
+    no other special token (a continuation of the prompt must not be cut off by an EOS). Quiet about prompts longer
+    than the tokenizer's `model_max_length`: the callers fit them to the model's positions."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    bos = added_bos(tokenizer)
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+
+def prompt_room(model: Any, reserved: int, what: str) -> int | None:
+    """Tokens a prompt may keep: the model's positions less `reserved` (the tokens still to come), None when the
+    limit is unknown. A `reserved` that leaves no room is refused: no truncation can make it fit."""
+    limit = max_positions(model)
+    if limit is None:
+        return None
+    if reserved >= limit:
+        raise UsageError(f"{what}={reserved} leaves no room for a prompt in the model's {limit} positions; "
+                         f"lower it below {limit}")
+    return limit - reserved
+
+
+def truncate_left(ids: list[int], room: int | None) -> tuple[list[int], bool]:
+    """The last `room` tokens of a prompt that does not fit (as lm-eval truncates), and whether any were cut."""
+    if room is None or len(ids) <= room:
+        return ids, False
+    return ids[-room:], True
+
+
+class PromptOutputs(list):
+    """Per-prompt results in the caller's order, plus `truncated`: for each prompt, whether it was cut from the left
+    to fit the model's positions, so evaluations can report how many were."""
+
+    def __init__(self, items: Iterable[Any] = (), truncated: Iterable[bool] = ()) -> None:
+        super().__init__(items)
+        self.truncated = list(truncated)
+
+
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     """Cut a completion at the first stop string (generation of a batch runs until every row stops)."""
     cut = len(text)
@@ -91,23 +153,33 @@ def end_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[i
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
              config: DecodingConfig | None = None, batch_size: int = 16, progress: bool = True,
              desc: str = "generate",
-             on_batch: Callable[[list[int], list[list[str]]], None] | None = None) -> list[list[str]]:
+             on_batch: Callable[[list[int], list[list[str]]], None] | None = None) -> PromptOutputs:
     """Complete every prompt `config.num_samples` times; returns one list of completions per prompt, in order.
 
-    Prompts are full strings (apply `format_prompt` first). Special tokens are not added again, so a chat
-    template's BOS is not doubled. `on_batch(indices, completions)` is called after each batch with the
-    caller's prompt indices, so a caller can persist results before the whole call ends. Sampling draws from one
-    generator per (prompt, sample), seeded from `config.seed` and the prompt's index, so the answers do not depend
-    on the batch size.
+    Prompts are full strings (apply `format_prompt` first), encoded by `encode_prompt` (one BOS where the model
+    expects it, never a chat template's BOS twice). A prompt longer than the model's positions less
+    `config.max_new_tokens` keeps its last tokens (lm-eval's left truncation), is marked in the result's `truncated`
+    and logged; a budget that fills the positions is refused. `on_batch(indices, completions)` is called after each
+    batch with the caller's prompt indices, so a caller can persist results before the whole call ends. Sampling
+    draws from one generator per (prompt, sample), seeded from `config.seed` and the prompt's index, so the answers
+    do not depend on the batch size.
     """
     config = config or DecodingConfig()
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size} is invalid; it must be >= 1")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ends = torch.tensor(sorted(end_ids(model, tokenizer)))
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    room = prompt_room(model, config.max_new_tokens, "max_new_tokens")
+    encoded, truncated = [], []
+    for p in prompts:
+        ids, cut = truncate_left(encode_prompt(tokenizer, p), room)
+        encoded.append(ids)
+        truncated.append(cut)
+    if any(truncated):
+        log.warning("%d of %d prompts do not fit the model's %d positions with %d new tokens; kept their last %d "
+                    "tokens", sum(truncated), len(prompts), max_positions(model), config.max_new_tokens, room)
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
-    results: list[list[str]] = [[] for _ in prompts]
+    results = PromptOutputs([[] for _ in prompts], truncated)
     was_training = model.training
     model.eval()
     new_tokens, start = 0, time.perf_counter()

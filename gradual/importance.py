@@ -32,6 +32,7 @@ composition and the padded length do not change any score.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -46,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradual.errors import UsageError
+from gradual.generation import encode_prompt, max_positions
 from gradual.jsonl import read_jsonl
 from gradual.surgery import decoder_layers, original_indices, skip_layers
 
@@ -61,6 +63,7 @@ METRICS: tuple[str, ...] = (
 
 Batch = dict[str, torch.Tensor]
 ScoreFn = Callable[[nn.Module], float]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -177,18 +180,33 @@ def calibration_texts(source: str | Path | Sequence[str] | None = None, n: int |
 
 def calibration_batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 8,
                         max_length: int = 256) -> list[Batch]:
-    """Tokenise, truncate to `max_length` tokens and right-pad into batches of similar length.
+    """Tokenise (with the tokenizer's BOS once, as `encode_prompt`), keep the first `max_length` tokens and
+    right-pad into batches of similar length. `score_layers` cuts them further to the model's positions.
 
     Texts are sorted longest first so batches waste little padding and the largest batch runs first.
     """
     if batch_size < 1 or max_length < 1:
         raise UsageError(f"batch_size={batch_size}, max_length={max_length} are invalid; both must be >= 1")
-    encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    encoded = [encode_prompt(tokenizer, t)[:max_length] for t in texts]
     encoded = sorted((ids for ids in encoded if ids), key=len, reverse=True)
     if not encoded:
         raise UsageError("calibration texts produced no tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return [_pad_right(encoded[i:i + batch_size], pad_id) for i in range(0, len(encoded), batch_size)]
+
+
+def fit_positions(batches: list[Batch], limit: int | None) -> list[Batch]:
+    """Right-padded batches cut to the model's `limit` positions (a text loses its end, as `max_length` cuts it),
+    so a `max_length` above the model's limit cannot index past its position table; logs how many texts lost
+    tokens."""
+    if limit is None:
+        return batches
+    cut = sum(int((b["attention_mask"].sum(-1) > limit).sum()) for b in batches)
+    if not cut:
+        return batches
+    log.warning("%d of %d calibration texts are longer than the model's %d positions; kept their first %d tokens",
+                cut, sum(len(b["input_ids"]) for b in batches), limit, limit)
+    return [{key: value[:, :limit] for key, value in b.items()} for b in batches]
 
 
 def _pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> Batch:
@@ -213,7 +231,7 @@ def score_layers(model: nn.Module, batches: Iterable[Batch] | None, metric: str,
     layers = decoder_layers(model)
     num = len(layers)
     originals = original_indices(model)
-    batches = list(batches or [])
+    batches = fit_positions(list(batches or []), max_positions(model))
     if metric in ("block_influence", "angular_distance", "calibration_loss", "taylor") and not batches:
         raise UsageError(f"metric {metric!r} needs calibration batches; none were given")
 

@@ -412,3 +412,19 @@ def original_layers(name: str, trust_remote_code: bool = False) -> list[int]:
         raise UsageError(f"model {name!r} records {len(recorded)} original layer indices for {depth} layers; "
                          "its config.json is inconsistent")
     return [int(i) for i in recorded]
+
+
+def model_positions(name: str, trust_remote_code: bool = False) -> int | None:
+    """The model's position limit (`generation.max_positions`) read from its config alone, so training examples
+    can be sized to it before any load; None when the config names none."""
+    from gradual.generation import max_positions
+
+    if name.startswith(TINY_PREFIX):
+        return max_positions(tiny_config(*parse_tiny(name)))
+    if name == SMOLLM2_ALIAS and not _is_complete(cache_dir() / "models" / f"{SMOLLM2_ALIAS}-{_smollm2_gguf()[1]}"):
+        from gguf import GGUFReader
+
+        field = GGUFReader(_smollm2_gguf()[0]).fields["llama.context_length"]
+        return int(field.parts[field.data[0]][0])
+    return max_positions(_from_pretrained(AutoConfig.from_pretrained, name, _check_source(name),
+                                          trust_remote_code=trust_remote_code))

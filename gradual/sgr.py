@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradual.errors import UsageError
-from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, generate, response_prompt
+from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, encode_prompt, generate, response_prompt
 from gradual.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -473,7 +473,7 @@ class _VLLMBackend:
         self.llm = vllm.LLM(model=resolve_model(model_id), **{"seed": seed, **vllm_args})
 
     def __call__(self, inputs: list[str], decoding: DecodingConfig, on_batch: OnBatch | None) -> list[list[str]]:
-        prompts = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]} for p in inputs]
+        prompts = [{"prompt_token_ids": encode_prompt(self.tokenizer, p)} for p in inputs]
         outputs = self.llm.generate(prompts, self.vllm.SamplingParams(**vllm_sampling_kwargs(decoding)))
         return [[o.text for o in out.outputs] for out in outputs]
 

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import gradual.sgr as sgr
 from gradual.data import tokenize_pair
 from gradual.errors import UsageError
-from gradual.generation import DecodingConfig, format_prompt, generate, response_prompt
+from gradual.generation import DecodingConfig, encode_prompt, format_prompt, generate, response_prompt
 from gradual.models import tiny_model, tiny_tokenizer
 from gradual.sgr import (
     PromptItem,
@@ -133,7 +133,7 @@ def test_teacher_sees_chat_formatted_prompts_and_pairs_keep_raw_prompt(model, to
         ids = tokenize_pair(tok, ITEMS[1].prompt, "answer", "Be brief.", chat=chat)
         prompt_ids = [i for i, label in zip(ids["input_ids"], ids["labels"], strict=True) if label == -100]
         teacher = response_prompt(tok, ITEMS[1].prompt, "Be brief.", chat)
-        assert prompt_ids == tok(teacher, add_special_tokens=False)["input_ids"]
+        assert prompt_ids == encode_prompt(tok, teacher)
     assert [p["prompt"] for p in pairs] == [it.prompt for it in ITEMS[:3]]
     spy.prompts.clear()
     build_pairs(model, tok, cfg_for(chat=False), items=ITEMS[:3], progress=False)

@@ -291,12 +291,14 @@ def test_results_table():
     from gradual.tasks import TaskResult
 
     table = format_results_table({"successor": TaskResult("successor", "generative", 0.5, 4,
-                                                          {"correct": 2, "wrong_value": 1, "no_answer": 1}, "fewshot"),
+                                                          {"correct": 2, "wrong_value": 1, "no_answer": 1}, "fewshot",
+                                                          truncated=3),
                                   "mc_successor": TaskResult("mc_successor", "classification", 0.75, 4,
                                                              {"correct": 3, "wrong_choice": 1}, "fewshot")})
     lines = table.splitlines()
-    assert lines[0].startswith("| task |") and len(lines) == 4
-    assert "| successor | generative | fewshot | 4 | 0.500 | 0.250 | wrong_value 1, no_answer 1 |" in lines
+    assert lines[0].startswith("| task |") and lines[0].endswith("| truncated |") and len(lines) == 4
+    assert "| successor | generative | fewshot | 4 | 0.500 | 0.250 | wrong_value 1, no_answer 1 | 3 |" in lines
+    assert lines[-1].endswith("| wrong_choice 1 | 0 |")
 
 
 # --- lm-eval bridge -------------------------------------------------------------------------------------------------

@@ -131,8 +131,9 @@ def evaluate_humaneval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     problems = list(problems) if problems is not None else load_humaneval()
     problems = problems[:n]
     config = DecodingConfig(do_sample=False, max_new_tokens=max_new_tokens, stop=CODE_STOP)
-    completions = [c[0] for c in generate(model, tokenizer, [p["prompt"] for p in problems], config,
-                                          batch_size=batch_size, progress=progress, desc="humaneval")]
+    outputs = generate(model, tokenizer, [p["prompt"] for p in problems], config, batch_size=batch_size,
+                       progress=progress, desc="humaneval")
+    completions = [c[0] for c in outputs]
     passed = MeanMetric(sync_on_compute=False)  # local: under DDP only rank 0 evaluates
     failures = dict.fromkeys(CODE_FAILURES, 0)
     items = []
@@ -144,4 +145,4 @@ def evaluate_humaneval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
             items.append(dict(task_id=p.get("task_id", ""), completion=completion, failure=result.category,
                               stderr=result.stderr[-500:]))
     return TaskResult("humaneval", "generative", float(passed.compute()), len(problems), failures, "completion",
-                      items if records else None)
+                      items if records else None, sum(outputs.truncated))

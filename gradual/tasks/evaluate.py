@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradual.errors import UsageError
-from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, format_prompt, generate
+from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, format_prompt, generate, prompt_room
 from gradual.tasks.base import Problem, Task, fewshot_examples
 from gradual.tasks.builtin import get_task
 from gradual.tasks.extract import FAILURES, classify_failure, extract_answer
@@ -54,31 +54,37 @@ def answer_text(reply: str, fmt: str) -> str:
     return reply
 
 
+def token_budget(task: Task, fmt: str, max_new_tokens: int | None) -> int:
+    """New tokens a reply may take: `max_new_tokens`, else the task's own budget for the format."""
+    return max_new_tokens or (task.fewshot_tokens if fmt == "fewshot" else task.chat_tokens)
+
+
 def evaluate_generative(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
                         problems: Sequence[Problem], fmt: str = "fewshot", batch_size: int = 16,
                         max_new_tokens: int | None = None, progress: bool = True, records: bool = False,
                         shots: int = 5) -> TaskResult:
     """Greedy batched generation, answer extraction and failure analysis over `problems`."""
     prompts = [build_prompt(task, p, tokenizer, fmt, shots) for p in problems]
-    budget = max_new_tokens or (task.fewshot_tokens if fmt == "fewshot" else task.chat_tokens)
+    budget = token_budget(task, fmt, max_new_tokens)
     # a few-shot answer is the reply's first non-blank line (`answer_text`): decoding stops when that line ends
     config = DecodingConfig(do_sample=False, max_new_tokens=budget, stop=FEWSHOT_STOP if fmt == "fewshot" else [],
                             stop_at_line_end=fmt == "fewshot")
-    replies = [r[0] for r in generate(model, tokenizer, prompts, config, batch_size=batch_size, progress=progress,
-                                      desc=task.name)]
+    outputs = generate(model, tokenizer, prompts, config, batch_size=batch_size, progress=progress, desc=task.name)
+    replies = [r[0] for r in outputs]
     accuracy = MeanMetric(sync_on_compute=False)  # local: under DDP only rank 0 evaluates
     failures = dict.fromkeys(FAILURES, 0)
     items = []
-    for p, reply in zip(problems, replies, strict=True):
+    for p, reply, cut in zip(problems, replies, outputs.truncated, strict=True):
         text = answer_text(reply, fmt)
         category = classify_failure(task.kind, text, p.answer, task.labels, p.brackets)
         failures[category] += 1
         accuracy.update(torch.tensor(float(category == "correct")))
         if records:
             items.append(dict(question=p.question, answer=p.answer, reply=reply,
-                              extracted=extract_answer(task.kind, text, task.labels), failure=category))
+                              extracted=extract_answer(task.kind, text, task.labels), failure=category,
+                              truncated=cut))
     return TaskResult(task.name, "generative", float(accuracy.compute()), len(problems), failures, fmt,
-                      items if records else None)
+                      items if records else None, sum(outputs.truncated))
 
 
 def evaluate_classification(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
@@ -96,9 +102,11 @@ def evaluate_classification(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     width = max(len(p.choices) for p in problems)
     scores = torch.full((len(problems), width), -math.inf)
     fill = [0] * len(problems)
-    for k, s in zip(owner, flat, strict=True):
+    cut = [False] * len(problems)
+    for k, s, t in zip(owner, flat, flat.truncated, strict=True):
         scores[k, fill[k]] = s
         fill[k] += 1
+        cut[k] |= t
     target = torch.tensor([p.label for p in problems])
     metric = MulticlassAccuracy(num_classes=width, average="micro", sync_on_compute=False)
     metric.update(scores, target)
@@ -107,10 +115,10 @@ def evaluate_classification(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     items = None
     if records:
         items = [dict(question=p.question, answer=p.answer, choices=list(p.choices), label=p.label,
-                      logprobs=scores[k, :len(p.choices)].tolist(), predicted=int(pred[k]))
+                      logprobs=scores[k, :len(p.choices)].tolist(), predicted=int(pred[k]), truncated=cut[k])
                  for k, p in enumerate(problems)]
     return TaskResult(f"mc_{task.name}", "classification", float(metric.compute()), len(problems),
-                      {"correct": correct, "wrong_choice": len(problems) - correct}, fmt, items)
+                      {"correct": correct, "wrong_choice": len(problems) - correct}, fmt, items, sum(cut))
 
 
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], n: int = 100,
@@ -122,7 +130,9 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: 
     Returns `{<task>: generative result, mc_<task>: classification result}` for the requested forms. Code tasks
     (`humaneval`) run model-written code in a sandbox and need `enable_code=True`. `max_new_tokens=None` uses each
     task's own budget (short for few-shot answers, longer for chat replies that reason first); `shots` is the number
-    of worked examples in the few-shot format.
+    of worked examples in the few-shot format. A prompt longer than the model's positions (less the reply's budget)
+    keeps its last tokens and is counted in its result's `truncated`; a budget the positions cannot hold is refused
+    before any work.
     """
     bad_forms = [f for f in forms if f not in FORMS]
     if bad_forms or not forms:
@@ -134,6 +144,10 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: 
                          "shots >= 0")
     code = [t for t in tasks if t in CODE_TASKS]
     builtin = [get_task(t) for t in tasks if t not in CODE_TASKS]
+    code_tokens = max_new_tokens or 256
+    budgets = [token_budget(t, fmt, max_new_tokens) for t in builtin if "generative" in forms]
+    for budget in budgets + [code_tokens] * bool(code and enable_code):  # without enable_code, humaneval refuses
+        prompt_room(model, budget, "max_new_tokens")  # refuse a budget the model cannot hold before any work
     results: dict[str, TaskResult] = {}
     for task in tqdm(builtin, desc="tasks", disable=not progress, leave=False):
         problems = task.problems("eval", n, seed)
@@ -148,6 +162,6 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: 
         from gradual.tasks.code import evaluate_humaneval
 
         results["humaneval"] = evaluate_humaneval(model, tokenizer, n=n, enable_code=enable_code,
-                                                  batch_size=batch_size, max_new_tokens=max_new_tokens or 256,
+                                                  batch_size=batch_size, max_new_tokens=code_tokens,
                                                   progress=progress, records=records)
     return results

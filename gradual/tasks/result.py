@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class TaskResult:
-    """One score with its sample size, failure counts and (optionally) per-item records."""
+    """One score with its sample size, failure counts, (optionally) per-item records, and `truncated`: how many
+    prompts were cut from the left to fit the model's positions (a score over cut prompts reads low)."""
 
     task: str
     form: str
@@ -17,6 +18,7 @@ class TaskResult:
     failures: dict[str, int] = field(default_factory=dict)
     fmt: str = ""
     records: list[dict] | None = None
+    truncated: int = 0
 
     @property
     def stderr(self) -> float:
@@ -32,9 +34,11 @@ class TaskResult:
 
 
 def format_results_table(results: dict[str, TaskResult]) -> str:
-    """A Markdown table of results: key, form, format, n, score +- stderr, non-zero failure counts."""
-    lines = ["| task | form | format | n | score | ± | failures |", "|---|---|---|---|---|---|---|"]
+    """A Markdown table of results: key, form, format, n, score +- stderr, non-zero failure counts, truncated
+    prompts."""
+    lines = ["| task | form | format | n | score | ± | failures | truncated |", "|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         fails = ", ".join(f"{k} {v}" for k, v in r.failures.items() if v and k != "correct")
-        lines.append(f"| {key} | {r.form} | {r.fmt or '-'} | {r.n} | {r.score:.3f} | {r.stderr:.3f} | {fails or '-'} |")
+        lines.append(f"| {key} | {r.form} | {r.fmt or '-'} | {r.n} | {r.score:.3f} | {r.stderr:.3f} | {fails or '-'} "
+                     f"| {r.truncated} |")
     return "\n".join(lines)

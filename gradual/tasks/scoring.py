@@ -8,18 +8,24 @@ Two equivalent paths (tested to agree):
   examples for every choice. The split is made on token ids, never on strings, so no tokenization changes.
 - batched: pairs sorted by length and right-padded (positions start at 0 in every row, no position ids needed).
 Both compute logits only where continuation tokens are predicted (`logits_to_keep`), which keeps memory small for
-a 50k-token vocabulary.
+a 50k-token vocabulary. Contexts are encoded by `encode_prompt` (the model's BOS once), continuations without special
+tokens; a context too long for the model's positions keeps its last tokens, as lm-eval truncates.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from gradual.errors import UsageError
+from gradual.generation import PromptOutputs, encode_prompt, max_positions, truncate_left
 from gradual.kvcache import prefill
+
+log = logging.getLogger(__name__)
 
 
 def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -27,10 +33,10 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
 
     Encoding the joined string and splitting after the context's tokens keeps merges across the boundary (a leading
     space belongs to the continuation's first token); if the context's tokens are not a prefix of the joint
-    encoding, the continuation is encoded on its own.
+    encoding, the continuation is encoded on its own. The context starts as every prompt does (`encode_prompt`).
     """
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = encode_prompt(tokenizer, context)
+    whole = encode_prompt(tokenizer, context + continuation)
     if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
         return ctx, whole[len(ctx):]
     return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
@@ -39,19 +45,33 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
 @torch.inference_mode()
 def continuation_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                           pairs: Sequence[tuple[str, str]], batch_size: int = 16, progress: bool = True,
-                          desc: str = "score", prefix_cache: bool = True) -> list[float]:
-    """Summed log-probability of each continuation given its context, in the caller's order."""
-    encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
-    for (ctx, cont), (c, x) in zip(encoded, pairs, strict=True):
+                          desc: str = "score", prefix_cache: bool = True) -> PromptOutputs:
+    """Summed log-probability of each continuation given its context, in the caller's order.
+
+    A context whose pair does not fit the model's positions keeps its last tokens (the model sees at most the
+    positions: the context and all but the last continuation token); `truncated` marks those pairs. A continuation
+    longer than the positions is refused."""
+    limit = max_positions(model)
+    encoded, truncated = [], []
+    for c, x in pairs:
+        ctx, cont = encode_pair(tokenizer, c, x)
         if not ctx or not cont:
             raise ValueError(f"context {c[-40:]!r} and continuation {x!r} must both encode to at least one token")
+        if limit is not None and len(cont) > limit:
+            raise UsageError(f"continuation {x[:40]!r} has {len(cont)} tokens, more than the model's {limit} "
+                             "positions")
+        ctx, cut = truncate_left(ctx, None if limit is None else limit + 1 - len(cont))
+        encoded.append((ctx, cont))
+        truncated.append(cut)
+    if any(truncated):
+        log.warning("%d of %d contexts do not fit the model's %d positions with their continuation; kept their last "
+                    "tokens", sum(truncated), len(pairs), limit)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     try:
-        if prefix_cache:
-            return _cached(model, encoded, pad_id, batch_size, progress, desc)
-        return _batched(model, encoded, pad_id, batch_size, progress, desc)
+        scores = (_cached if prefix_cache else _batched)(model, encoded, pad_id, batch_size, progress, desc)
+        return PromptOutputs(scores, truncated)
     finally:
         model.train(was_training)
 
@@ -106,7 +126,7 @@ def _batched(model: PreTrainedModel, encoded: list[tuple[list[int], list[int]]],
     try:
         for lo in range(0, len(order), batch_size):
             idx = order[lo:lo + batch_size]
-            rows = [encoded[i][0] + encoded[i][1] for i in idx]
+            rows = [encoded[i][0] + encoded[i][1][:-1] for i in idx]  # the last token predicts nothing needed
             width = max(len(r) for r in rows)
             ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -114,8 +134,7 @@ def _batched(model: PreTrainedModel, encoded: list[tuple[list[int], list[int]]],
                 ids[r, :len(row)] = torch.tensor(row)
                 mask[r, :len(row)] = 1
             first = min(len(encoded[i][0]) for i in idx) - 1  # position predicting the earliest continuation token
-            last = max(len(r) for r in rows) - 1
-            keep = torch.arange(first, last, device=device)
+            keep = torch.arange(first, width, device=device)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits
             logp = torch.log_softmax(logits.float(), dim=-1)
             for r, i in enumerate(idx):
