@@ -46,6 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from gradual.errors import UsageError
 from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, generate, response_prompt
 from gradual.jsonl import read_jsonl
+from gradual.tasks.builtin import check_difficulty
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,9 @@ class PromptItem:
 class SGRConfig:
     """Where the recovery prompts come from, how the teacher answers them, and which responses to train on.
 
-    source: "tasks" (built-in tasks' training split; `tasks` empty = every built-in task), "file" (`path` to a
-    .jsonl/.json/.csv with `prompt_field`), or "hf" (`path` = dataset name, `hf_config`, `hf_split`).
+    source: "tasks" (built-in tasks' training split at `difficulty`, "small" or "large" like the evaluation's
+    `TaskEvaluation.difficulty`; `tasks` empty = every built-in task), "file" (`path` to a .jsonl/.json/.csv with
+    `prompt_field`), or "hf" (`path` = dataset name, `hf_config`, `hf_split`).
     responses: "sgr" (teacher answers, the paper's recipe), "dataset" (the source's own answers: a task's
     reference answer, or `response_field` of a file/dataset), "sgr_filtered" (teacher answers the task's scorer
     accepts; tasks only). `eval_n`/`eval_seed` name the evaluation split the training prompts must not overlap.
@@ -82,6 +84,7 @@ class SGRConfig:
 
     source: str = "tasks"
     tasks: list[str] = field(default_factory=list)
+    difficulty: str = "small"
     n_per_task: int = 200
     seed: int = 0
     eval_n: int = 500
@@ -111,6 +114,7 @@ class SGRConfig:
         for name in ("n_per_task", "eval_n", "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"sgr {name}={getattr(self, name)} is invalid; it must be >= 1")
+        check_difficulty(self.difficulty)
         if self.max_prompts is not None and self.max_prompts < 1:
             raise UsageError(f"sgr max_prompts={self.max_prompts} is invalid; it must be >= 1 or null")
         if self.source in ("file", "hf") and not self.path:
@@ -160,7 +164,7 @@ def _task_prompts(cfg: SGRConfig) -> list[PromptItem]:
 
     items: list[PromptItem] = []
     for name in task_names(cfg.tasks or None):
-        task = get_task(name)
+        task = get_task(name, cfg.difficulty)
         train = task.problems("train", cfg.n_per_task, cfg.seed)
         shared = {p.question for p in train} & {p.question for p in task.problems("eval", cfg.eval_n, cfg.eval_seed)}
         if shared:
