@@ -9,16 +9,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import gradual.datamodule
 from gradual.cli import main
+from gradual.data import tokenize_pair
 from gradual.lightning_cli import GradualCLI
 from gradual.models import load_model
+from gradual.sgr import build_pairs, weights_digest
 from gradual.surgery import remove_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,3 +238,89 @@ def test_gradient_accumulation_trains_steps_times_accumulation_batches(tmp_path:
     cli = fit_in_process(config)
     assert cli.trainer.global_step == 2
     assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4
+
+
+class _StageRecorder(Callback):
+    """Per stage: the examples trained on (padding stripped) and the digest of the model the stage left (merged)."""
+
+    def __init__(self) -> None:
+        self.trained: dict[int, set[tuple[int, ...]]] = {}
+        self.left: dict[int, str] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.left.setdefault(pl_module.stage, weights_digest(pl_module.model))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        rows = self.trained.setdefault(pl_module.stage, set())
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+            rows.add(tuple(ids[: int(mask.sum())].tolist()))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.left[pl_module.stage] = weights_digest(pl_module.model)
+
+
+def fit_recording_teachers(config: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[_StageRecorder,
+                                                                                    list[tuple[str, set]]]:
+    """Fit in process; record every set of recovery pairs the data module builds, keyed by its teacher's digest
+    (the real `build_pairs`, wrapped), as the tokenised examples a stage would train on."""
+    produced: list[tuple[str, set[tuple[int, ...]]]] = []
+
+    def recording(model: torch.nn.Module, tokenizer: Any, cfg: Any, **kwargs: Any) -> list[dict[str, str]]:
+        pairs = build_pairs(model, tokenizer, cfg, **kwargs)
+        examples = {tuple(tokenize_pair(tokenizer, p["prompt"], p["response"], cfg.system_prompt, 384,
+                                        cfg.chat)["input_ids"]) for p in pairs}
+        produced.append((weights_digest(model), examples))
+        return pairs
+
+    monkeypatch.setattr(gradual.datamodule, "build_pairs", recording)
+    recorder = _StageRecorder()
+    cli = GradualCLI(args=["--config", str(config)], run=False)
+    cli.trainer.callbacks.append(recorder)
+    cli.model.check_run_dir()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return recorder, produced
+
+
+def test_teacher_previous_trains_stage_k_on_answers_of_stage_k_minus_1(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning builds a stage's loader before the stage starts; the answers must already be those of the model the
+    last stage left (merged), not of the one before it. A run resumed after stage 1 gets the same stage 2."""
+    config, run_dir = write_config(tmp_path, data__sgr__teacher="previous", data__sgr__cache_dir=str(tmp_path / "sgr"),
+                                   trainer__callbacks__3__init_args__keep="all")
+    recorder, produced = fit_recording_teachers(config, monkeypatch)
+    assert sorted(recorder.trained) == [1, 2, 3]
+    teachers = [digest for digest, _ in produced]
+    assert teachers == [recorder.left[0], recorder.left[1], recorder.left[2]], "original, then each stage's result"
+    answers = [examples for _, examples in produced]
+    for k in (1, 2, 3):
+        assert recorder.trained[k] <= answers[k - 1], f"stage {k} trained on answers of another model"
+        if k > 1:
+            assert not recorder.trained[k] <= answers[k - 2], f"stage {k} trained on stage {k - 2}'s answers"
+
+    state = json.loads((run_dir / "state.json").read_text())
+    (run_dir / "state.json").write_text(json.dumps({**state, "resume_from": "stage_1", "finished": False}))
+    resumed, produced = fit_recording_teachers(config, monkeypatch)
+    assert sorted(resumed.trained) == [2, 3]
+    assert produced[1][0] == recorder.left[1], "on resume, the answers come from the saved stage 1"
+    assert resumed.trained[2] == recorder.trained[2]
+
+
+@pytest.mark.parametrize(("model_dtype", "data_dtype", "expected"), [
+    ("bfloat16", None, "bfloat16"), ("float16", "float32", "float32"), ("float32", None, "float32")])
+def test_teacher_dtype_follows_the_model_unless_set(model_dtype: str, data_dtype: str | None, expected: str,
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 run must not generate its SGR answers in float32; an explicit `data.dtype` still wins."""
+    changes: dict[str, object] = {"model__dtype": model_dtype, "data__sgr__cache_dir": str(tmp_path / "sgr")}
+    if data_dtype is not None:
+        changes["data__dtype"] = data_dtype
+    config, _ = write_config(tmp_path, **changes)
+    cli = GradualCLI(args=["--config", str(config)], run=False)
+    assert cli.datamodule.dtype_name == expected
+    loaded: list[torch.dtype] = []
+    real = gradual.datamodule.models.load_model
+    monkeypatch.setattr(gradual.datamodule.models, "load_model",
+                        lambda *a, **k: loaded.append((model := real(*a, **k)).dtype) or model)
+    cli.datamodule.setup("fit")
+    assert loaded == [getattr(torch, expected)], "the teacher that answered was loaded in that dtype"
+
