@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -324,3 +326,34 @@ def test_teacher_dtype_follows_the_model_unless_set(model_dtype: str, data_dtype
     cli.datamodule.setup("fit")
     assert loaded == [getattr(torch, expected)], "the teacher that answered was loaded in that dtype"
 
+
+GPU_CONFIGS = [ROOT / "configs" / f"{name}.yaml" for name in
+               ("llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "mistral-7b-instruct")]
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda path: path.stem)
+def test_gpu_configs_parse_with_a_long_ddp_timeout_and_large_tasks(config: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`--print_config` parses everything and loads no model, so the paper-scale configs are checked on a CPU."""
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    strategy = printed["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.DDPStrategy"
+    hours, minutes, seconds = map(int, strategy["init_args"]["timeout"].split(":"))
+    assert timedelta(hours=hours, minutes=minutes, seconds=seconds) >= timedelta(hours=2), "default 30 min is short"
+    evaluations = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("TaskEvaluation")]
+    assert [c["init_args"]["difficulty"] for c in evaluations] == ["large"]
+    assert printed["data"]["sgr"]["difficulty"] == "large"
+    assert printed["model"]["dtype"] == "bfloat16" and printed["data"]["dtype"] is None, "the teacher follows bf16"
+
+
+def test_ddp_timeout_from_yaml_reaches_the_strategy(tmp_path: Path) -> None:
+    """The GPU configs' strategy block, on the CPU smoke run: jsonargparse turns "4:00:00" into the timedelta DDP
+    passes to `init_process_group`."""
+    strategy = yaml.safe_load(GPU_CONFIGS[0].read_text())["trainer"]["strategy"]
+    config, _ = write_config(tmp_path, trainer__strategy=strategy)
+    cli = GradualCLI(args=["--config", str(config)], run=False)
+    assert isinstance(cli.trainer.strategy, DDPStrategy)
+    assert cli.trainer.strategy._timeout == timedelta(hours=4)
