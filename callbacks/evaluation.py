@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from gradual.errors import UsageError
 from gradual.tasks import CODE_TASKS, TASKS, evaluate
+from gradual.tasks.builtin import check_difficulty
 from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
 
 
@@ -62,6 +63,9 @@ class TaskEvaluation(_Evaluation):
         batch_size: generation / scoring batch size.
         max_new_tokens: generation budget per answer (None: each task's own budget).
         seed: problem seed (the evaluation split).
+        difficulty: problem sizes, `small` (one-digit arithmetic, short lists: sized for ~100M models) or `large`
+            (multi-digit arithmetic, long lists and bracket sequences: sized for 7-8B models, which score near 100%
+            on `small`). Recovery prompts from the tasks (`data.sgr.difficulty`) should use the same.
         enable_code: allow `humaneval` (needs `pip install gradual[code]`): model-written code then runs in a
             sandboxed subprocess with time and memory limits. Off by default.
         progress: progress bars per task and form (off for batch jobs whose logs should stay readable).
@@ -71,7 +75,7 @@ class TaskEvaluation(_Evaluation):
 
     def __init__(self, tasks: list[str], n: int = 100, forms: list[str] | None = None, fmt: str = "fewshot",
                  batch_size: int = 32, max_new_tokens: int | None = None, seed: int = 0,
-                 enable_code: bool = False, progress: bool = True) -> None:
+                 enable_code: bool = False, progress: bool = True, difficulty: str = "small") -> None:
         unknown = [t for t in tasks if t not in TASKS and t not in CODE_TASKS]
         if unknown:
             raise UsageError(f"unknown task(s) {', '.join(map(repr, unknown))}; allowed: "
@@ -86,6 +90,7 @@ class TaskEvaluation(_Evaluation):
             raise UsageError(f"fmt={fmt!r} is unknown; allowed: fewshot, chat")
         if n < 1:
             raise UsageError(f"n={n} is invalid; it must be >= 1")
+        self.difficulty = check_difficulty(difficulty)
         self.tasks, self.n, self.fmt = list(tasks), n, fmt
         self.batch_size, self.max_new_tokens, self.seed = batch_size, max_new_tokens, seed
         self.enable_code, self.progress = enable_code, progress
@@ -105,7 +110,7 @@ class TaskEvaluation(_Evaluation):
     def results(self, pl_module: L.LightningModule) -> dict[str, dict[str, Any]]:
         out = evaluate(pl_module.model, pl_module.tokenizer, self.tasks, n=self.n, forms=tuple(self.forms),
                        fmt=self.fmt, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, seed=self.seed,
-                       enable_code=self.enable_code, progress=self.progress)
+                       enable_code=self.enable_code, progress=self.progress, difficulty=self.difficulty)
         return {key: {"score": r.score, "form": r.form, "n": r.n, "failures": dict(r.failures),
                       "truncated": r.truncated} for key, r in out.items()}
 

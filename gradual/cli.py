@@ -71,6 +71,7 @@ def eval_command(argv: Sequence[str]) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own budget")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--difficulty", default="small", help="built-in task sizes: small (~100M models) or large (7-8B)")
     p.add_argument("--enable-code", action="store_true", help="allow humaneval (runs model code in a sandbox)")
     p.add_argument("--lm-eval-tasks", type=_split, default=[], help="comma-separated lm-eval task names")
     p.add_argument("--include-path", default=None, help="directory of local lm-eval YAML tasks")
@@ -81,6 +82,7 @@ def eval_command(argv: Sequence[str]) -> int:
     from gradual.errors import UsageError
     from gradual.models import load_model, load_tokenizer
     from gradual.tasks import evaluate, format_results_table
+    from gradual.tasks.builtin import check_difficulty
     from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
 
     if not args.tasks and not args.lm_eval_tasks:
@@ -93,6 +95,7 @@ def eval_command(argv: Sequence[str]) -> int:
         raise UsageError("task 'humaneval' runs model-written code; add --enable-code to allow it")
     if args.fmt not in ("fewshot", "chat"):
         raise UsageError(f"--fmt {args.fmt!r} is unknown; allowed: fewshot, chat")
+    check_difficulty(args.difficulty)
     if args.include_path and not os.path.isdir(args.include_path):
         raise UsageError(f"--include-path {args.include_path!r} is not a directory")
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -101,7 +104,7 @@ def eval_command(argv: Sequence[str]) -> int:
     if args.tasks:
         results.update(evaluate(model, tokenizer, args.tasks, n=args.n, forms=tuple(args.forms), fmt=args.fmt,
                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                enable_code=args.enable_code))
+                                enable_code=args.enable_code, difficulty=args.difficulty))
     if args.lm_eval_tasks:
         results.update(evaluate_lm_eval(model, tokenizer, args.lm_eval_tasks, limit=args.limit,
                                         include_path=args.include_path, batch_size=args.batch_size))

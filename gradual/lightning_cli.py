@@ -13,7 +13,8 @@ from gradual.module import GradualModule
 
 
 class GradualCLI(LightningCLI):
-    """LightningCLI with the links the loop needs: the data follows the model's name and seed."""
+    """LightningCLI with the links the loop needs: the data follows the model's name and seed, and its teacher dtype
+    follows the model's dtype unless `data.dtype` is set."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -49,8 +50,11 @@ class GradualCLI(LightningCLI):
             {"seed_everything": config.get("seed_everything"), "data": data, "callbacks": callbacks}, default=str))
 
     def before_instantiate_classes(self) -> None:
-        """CSV logs in the run directory unless a logger is configured (TensorBoard, W&B, ...)."""
+        """CSV logs in the run directory unless a logger is configured (TensorBoard, W&B, ...); the SGR teacher in the
+        model's dtype unless `data.dtype` is set (a bf16 run would otherwise generate in float32)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.data.dtype is None:
+            config.data.dtype = config.model.dtype
         if config.trainer.logger in (None, True):
             config.trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                      "init_args": {"save_dir": config.model.run_dir, "name": "logs"}}

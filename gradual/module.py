@@ -354,9 +354,6 @@ class GradualModule(L.LightningModule):
         L.seed_everything(self.seed + stage, verbose=False)
         self._stage_start = time.perf_counter()
         self._losses = []
-        dm = self.trainer.datamodule
-        if stage > 1 and getattr(getattr(dm, "sgr", None), "teacher", None) == "previous":
-            dm.regenerate(self.model, f"{self.model_name}@stage_{stage - 1}")
         t = time.perf_counter()
         chosen, scores = self.choose_layers(k)
         t_score = time.perf_counter() - t

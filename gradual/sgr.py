@@ -11,7 +11,10 @@ The seed paper heals a pruned model by finetuning it on what the *unpruned* mode
   (`gradual.generation.generate`) or through vLLM when asked;
 - answers are cached as JSONL under `<cache_dir>/<fingerprint>.jsonl`, one record per prompt flushed as soon as
   its batch finishes, so an interrupted run resumes where it stopped and later stages reuse the original model's
-  answers without generating again;
+  answers without generating again. The fingerprint covers everything that changes the answers: the teacher (its
+  weights, or with vLLM the files it loads), the formatted prompts, what ends an answer (end and pad ids: chat models
+  gain end-of-turn ids in `generation_config` without any weight change), chat template, system prompt, decoding,
+  backend and its arguments;
 - for comparisons the dataset's own answers ("dataset SFT") or only the teacher answers the task scorer accepts
   ("sgr_filtered") can be used instead.
 
@@ -20,7 +23,9 @@ training time, so training and generation see the same conversation.
 
 Teacher choice (`SGRConfig.teacher`) is read by the pruning loop, not here: `build_pairs` answers with whatever
 model it is given. "original" means the loop passes the unpruned model (the same cache file serves every stage);
-"previous" means it passes the healed model of the previous stage *before* this stage removes a layer.
+"previous" means it passes the healed model of the previous stage *before* this stage removes a layer. With
+`backend: vllm` the teacher is what vLLM loads from disk (`model_id`: a folder, or a hub id pinned to one commit); no
+model needs to be in memory.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import logging
 import os
 import random
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -41,11 +47,12 @@ from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from gradual.errors import UsageError
-from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, encode_prompt, generate, response_prompt
+from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, encode_prompt, end_ids, generate, response_prompt
 from gradual.jsonl import read_jsonl
+from gradual.tasks.builtin import check_difficulty
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +61,9 @@ RESPONSES = ("sgr", "dataset", "sgr_filtered")
 BACKENDS = ("transformers", "vllm")
 TEACHERS = ("original", "previous")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv")
-CACHE_VERSION = 2  # 2: per-(prompt, sample) sampling generators, independent of batch size
+CACHE_VERSION = 4  # 2: per-(prompt, sample) sampling generators; 3: end/pad ids, template, backend args in
+# the key; 4: prompts encoded with the tokenizer's BOS (generation.encode_prompt)
+NOT_MODEL_FILES = ("metrics.json", "gradual.json")  # gradual's bookkeeping next to a saved model; vLLM ignores them
 T = TypeVar("T")
 
 
@@ -71,17 +80,20 @@ class PromptItem:
 class SGRConfig:
     """Where the recovery prompts come from, how the teacher answers them, and which responses to train on.
 
-    source: "tasks" (built-in tasks' training split; `tasks` empty = every built-in task), "file" (`path` to a
-    .jsonl/.json/.csv with `prompt_field`), or "hf" (`path` = dataset name, `hf_config`, `hf_split`).
+    source: "tasks" (built-in tasks' training split at `difficulty`, "small" or "large" like the evaluation's
+    `TaskEvaluation.difficulty`; `tasks` empty = every built-in task), "file" (`path` to a .jsonl/.json/.csv with
+    `prompt_field`), or "hf" (`path` = dataset name, `hf_config`, `hf_split`).
     responses: "sgr" (teacher answers, the paper's recipe), "dataset" (the source's own answers: a task's
     reference answer, or `response_field` of a file/dataset), "sgr_filtered" (teacher answers the task's scorer
     accepts; tasks only). `eval_n`/`eval_seed` name the evaluation split the training prompts must not overlap.
     `max_prompts` caps a file/hf source (a seeded random subset). `cache_dir` None disables the cache.
-    `chunk_size` prompts are generated (and, under DDP, gathered) at a time. `vllm_args` go to `vllm.LLM`.
+    `chunk_size` prompts are generated (and, under DDP, gathered) at a time. backend "vllm" loads the teacher from
+    disk (single process, no in-memory model needed); `vllm_args` go to `vllm.LLM` and are part of the cache key.
     """
 
     source: str = "tasks"
     tasks: list[str] = field(default_factory=list)
+    difficulty: str = "small"
     n_per_task: int = 200
     seed: int = 0
     eval_n: int = 500
@@ -111,6 +123,7 @@ class SGRConfig:
         for name in ("n_per_task", "eval_n", "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"sgr {name}={getattr(self, name)} is invalid; it must be >= 1")
+        check_difficulty(self.difficulty)
         if self.max_prompts is not None and self.max_prompts < 1:
             raise UsageError(f"sgr max_prompts={self.max_prompts} is invalid; it must be >= 1 or null")
         if self.source in ("file", "hf") and not self.path:
@@ -160,7 +173,7 @@ def _task_prompts(cfg: SGRConfig) -> list[PromptItem]:
 
     items: list[PromptItem] = []
     for name in task_names(cfg.tasks or None):
-        task = get_task(name)
+        task = get_task(name, cfg.difficulty)
         train = task.problems("train", cfg.n_per_task, cfg.seed)
         shared = {p.question for p in train} & {p.question for p in task.problems("eval", cfg.eval_n, cfg.eval_seed)}
         if shared:
@@ -297,17 +310,119 @@ def decoding_key(decoding: DecodingConfig) -> dict[str, Any]:
     return key
 
 
-def fingerprint(identity: str, inputs: Sequence[str], decoding: DecodingConfig,
-                backend: str = "transformers") -> str:
-    """Cache key: model identity, the exact model inputs (formatted prompts: covers chat template and system
-    prompt), decoding settings and backend. Batch and chunk sizes are left out: the batch size changes no draw (one
+def generation_key(tokenizer: PreTrainedTokenizerBase, stop_ids: set[int], cfg: SGRConfig) -> dict[str, Any]:
+    """Everything besides the teacher and the prompt texts that changes its answers.
+
+    What ends an answer: `stop_ids` (the generation config's EOS ids and the tokenizer's EOS and pad, see
+    `generation.end_ids`), the pad id; how a prompt is formatted: chat switch, chat template, system prompt (the
+    formatted inputs show them too, but a template or prompt could change without changing them); decoding; backend
+    and, for vLLM, its engine arguments. Batch and chunk sizes are left out: the batch size changes no draw (one
     generator per prompt), the chunk size only picks other draws (each chunk has its own seed)."""
+    return {"end_ids": sorted(stop_ids), "pad_id": tokenizer.pad_token_id, "eos_id": tokenizer.eos_token_id,
+            "chat": cfg.chat, "chat_template": getattr(tokenizer, "chat_template", None),
+            "system_prompt": cfg.system_prompt, "decoding": decoding_key(cfg.decoding), "backend": cfg.backend,
+            "vllm_args": cfg.vllm_args if cfg.backend == "vllm" else None}
+
+
+def fingerprint(identity: str, inputs: Sequence[str], settings: dict[str, Any]) -> str:
+    """Cache key: teacher identity, the exact model inputs (formatted prompts) and `generation_key` settings."""
     h = hashlib.sha256()
-    h.update(json.dumps({"version": CACHE_VERSION, "identity": identity, "decoding": decoding_key(decoding),
-                         "backend": backend, "n": len(inputs)}, sort_keys=True).encode())
+    h.update(json.dumps({"version": CACHE_VERSION, "identity": identity, "settings": settings, "n": len(inputs)},
+                        sort_keys=True, default=repr).encode())
     for text in inputs:
         h.update(hashlib.sha256(text.encode()).digest())
     return h.hexdigest()[:32]
+
+
+@dataclass
+class DiskTeacher:
+    """A teacher that vLLM loads from disk: `source` (a folder, or a hub id at commit `revision`), its `identity`
+    (hash of the files or of the commit) and its generation config (what ends its answers), read from the same files.
+    It carries `generation_config` as a model does, so `generation.end_ids` reads the end ids of both the same way.
+    """
+
+    source: str
+    revision: str | None
+    identity: str
+    generation_config: GenerationConfig | None
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file; for a file in the Hugging Face cache (a link into `blobs/`), the blob's name, which is
+    already its content hash."""
+    real = path.resolve()
+    if path.is_symlink() and real.parent.name == "blobs":
+        return real.name
+    h = hashlib.sha256()
+    with real.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    """Content hash of every file a model folder holds (weights, config, generation config, tokenizer), by name;
+    gradual's own bookkeeping files (`NOT_MODEL_FILES`) are left out."""
+    t = time.perf_counter()
+    files = {p.name: _file_digest(p) for p in sorted(folder.iterdir())
+             if p.is_file() and p.name not in NOT_MODEL_FILES}
+    log.info("sgr: hashed the %d files of teacher %s in %.1f s", len(files), folder, time.perf_counter() - t)
+    return files
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a hub model's current commit (its name is the commit hash), fetching only its
+    JSON files (config, generation config, tokenizer); offline, the cached snapshot."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json"]))
+    except Exception as e:  # offline, network and name errors come in many types; report each as one line
+        reason = " ".join(str(e).split())[:300]
+        raise UsageError(f"sgr backend='vllm': cannot resolve model {repo_id!r} to a hub commit: "
+                         f"{type(e).__name__}: {reason}") from None
+
+
+def disk_teacher(model_id: str | None) -> DiskTeacher:
+    """Where vLLM loads the teacher from and what identifies it, without loading any weights.
+
+    A folder is identified by the content of its files; a hub id is pinned to the commit it resolves to now, and
+    vLLM is told to load exactly that commit, so the cache key always describes the weights that answer."""
+    from gradual.models import TINY_PREFIX, resolve_model
+
+    if not model_id or model_id.startswith(TINY_PREFIX):
+        raise UsageError(f"sgr backend='vllm' needs the teacher saved on disk or a hub id; got {model_id!r}")
+    source = resolve_model(model_id)
+    if os.path.isdir(source):
+        folder, revision, files = Path(source), None, folder_digest(Path(source))
+    else:
+        folder = _hub_snapshot(source)
+        revision, files = folder.name, None
+    try:
+        generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:  # no generation_config.json: only the tokenizer's EOS ends an answer
+        generation_config = None
+    identity = hashlib.sha256(json.dumps({"source": source, "revision": revision, "files": files},
+                                         sort_keys=True).encode()).hexdigest()
+    return DiskTeacher(source, revision, identity, generation_config)
+
+
+def cache_key(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase, inputs: Sequence[str],
+              cfg: SGRConfig, model_id: str | None = None) -> tuple[str, set[int], DiskTeacher | None]:
+    """(fingerprint, the ids that end an answer, the on-disk teacher for vLLM or None) of answering `inputs`.
+
+    transformers: the in-memory `model` answers; it is identified by its weights (`model_identity`) and its
+    `generation_config` says what ends an answer. vLLM: `model_id` on disk answers (`disk_teacher`); `model` is not
+    used."""
+    if cfg.backend == "vllm":
+        teacher = disk_teacher(model_id or getattr(getattr(model, "config", None), "name_or_path", None))
+        identity, holder = teacher.identity, teacher
+    else:
+        if model is None:
+            raise UsageError("sgr backend='transformers' needs the teacher model in memory")
+        teacher, identity, holder = None, model_identity(model, model_id, tokenizer), model
+    stop_ids = end_ids(holder, tokenizer)
+    return fingerprint(identity, inputs, generation_key(tokenizer, stop_ids, cfg)), stop_ids, teacher
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,11 +554,15 @@ class _TransformersBackend:
                         progress=self.progress, desc="sgr", on_batch=on_batch)
 
 
-def vllm_sampling_kwargs(decoding: DecodingConfig) -> dict[str, Any]:
+def vllm_sampling_kwargs(decoding: DecodingConfig, stop_ids: set[int] | None = None) -> dict[str, Any]:
     """`vllm.SamplingParams` arguments equivalent to a DecodingConfig (greedy = temperature 0; top-k left at
-    vLLM's "off" default). The seed goes to the engine: a per-request seed would give every prompt the same draws."""
+    vLLM's "off" default). The seed goes to the engine: a per-request seed would give every prompt the same draws.
+    `stop_ids` (the ids that end an answer, as in the cache key) are passed explicitly, so vLLM stops where the
+    transformers backend does, whatever its own reading of the generation config."""
     kwargs: dict[str, Any] = dict(n=decoding.num_samples, max_tokens=decoding.max_new_tokens,
                                   stop=list(decoding.stop) or None)
+    if stop_ids:
+        kwargs["stop_token_ids"] = sorted(stop_ids)
     if decoding.do_sample:
         kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
     else:
@@ -451,30 +570,34 @@ def vllm_sampling_kwargs(decoding: DecodingConfig) -> dict[str, Any]:
     return kwargs
 
 
-class _VLLMBackend:
-    """vLLM engine for the teacher, built once per `teacher_responses` call from a model name or folder.
+def vllm_engine_kwargs(teacher: DiskTeacher, vllm_args: dict[str, Any], seed: int) -> dict[str, Any]:
+    """`vllm.LLM` arguments: the user's `vllm_args`, then the teacher's source and commit, which the cache key was
+    computed from and which `vllm_args` therefore cannot override."""
+    return {"seed": seed, **vllm_args, "model": teacher.source, "revision": teacher.revision,
+            "tokenizer": teacher.source, "tokenizer_revision": teacher.revision}
 
-    vLLM loads the weights from `model_id`, not from the in-memory model (which only keys the cache), so a pruned
-    or healed teacher must be saved first and its folder passed as `model_id`.
+
+class _VLLMBackend:
+    """vLLM engine for the teacher, built once per `teacher_responses` call from the teacher on disk.
+
+    vLLM loads the weights from `teacher.source` (at `teacher.revision`), the same files the cache key hashed; a
+    pruned or healed teacher must be saved first and its folder passed as `model_id`.
     """
 
-    def __init__(self, model_id: str | None, tokenizer: PreTrainedTokenizerBase, vllm_args: dict[str, Any],
-                 seed: int) -> None:
+    def __init__(self, teacher: DiskTeacher, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int],
+                 vllm_args: dict[str, Any], seed: int) -> None:
         try:
             import vllm
         except ImportError:
             raise UsageError("sgr backend='vllm' needs the vllm package (pip install vllm, GPU only); "
                              "use backend='transformers'") from None
-        if not model_id or model_id.startswith("tiny:"):
-            raise UsageError(f"sgr backend='vllm' needs the teacher saved on disk or a hub id; got {model_id!r}")
-        from gradual.models import resolve_model
-
-        self.vllm, self.tokenizer = vllm, tokenizer
-        self.llm = vllm.LLM(model=resolve_model(model_id), **{"seed": seed, **vllm_args})
+        self.vllm, self.tokenizer, self.stop_ids = vllm, tokenizer, stop_ids
+        self.llm = vllm.LLM(**vllm_engine_kwargs(teacher, vllm_args, seed))
 
     def __call__(self, inputs: list[str], decoding: DecodingConfig, on_batch: OnBatch | None) -> list[list[str]]:
         prompts = [{"prompt_token_ids": encode_prompt(self.tokenizer, p)} for p in inputs]
-        outputs = self.llm.generate(prompts, self.vllm.SamplingParams(**vllm_sampling_kwargs(decoding)))
+        params = self.vllm.SamplingParams(**vllm_sampling_kwargs(decoding, self.stop_ids))
+        outputs = self.llm.generate(prompts, params)
         return [[o.text for o in out.outputs] for out in outputs]
 
     def close(self) -> None:
@@ -490,25 +613,28 @@ def _chunk_seed(seed: int, chunk: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{chunk}:{rank}".encode()).digest()[:4], "little")
 
 
-def teacher_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence[PromptItem],
-                      cfg: SGRConfig, model_id: str | None = None, progress: bool = True) -> list[list[str]]:
+def teacher_responses(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
+                      items: Sequence[PromptItem], cfg: SGRConfig, model_id: str | None = None,
+                      progress: bool = True) -> list[list[str]]:
     """The teacher's `cfg.decoding.num_samples` answers to every prompt, in order, from the cache where present.
 
-    Under DDP each chunk's missing prompts are split rank::world and gathered, so every rank returns the full
-    list; only rank 0 reads and writes the cache (and broadcasts what it read).
+    transformers backend: `model` answers. vLLM backend: `model_id` on disk answers and `model` may be None (see
+    `cache_key`). Under DDP each chunk's missing prompts are split rank::world and gathered, so every rank returns
+    the full list; only rank 0 reads and writes the cache (and broadcasts what it read).
     """
     rank, world = dist_rank_world()
     if cfg.backend == "vllm" and world > 1:
         raise UsageError("sgr backend='vllm' does not run under torch.distributed; use backend='transformers'")
     prompts = [it.prompt for it in items]
     inputs = [response_prompt(tokenizer, p, cfg.system_prompt, cfg.chat) for p in prompts]
-    model_id = model_id or getattr(model.config, "name_or_path", "") or None
-    fp = fingerprint(model_identity(model, model_id, tokenizer), inputs, cfg.decoding, cfg.backend)
+    model_id = model_id or getattr(getattr(model, "config", None), "name_or_path", "") or None
+    fp, stop_ids, teacher = cache_key(model, tokenizer, inputs, cfg, model_id)
     cache = None
     if cfg.cache_dir and rank == 0:
         meta = {"fingerprint": fp, "version": CACHE_VERSION, "model_id": model_id, "num_prompts": len(items),
-                "decoding": asdict(cfg.decoding), "backend": cfg.backend, "chat": cfg.chat,
-                "system_prompt": cfg.system_prompt, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "decoding": asdict(cfg.decoding), "backend": cfg.backend, "vllm_args": cfg.vllm_args,
+                "end_ids": sorted(stop_ids), "chat": cfg.chat, "system_prompt": cfg.system_prompt,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         cache = ResponseCache(Path(cfg.cache_dir) / f"{fp}.jsonl", meta)
     done = _broadcast_from_rank0(cache.load(prompts) if cache else {})
     todo = [i for i in range(len(items)) if i not in done]
@@ -516,7 +642,7 @@ def teacher_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         log.info("sgr cache %s: %d of %d prompts cached, %d to generate", cache.path, len(done), len(items), len(todo))
     if not todo:
         return [done[i] for i in range(len(items))]
-    backend = (_VLLMBackend(model_id, tokenizer, cfg.vllm_args, cfg.decoding.seed) if cfg.backend == "vllm"
+    backend = (_VLLMBackend(teacher, tokenizer, stop_ids, cfg.vllm_args, cfg.decoding.seed) if teacher is not None
                else _TransformersBackend(model, tokenizer, cfg.batch_size, progress and rank == 0))
     bar = tqdm(total=len(items), initial=len(done), desc="sgr prompts", unit="prompt",
                disable=not progress or rank != 0)
@@ -577,7 +703,7 @@ def build_pairs(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBas
         if missing:
             raise UsageError(f"sgr responses='dataset' but {len(missing)} prompts have no reference answer")
         return [{"prompt": it.prompt, "response": it.reference, "task": it.task} for it in items]
-    if model is None or tokenizer is None:
+    if tokenizer is None or (model is None and cfg.backend != "vllm"):
         raise UsageError(f"sgr responses={cfg.responses!r} needs a teacher model and tokenizer")
     answers = teacher_responses(model, tokenizer, items, cfg, model_id=model_id, progress=progress)
     pairs, empty, rejected = [], 0, 0

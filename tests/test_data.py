@@ -1,5 +1,6 @@
 """Recovery data: response-only labels, truncation, padding, length grouping, fixed-size resumable stages."""
 
+import sys
 from collections import Counter
 
 import lightning.pytorch as pl
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from gradual import models
 from gradual.data import (
     IGNORE_INDEX,
     Collator,
@@ -15,10 +17,12 @@ from gradual.data import (
     load_pairs,
     tokenize_pair,
 )
+from gradual.datamodule import GradualDataModule
 from gradual.errors import UsageError
-from gradual.generation import format_prompt
+from gradual.generation import DecodingConfig, format_prompt
 from gradual.lora import LoraSettings, OptimizerSettings, attach_lora, build_optimizer
-from gradual.models import tiny_model, tiny_tokenizer
+from gradual.models import save_model, tiny_model, tiny_tokenizer
+from gradual.sgr import SGRConfig
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +205,37 @@ def test_lightning_trains_one_fixed_stage_per_epoch(tok):
         expected = [collate([dm.dataset[i] for i in b])["input_ids"] for b in sampler.batches(epoch)]
         assert len(module.seen[epoch]) == 4
         assert all(torch.equal(a, b) for a, b in zip(module.seen[epoch], expected, strict=True))
+
+
+def _counting_loads(monkeypatch) -> list[str]:
+    """Names passed to the real `models.load_model` (wrapped, not replaced)."""
+    loads: list[str] = []
+    real = models.load_model
+
+    def counting(name, *args, **kwargs):
+        loads.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", counting)
+    return loads
+
+
+@pytest.mark.parametrize("backend", ["transformers", "vllm"])
+def test_vllm_teacher_loads_no_transformers_copy(backend, tmp_path, monkeypatch):
+    """With backend vllm, vLLM loads the teacher itself: setup loads no HF model (without vLLM installed it stops at
+    the missing package, in one line). The transformers backend, by contrast, loads the teacher once."""
+    folder = tmp_path / "teacher"
+    save_model(tiny_model("llama", num_layers=2), tiny_tokenizer(), folder)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import fails as on a machine without vLLM
+    loads = _counting_loads(monkeypatch)
+    sgr = SGRConfig(tasks=["successor"], n_per_task=3, eval_n=20, backend=backend, cache_dir=str(tmp_path / "cache"),
+                    decoding=DecodingConfig(do_sample=False, max_new_tokens=4))
+    dm = GradualDataModule(model=str(folder), sgr=sgr, dtype="float32", batch_size=2)
+    if backend == "transformers":
+        dm.setup("fit")
+        assert loads == [str(folder)] and len(dm.pairs) == 3
+        return
+    with pytest.raises(UsageError, match="needs the vllm package") as err:
+        dm.setup("fit")
+    assert "\n" not in str(err.value)
+    assert loads == [], "an HF copy of the teacher was loaded next to vLLM's"

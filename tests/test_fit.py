@@ -8,17 +8,25 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import gradual.datamodule
 from gradual.cli import main
+from gradual.data import tokenize_pair
 from gradual.lightning_cli import GradualCLI
 from gradual.models import load_model
+from gradual.sgr import build_pairs, weights_digest
 from gradual.surgery import remove_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,3 +240,120 @@ def test_gradient_accumulation_trains_steps_times_accumulation_batches(tmp_path:
     cli = fit_in_process(config)
     assert cli.trainer.global_step == 2
     assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4
+
+
+class _StageRecorder(Callback):
+    """Per stage: the examples trained on (padding stripped) and the digest of the model the stage left (merged)."""
+
+    def __init__(self) -> None:
+        self.trained: dict[int, set[tuple[int, ...]]] = {}
+        self.left: dict[int, str] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.left.setdefault(pl_module.stage, weights_digest(pl_module.model))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        rows = self.trained.setdefault(pl_module.stage, set())
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+            rows.add(tuple(ids[: int(mask.sum())].tolist()))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.left[pl_module.stage] = weights_digest(pl_module.model)
+
+
+def fit_recording_teachers(config: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[_StageRecorder,
+                                                                                    list[tuple[str, set]]]:
+    """Fit in process; record every set of recovery pairs the data module builds, keyed by its teacher's digest
+    (the real `build_pairs`, wrapped), as the tokenised examples a stage would train on."""
+    produced: list[tuple[str, set[tuple[int, ...]]]] = []
+
+    def recording(model: torch.nn.Module, tokenizer: Any, cfg: Any, **kwargs: Any) -> list[dict[str, str]]:
+        pairs = build_pairs(model, tokenizer, cfg, **kwargs)
+        examples = {tuple(tokenize_pair(tokenizer, p["prompt"], p["response"], cfg.system_prompt, 384,
+                                        cfg.chat)["input_ids"]) for p in pairs}
+        produced.append((weights_digest(model), examples))
+        return pairs
+
+    monkeypatch.setattr(gradual.datamodule, "build_pairs", recording)
+    recorder = _StageRecorder()
+    cli = GradualCLI(args=["--config", str(config)], run=False)
+    cli.trainer.callbacks.append(recorder)
+    cli.model.check_run_dir()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return recorder, produced
+
+
+def test_teacher_previous_trains_stage_k_on_answers_of_stage_k_minus_1(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning builds a stage's loader before the stage starts; the answers must already be those of the model the
+    last stage left (merged), not of the one before it. A run resumed after stage 1 gets the same stage 2."""
+    config, run_dir = write_config(tmp_path, data__sgr__teacher="previous", data__sgr__cache_dir=str(tmp_path / "sgr"),
+                                   trainer__callbacks__3__init_args__keep="all")
+    recorder, produced = fit_recording_teachers(config, monkeypatch)
+    assert sorted(recorder.trained) == [1, 2, 3]
+    teachers = [digest for digest, _ in produced]
+    assert teachers == [recorder.left[0], recorder.left[1], recorder.left[2]], "original, then each stage's result"
+    answers = [examples for _, examples in produced]
+    for k in (1, 2, 3):
+        assert recorder.trained[k] <= answers[k - 1], f"stage {k} trained on answers of another model"
+        if k > 1:
+            assert not recorder.trained[k] <= answers[k - 2], f"stage {k} trained on stage {k - 2}'s answers"
+
+    state = json.loads((run_dir / "state.json").read_text())
+    (run_dir / "state.json").write_text(json.dumps({**state, "resume_from": "stage_1", "finished": False}))
+    resumed, produced = fit_recording_teachers(config, monkeypatch)
+    assert sorted(resumed.trained) == [2, 3]
+    assert produced[1][0] == recorder.left[1], "on resume, the answers come from the saved stage 1"
+    assert resumed.trained[2] == recorder.trained[2]
+
+
+@pytest.mark.parametrize(("model_dtype", "data_dtype", "expected"), [
+    ("bfloat16", None, "bfloat16"), ("float16", "float32", "float32"), ("float32", None, "float32")])
+def test_teacher_dtype_follows_the_model_unless_set(model_dtype: str, data_dtype: str | None, expected: str,
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 run must not generate its SGR answers in float32; an explicit `data.dtype` still wins."""
+    changes: dict[str, object] = {"model__dtype": model_dtype, "data__sgr__cache_dir": str(tmp_path / "sgr")}
+    if data_dtype is not None:
+        changes["data__dtype"] = data_dtype
+    config, _ = write_config(tmp_path, **changes)
+    cli = GradualCLI(args=["--config", str(config)], run=False)
+    assert cli.datamodule.dtype_name == expected
+    loaded: list[torch.dtype] = []
+    real = gradual.datamodule.models.load_model
+    monkeypatch.setattr(gradual.datamodule.models, "load_model",
+                        lambda *a, **k: loaded.append((model := real(*a, **k)).dtype) or model)
+    cli.datamodule.setup("fit")
+    assert loaded == [getattr(torch, expected)], "the teacher that answered was loaded in that dtype"
+
+
+GPU_CONFIGS = [ROOT / "configs" / f"{name}.yaml" for name in
+               ("llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "mistral-7b-instruct")]
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda path: path.stem)
+def test_gpu_configs_parse_with_a_long_ddp_timeout_and_large_tasks(config: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`--print_config` parses everything and loads no model, so the paper-scale configs are checked on a CPU."""
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    strategy = printed["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.DDPStrategy"
+    hours, minutes, seconds = map(int, strategy["init_args"]["timeout"].split(":"))
+    assert timedelta(hours=hours, minutes=minutes, seconds=seconds) >= timedelta(hours=2), "default 30 min is short"
+    evaluations = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("TaskEvaluation")]
+    assert [c["init_args"]["difficulty"] for c in evaluations] == ["large"]
+    assert printed["data"]["sgr"]["difficulty"] == "large"
+    assert printed["model"]["dtype"] == "bfloat16" and printed["data"]["dtype"] is None, "the teacher follows bf16"
+
+
+def test_ddp_timeout_from_yaml_reaches_the_strategy(tmp_path: Path) -> None:
+    """The GPU configs' strategy block, on the CPU smoke run: jsonargparse turns "4:00:00" into the timedelta DDP
+    passes to `init_process_group`."""
+    strategy = yaml.safe_load(GPU_CONFIGS[0].read_text())["trainer"]["strategy"]
+    config, _ = write_config(tmp_path, trainer__strategy=strategy)
+    cli = GradualCLI(args=["--config", str(config)], run=False)
+    assert isinstance(cli.trainer.strategy, DDPStrategy)
+    assert cli.trainer.strategy._timeout == timedelta(hours=4)

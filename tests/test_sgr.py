@@ -3,6 +3,7 @@ DDP sharding. Real tiny models; generation calls are counted by wrapping the rea
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import shutil
@@ -17,18 +18,23 @@ import gradual.sgr as sgr
 from gradual.data import tokenize_pair
 from gradual.errors import UsageError
 from gradual.generation import DecodingConfig, encode_prompt, format_prompt, generate, response_prompt
-from gradual.models import tiny_model, tiny_tokenizer
+from gradual.models import save_model, tiny_model, tiny_tokenizer
 from gradual.sgr import (
     PromptItem,
+    ResponseCache,
     SGRConfig,
     accepts,
     build_pairs,
+    cache_key,
+    disk_teacher,
     fingerprint,
+    generation_key,
     load_prompts,
     merge_shards,
     model_identity,
     shard,
     teacher_responses,
+    vllm_engine_kwargs,
     vllm_sampling_kwargs,
     weights_digest,
 )
@@ -258,14 +264,84 @@ def test_num_samples_and_chunks(model, tok, tmp_path):
     assert len(pairs) == sum(1 for a in answers for r in a if r.strip())
 
 
-def test_fingerprint_depends_on_inputs():
-    base = fingerprint("id", ["a", "b"], GREEDY)
-    assert base == fingerprint("id", ["a", "b"], GREEDY)
-    assert base != fingerprint("id", ["b", "a"], GREEDY)
-    assert base != fingerprint("id2", ["a", "b"], GREEDY)
-    assert base != fingerprint("id", ["a", "b"], GREEDY, backend="vllm")
-    assert base != fingerprint("id", ["ab"], GREEDY)
-    assert base != fingerprint("id", ["a", "b"], DecodingConfig(do_sample=False, max_new_tokens=8, stop=["\n"]))
+def test_fingerprint_depends_on_inputs(tok):
+    settings = generation_key(tok, {2}, cfg_for())
+    base = fingerprint("id", ["a", "b"], settings)
+    assert base == fingerprint("id", ["a", "b"], settings)
+    assert base != fingerprint("id", ["b", "a"], settings)
+    assert base != fingerprint("id2", ["a", "b"], settings)
+    assert base != fingerprint("id", ["a", "b"], generation_key(tok, {2}, cfg_for(backend="vllm")))
+    assert base != fingerprint("id", ["ab"], settings)
+    stop = DecodingConfig(do_sample=False, max_new_tokens=8, stop=["\n"])
+    assert base != fingerprint("id", ["a", "b"], generation_key(tok, {2}, cfg_for(decoding=stop)))
+
+
+def test_new_end_of_turn_id_in_generation_config_is_not_served_stale_answers(tok, spy, tmp_path):
+    """The issue's scenario: answers cached, then the model's generation_config gains an end-of-turn id (weights
+    unchanged, as happens upstream to chat models). The old answers ran past that id, so they must not be reused."""
+    model = make_model()
+    cfg = cfg_for(tmp_path)
+    before = teacher_responses(model, tok, ITEMS, cfg, progress=False)
+    # an ordinary token the teacher emits inside an answer: as an end id it cuts that answer short
+    i, cut = next((i, a[0][1]) for i, a in enumerate(before) if len(a[0]) > 2)
+    end_of_turn = tok.convert_tokens_to_ids(tok.tokenize(cut))[0]
+    spy.prompts.clear()
+    model.generation_config.eos_token_id = [tok.eos_token_id, end_of_turn]
+    after = teacher_responses(model, tok, ITEMS, cfg, progress=False)
+    assert len(spy.prompts) == len(ITEMS), "the cached answers were generated without that end id"
+    assert after[i] != before[i] and before[i][0].startswith(after[i][0])
+    inputs = [response_prompt(tok, it.prompt) for it in ITEMS]
+    assert after == generate(model, tok, inputs, GREEDY, progress=False)
+    assert len(cache_files(tmp_path)) == 2
+
+
+def _variant_tokenizer(tok, change: str):
+    other = copy.deepcopy(tok)
+    if change == "tokenizer_eos":
+        other.eos_token = "<|user|>"
+    elif change == "pad":
+        other.pad_token = "<unk>"
+    else:
+        other.chat_template = other.chat_template.replace("<|assistant|>{% endif %}", "<|assistant|>\n{% endif %}")
+    return other
+
+
+@pytest.fixture(scope="module")
+def saved_teacher(tmp_path_factory) -> Path:
+    """A tiny teacher saved as an ordinary Hugging Face folder (what vLLM would load)."""
+    folder = tmp_path_factory.mktemp("teacher") / "tiny"
+    save_model(make_model(), tiny_tokenizer(), folder)
+    return folder
+
+
+@pytest.mark.parametrize("change", ["generation_eos", "tokenizer_eos", "pad", "chat_template", "system_prompt",
+                                    "backend", "vllm_args", "batch_size", "chunk_size"])
+def test_cache_key_covers_everything_that_changes_answers(tok, saved_teacher, change):
+    """The same formatted inputs: only the setting under test differs. Batch and chunk sizes change no answer."""
+    model, inputs = make_model(), [response_prompt(tok, it.prompt) for it in ITEMS]
+    cfg = cfg_for(backend="vllm") if change == "vllm_args" else cfg_for()
+    base, _, _ = cache_key(model, tok, inputs, cfg, str(saved_teacher))
+    other_tok, other_cfg = tok, cfg
+    if change == "generation_eos":
+        model.generation_config.eos_token_id = [tok.eos_token_id, 200]
+    elif change in ("tokenizer_eos", "pad", "chat_template"):
+        other_tok = _variant_tokenizer(tok, change)
+    elif change == "system_prompt":
+        other_cfg = cfg_for(system_prompt="Answer in French.")
+    elif change == "backend":
+        other_cfg = cfg_for(backend="vllm")
+    elif change == "vllm_args":
+        other_cfg = cfg_for(backend="vllm", vllm_args={"gpu_memory_utilization": 0.5})
+    else:
+        other_cfg = cfg_for(**{change: 7})
+    key, _, _ = cache_key(model, other_tok, inputs, other_cfg, str(saved_teacher))
+    assert (key == base) == (change in ("batch_size", "chunk_size")), change
+
+
+def test_vllm_args_do_not_key_the_transformers_backend(model, tok):
+    inputs = [response_prompt(tok, it.prompt) for it in ITEMS]
+    assert cache_key(model, tok, inputs, cfg_for())[0] == cache_key(
+        model, tok, inputs, cfg_for(vllm_args={"gpu_memory_utilization": 0.5}))[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,17 +511,82 @@ def test_filtered_sgr_with_nothing_accepted_is_usage_error(model, tok):
 # Backends and DDP
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_vllm_backend_requires_vllm(model, tok, monkeypatch):
+def test_vllm_backend_requires_vllm(tok, saved_teacher, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import fails as on a machine without vLLM
-    with pytest.raises(UsageError, match="vllm"):
-        build_pairs(model, tok, cfg_for(backend="vllm"), items=ITEMS[:1], model_id="some/model", progress=False)
+    with pytest.raises(UsageError, match="needs the vllm package") as err:
+        build_pairs(None, tok, cfg_for(tmp_path, backend="vllm"), items=ITEMS[:1], model_id=str(saved_teacher),
+                    progress=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UsageError, match="saved on disk or a hub id"):
+        build_pairs(None, tok, cfg_for(backend="vllm"), items=ITEMS[:1], model_id="tiny:qwen2", progress=False)
+
+
+def test_vllm_teacher_fully_cached_needs_no_model_and_no_vllm(tok, saved_teacher, monkeypatch, tmp_path):
+    """The vLLM path keys the cache on the files vLLM would load; a complete cache answers without vLLM or weights."""
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    cfg = cfg_for(tmp_path, backend="vllm")
+    inputs = [response_prompt(tok, it.prompt) for it in ITEMS]
+    fp, stop_ids, teacher = cache_key(None, tok, inputs, cfg, str(saved_teacher))
+    assert teacher.source == str(saved_teacher) and teacher.revision is None
+    assert stop_ids == {tok.eos_token_id, tok.pad_token_id}, "the saved generation_config's EOS and the tokenizer's"
+    cache = ResponseCache(tmp_path / "cache" / f"{fp}.jsonl", {"fingerprint": fp})
+    cache.load([it.prompt for it in ITEMS])
+    cache.append([(i, it.prompt, [f"answer {i}"]) for i, it in enumerate(ITEMS)])
+    pairs = build_pairs(None, tok, cfg, items=ITEMS, model_id=str(saved_teacher), progress=False)
+    assert [p["response"] for p in pairs] == [f"answer {i}" for i in range(len(ITEMS))]
+
+
+def test_disk_teacher_identity_follows_the_files_vllm_loads(saved_teacher, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(saved_teacher, folder)
+    base = disk_teacher(str(folder))
+    (folder / "metrics.json").write_text("{}")  # gradual's bookkeeping next to a saved stage: not read by vLLM
+    assert disk_teacher(str(folder)).identity == base.identity
+    original = (folder / "generation_config.json").read_text()
+    (folder / "generation_config.json").write_text(json.dumps({**json.loads(original), "eos_token_id": [2, 200]}))
+    changed = disk_teacher(str(folder))
+    assert changed.identity != base.identity and changed.generation_config.eos_token_id == [2, 200]
+    (folder / "generation_config.json").write_text(original)
+    assert disk_teacher(str(folder)).identity == base.identity
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert disk_teacher(str(folder)).identity != base.identity
+
+
+def test_disk_teacher_pins_a_hub_id_to_its_cached_commit(monkeypatch, tmp_path, saved_teacher):
+    """A hub id is resolved (offline: from the local cache) to one commit, which keys the cache and is what vLLM is
+    told to load; vllm_args cannot point the engine elsewhere."""
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    repo = hub / "models--someone--tiny-chat"
+    identities = []
+    for commit in ("a" * 40, "b" * 40):
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for name in ("config.json", "generation_config.json"):
+            shutil.copy(saved_teacher / name, snapshot / name)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        teacher = disk_teacher("someone/tiny-chat")
+        assert (teacher.source, teacher.revision) == ("someone/tiny-chat", commit)
+        identities.append(teacher.identity)
+        engine = vllm_engine_kwargs(teacher, {"model": "elsewhere", "gpu_memory_utilization": 0.5}, seed=3)
+        assert engine == dict(seed=3, model="someone/tiny-chat", revision=commit, tokenizer="someone/tiny-chat",
+                              tokenizer_revision=commit, gpu_memory_utilization=0.5)
+    assert identities[0] != identities[1]
+    with pytest.raises(UsageError, match="cannot resolve model 'someone/absent'") as err:
+        disk_teacher("someone/absent")
+    assert "\n" not in str(err.value)
 
 
 def test_vllm_sampling_kwargs():
     assert vllm_sampling_kwargs(DecodingConfig(num_samples=2)) == dict(n=2, max_tokens=256, stop=None,
                                                                         temperature=0.9, top_p=0.95)
-    assert vllm_sampling_kwargs(DecodingConfig(do_sample=False, max_new_tokens=5, stop=["\n"])) == dict(
-        n=1, max_tokens=5, stop=["\n"], temperature=0.0, top_p=1.0)
+    assert vllm_sampling_kwargs(DecodingConfig(do_sample=False, max_new_tokens=5, stop=["\n"]), {7, 2}) == dict(
+        n=1, max_tokens=5, stop=["\n"], temperature=0.0, top_p=1.0, stop_token_ids=[2, 7])
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 7, 8])

@@ -3,11 +3,14 @@ model, the lm-eval bridge on a local offline task, and the code sandbox."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
 import time
+from collections import Counter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -18,6 +21,7 @@ import torch
 
 from gradual.errors import UsageError
 from gradual.models import tiny_model, tiny_tokenizer
+from gradual.sgr import SGRConfig, load_prompts
 from gradual.tasks import (
     FAILURES,
     TASKS,
@@ -33,10 +37,12 @@ from gradual.tasks import (
     is_repetitive,
 )
 from gradual.tasks.base import _SPLIT_BASE
+from gradual.tasks.builtin import _build
 from gradual.tasks.code import evaluate_humaneval, humaneval_program, load_humaneval, run_sandboxed
 from gradual.tasks.evaluate import choice_text
 from gradual.tasks.extract import closing_sequence, is_balanced
 from gradual.tasks.scoring import continuation_logprobs, encode_pair
+from gradual.tasks.words import CATEGORY_OF
 
 NAMES = ["successor", "copy", "uppercase", "category", "chain_sum", "products", "basic_arithmetic", "gsm_symbolic",
          "brackets"]
@@ -138,6 +144,110 @@ def test_problem_arguments_are_checked():
         task.problems("test", 5)
     with pytest.raises(UsageError, match="n=0"):
         task.problems("eval", 0)
+
+
+# --- difficulty -------------------------------------------------------------------------------------------------------
+
+# sha256 (first 16 hex) of the first 50 eval and 50 train problems (seed 0) of each task, recorded from the code
+# before difficulties existed: `small` must keep producing exactly these (docs/baselines.md and the demo depend on it)
+SMALL_PROBLEMS = {
+    "successor": "c78163af3c16c276",
+    "copy": "87855eab677b6664",
+    "uppercase": "b8b7e19a71eb8ed4",
+    "category": "79756710cdec69c2",
+    "chain_sum": "a364e9079d72d600",
+    "products": "ec8a385e8092d995",
+    "basic_arithmetic": "43d817fd9d20032e",
+    "gsm_symbolic": "b901b41324d1cd9c",
+    "brackets": "f752d62b8bef73c2",
+}
+
+
+def problems_digest(task: Task) -> str:
+    h = hashlib.sha256()
+    for split in ("eval", "train"):
+        for p in task.problems(split, 50, 0):
+            h.update(json.dumps(dataclasses.astuple(p)).encode())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_small_difficulty_reproduces_the_original_problems(name):
+    assert get_task(name) is get_task(name, "small") is TASKS[name]
+    assert problems_digest(get_task(name, "small")) == SMALL_PROBLEMS[name]
+
+
+def _numbers(question: str) -> list[int]:
+    return [abs(int(n)) for n in re.findall(r"\d+", question)]
+
+
+LARGE_IS_HARDER = {  # (measure of one problem, the least every large problem has, the most any small problem has)
+    "successor": (lambda p: len(p.answer), 7, 3),
+    "copy": (lambda p: len(p.answer.split(", ")), 10, 5),
+    "uppercase": (lambda p: len(p.answer), 12, 11),
+    "category": (lambda p: p.question.count(",") + 1, 7, 1),
+    "chain_sum": (lambda p: min(len(str(n)) for n in _numbers(p.question)), 3, 1),
+    "products": (lambda p: min(len(str(n)) for n in _numbers(p.question)), 2, 1),
+    "basic_arithmetic": (lambda p: len(_numbers(p.question)), 3, 2),
+    "brackets": (lambda p: len(p.brackets), 16, 11),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_large_difficulty_is_harder_deterministic_and_keeps_splits_disjoint(name):
+    large, small = get_task(name, "large"), get_task(name, "small")
+    problems = large.problems("eval", 40, seed=0)
+    assert len({p.question for p in problems}) == 40
+    fresh = _build("large")[name]  # a new registry: no cached problems
+    assert fresh.problems("eval", 40, seed=0) == problems and fresh.problems("eval", 40, seed=1) != problems
+    assert_disjoint(large, n_train=300, n_eval=100)
+    for p in problems:
+        assert len(set(p.choices)) == 4 and p.choices[p.label] == p.answer
+        assert classify_failure(large.kind, p.answer, p.answer, large.labels, p.brackets) == "correct"
+    if name == "gsm_symbolic":  # reasoning-gym 0.1.25 has a single gsm_symbolic difficulty
+        return
+    assert not {p.question for p in problems} & {p.question for p in small.problems("eval", 40, seed=0)}
+    measure, least, most_small = LARGE_IS_HARDER[name]
+    assert min(map(measure, problems)) >= least
+    assert max(map(measure, small.problems("eval", 100, seed=0))) <= most_small
+    assert sum(map(measure, problems)) / 40 > sum(map(measure, small.problems("eval", 40, seed=0))) / 40
+
+
+def test_large_reference_answers_are_right():
+    for p in get_task("successor", "large").problems("eval", 50):
+        assert int(p.answer) == int(re.search(r"\d+", p.question).group()) + 1
+    assert sum(p.answer.endswith("00") for p in get_task("successor", "large").problems("eval", 50)) >= 10, "carries"
+    for p in get_task("brackets", "large").problems("eval", 50):
+        assert is_balanced(p.brackets + p.answer) and len(p.answer.split()) >= 3
+    for p in get_task("uppercase", "large").problems("eval", 50):
+        assert p.answer == re.search(r'"(\w+)"', p.question).group(1).upper()
+    for p in get_task("copy", "large").problems("eval", 50):
+        assert p.question.endswith(p.answer)
+    for p in get_task("category", "large").problems("eval", 50):
+        words = p.question.split(": ", 1)[1].rstrip("?").split(", ")
+        counts = Counter(CATEGORY_OF[w] for w in words)
+        assert counts.most_common(2)[0] == (p.answer, 3) and counts.most_common(2)[1][1] == 2
+    for name in ("chain_sum", "products", "basic_arithmetic"):
+        for p in get_task(name, "large").problems("eval", 50):
+            expression = re.search(r"(?:problem:|multiplication:|Calculate)\s*([-\d\s+*()]+?)\s*[=.]", p.question)
+            assert eval(expression.group(1)) == int(p.answer), p.question  # only digits, spaces and + - * ( )
+
+
+def test_difficulty_reaches_evaluation_and_recovery_prompts(tiny):
+    from gradual.callbacks import TaskEvaluation  # the callbacks package lives outside gradual/
+
+    model, tok = tiny
+    large = evaluate(model, tok, ["copy"], n=4, forms=("classification",), difficulty="large", records=True,
+                     progress=False)
+    assert [r["question"] for r in large["mc_copy"].records] == [
+        p.question for p in get_task("copy", "large").problems("eval", 4)]
+    items = load_prompts(SGRConfig(tasks=["chain_sum"], n_per_task=5, eval_n=50, difficulty="large"))
+    task = get_task("chain_sum", "large")
+    assert [it.prompt for it in items] == [task.chat_message(p) for p in task.problems("train", 5)]
+    for bad in (lambda: get_task("copy", "huge"), lambda: TaskEvaluation(["copy"], difficulty="huge"),
+                lambda: SGRConfig(difficulty="huge"), lambda: evaluate(model, tok, ["copy"], difficulty="huge")):
+        with pytest.raises(UsageError, match="difficulty='huge' is unknown; allowed: small, large"):
+            bad()
 
 
 # --- extraction and failure analysis --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from gradual.errors import UsageError
 from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, format_prompt, generate, prompt_room
 from gradual.tasks.base import Problem, Task, fewshot_examples
-from gradual.tasks.builtin import get_task
+from gradual.tasks.builtin import check_difficulty, get_task
 from gradual.tasks.extract import FAILURES, classify_failure, extract_answer
 from gradual.tasks.result import TaskResult
 from gradual.tasks.scoring import continuation_logprobs
@@ -124,8 +124,9 @@ def evaluate_classification(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], n: int = 100,
              forms: Sequence[str] = FORMS, fmt: str = "fewshot", batch_size: int = 16,
              max_new_tokens: int | None = None, seed: int = 0, progress: bool = True, records: bool = False,
-             enable_code: bool = False, shots: int = 5) -> dict[str, TaskResult]:
-    """Score the model on each task's evaluation split (`n` problems from `seed`).
+             enable_code: bool = False, shots: int = 5, difficulty: str = "small") -> dict[str, TaskResult]:
+    """Score the model on each task's evaluation split (`n` problems from `seed`) at `difficulty` (`small` or `large`,
+    see `gradual.tasks.builtin`).
 
     Returns `{<task>: generative result, mc_<task>: classification result}` for the requested forms. Code tasks
     (`humaneval`) run model-written code in a sandbox and need `enable_code=True`. `max_new_tokens=None` uses each
@@ -142,8 +143,9 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: 
     if n < 1 or batch_size < 1 or shots < 0:
         raise UsageError(f"n={n}, batch_size={batch_size}, shots={shots} are invalid; need n, batch_size >= 1, "
                          "shots >= 0")
+    check_difficulty(difficulty)
     code = [t for t in tasks if t in CODE_TASKS]
-    builtin = [get_task(t) for t in tasks if t not in CODE_TASKS]
+    builtin = [get_task(t, difficulty) for t in tasks if t not in CODE_TASKS]
     code_tokens = max_new_tokens or 256
     budgets = [token_budget(t, fmt, max_new_tokens) for t in builtin if "generative" in forms]
     for budget in budgets + [code_tokens] * bool(code and enable_code):  # without enable_code, humaneval refuses
