@@ -73,9 +73,7 @@ class StageCheckpoint(Checkpoint):
         if final.exists():
             shutil.rmtree(final)
         if chosen == 0:
-            base = models.load_model(pl_module.model_name, dtype=pl_module.dtype_name,
-                                     trust_remote_code=pl_module.trust_remote_code)
-            models.save_model(base, pl_module.tokenizer, final)
+            models.save_model(pl_module.baseline_model(), pl_module.tokenizer, final)
         else:
             shutil.copytree(pl_module.run_dir / f"stage_{chosen}", final,
                             ignore=shutil.ignore_patterns("metrics.json"))

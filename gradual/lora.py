@@ -15,14 +15,14 @@ QLoRA (a bitsandbytes NF4 base) needs two precautions that this module takes for
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import bitsandbytes as bnb
 import torch
-from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -30,7 +30,50 @@ from transformers.pytorch_utils import Conv1D
 from gradual.errors import UsageError
 from gradual.surgery import decoder_layers
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 _LINEAR_TYPES = (nn.Linear, Conv1D)  # bnb.nn.Linear4bit subclasses nn.Linear
+_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward"  # bitsandbytes' start-up line on avx512_bf16 CPUs
+
+
+def _drop_kernel_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_KERNEL_NOTICE)
+
+
+def import_bitsandbytes() -> ModuleType:
+    """bitsandbytes, imported on first use without its notice that the CPU kernel of the repacked inference
+    layout is missing: `disable_cpu_repacking` keeps every 4-bit layer off that layout, so the notice is not the
+    user's concern. Call it before anything that imports bitsandbytes (peft, transformers' 4-bit loader)."""
+    if "bitsandbytes" not in sys.modules:
+        logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        logger.addFilter(_drop_kernel_notice)
+        try:
+            import bitsandbytes  # noqa: F401
+        finally:
+            logger.removeFilter(_drop_kernel_notice)
+    return sys.modules["bitsandbytes"]
+
+
+def _peft() -> ModuleType:
+    """peft, imported on first use: it imports bitsandbytes, which float-only commands should not pay for."""
+    import_bitsandbytes()
+    import peft
+    import peft.tuners.lora
+
+    return peft
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes `Linear4bit`. Such a layer exists only once bitsandbytes is imported, so asking `sys.modules`
+    answers without importing it (peft's LoRA wrapper of a 4-bit layer shares the class name but is not one)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def has_4bit(model: nn.Module) -> bool:
+    """Whether any layer of `model` is a bitsandbytes `Linear4bit`."""
+    return any(is_4bit(m) for m in model.modules())
 
 
 @dataclass
@@ -156,15 +199,16 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings | None = None) ->
 
     Works on float bases and on bitsandbytes 4-bit bases (QLoRA). Call `merge_lora` before the next surgery.
     """
-    if isinstance(model, PeftModel):
+    peft = _peft()
+    if isinstance(model, peft.PeftModel):
         raise TypeError("attach_lora: the model already carries an adapter; merge_lora it first")
     settings = settings or LoraSettings()
     targets, outside, conv1d = _resolve_targets(model, settings.target_modules)
-    disable_cpu_repacking(model)
-    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=settings.r, lora_alpha=settings.alpha,
-                        lora_dropout=settings.dropout, target_modules=targets, exclude_modules=outside or None,
-                        fan_in_fan_out=conv1d, bias="none")
-    return get_peft_model(model, config)
+    disable_cpu_repacking(model)  # 4-bit layers gradual made are already pinned; this covers a caller's own
+    config = peft.LoraConfig(task_type=peft.TaskType.CAUSAL_LM, r=settings.r, lora_alpha=settings.alpha,
+                             lora_dropout=settings.dropout, target_modules=targets, exclude_modules=outside or None,
+                             fan_in_fan_out=conv1d, bias="none")
+    return peft.get_peft_model(model, config)
 
 
 def merge_lora(peft_model: PeftModel, requantize: bool = False, dtype: torch.dtype | None = None,
@@ -172,53 +216,59 @@ def merge_lora(peft_model: PeftModel, requantize: bool = False, dtype: torch.dty
     """Fold the adapter into the base weights and return the plain Hugging Face model (config kept as is).
 
     Float base: peft's exact `merge_and_unload`; weights keep their dtype unless `dtype` is given.
-    4-bit base: the adapter deltas are added to a de-quantised float32 copy of each NF4 weight, never re-rounded
-    into NF4. The returned model has plain `nn.Linear`/`Conv1D` layers holding (de-quantised base + delta) in
-    `dtype` (default: the dtype of the model's unquantised weights, i.e. the compute dtype `load_model` sets);
-    that is the precision `save_pretrained` writes. `requantize=True` quantises those merged weights to NF4
-    again (a fresh rounding) for the next QLoRA stage; save a de-quantised model, not that one.
+    4-bit base: each adapter delta is added to a de-quantised float32 copy of its NF4 weight, never re-rounded
+    into NF4, one layer at a time (a delta is freed before the next is computed, so the peak is one layer's
+    update, not a whole model's). The returned model has plain `nn.Linear`/`Conv1D` layers holding (de-quantised
+    base + delta) in `dtype` (default: the dtype of the model's unquantised weights, e.g. the embeddings); that is
+    the precision `save_pretrained` writes. `requantize=True` quantises those merged weights to NF4 again (a fresh
+    rounding) for the next QLoRA stage; save a de-quantised model, not that one.
     Base parameters come back frozen (requires_grad False), as peft left them.
     """
-    if not isinstance(peft_model, PeftModel):
+    peft = _peft()
+    if not isinstance(peft_model, peft.PeftModel):
         raise TypeError("merge_lora: expected a PeftModel from attach_lora")
-    if not _has_4bit(peft_model):
+    if not has_4bit(peft_model):
         model = peft_model.merge_and_unload()
         if dtype is not None:
             model.to(dtype)
         return quantize_nf4(model) if requantize else model
-    deltas = {}
-    for name, module in peft_model.get_base_model().named_modules():
-        if isinstance(module, LoraLayer):
-            adapters = [a for a in module.active_adapters if a in module.lora_A]
-            if adapters:
-                deltas[name] = sum(module.get_delta_weight(a).float() for a in adapters)
-    model = peft_model.unload()
-    dtype = dtype or model.get_input_embeddings().weight.dtype
-    _replace_4bit(model, dtype, deltas)
+    base = peft_model.get_base_model()
+    dtype = dtype or base.get_input_embeddings().weight.dtype
+    disable_cpu_repacking(base)
+    for name, module in list(base.named_modules()):
+        if isinstance(module, peft.tuners.lora.LoraLayer) and is_4bit(module.get_base_layer()):
+            base.set_submodule(name, _float_layer(module.get_base_layer(), dtype, lora=module))
+    model = peft_model.merge_and_unload()  # adapters on float layers, if a caller made any, merge exactly
+    dequantize(model, dtype)
     model.to(dtype)
     return quantize_nf4(model) if requantize else model
 
 
-def _has_4bit(model: nn.Module) -> bool:
-    return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-
-
 def disable_cpu_repacking(model: nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for avx512_bf16 CPU inference, and undo past repacks.
+    """Pin every `Linear4bit` of `model` to the layout and dtypes it was created with, so no forward changes it.
 
-    Needed before training a QLoRA model on such a CPU: a repacked layer computes outside autograd, so LoRA
-    gradients upstream of it become None. Harmless elsewhere (the flag is only read on CPU). Returns the number
+    Called right where 4-bit layers are created, before any forward (`quantize_nf4`, `models.load_model`).
+    Otherwise bitsandbytes, on an avx512_bf16 CPU, repacks the weight during an eval-mode forward (block scales
+    rounded to bfloat16, nested quantisation dropped, output outside autograd), and every forward casts a bias
+    to the compute dtype in place. A layer already repacked (a caller's own, run before) is unpacked again so it
+    trains and de-quantises; that undo cannot restore the scales exactly, hence pinning first. Returns the number
     of `Linear4bit` layers seen.
     """
     count = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            weight = module.weight
-            if getattr(weight.quant_state, "packing_format_for_cpu", False):
-                data, state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-                weight.data, weight.quant_state, module.quant_state = data, state, state
-            count += 1
+        if not is_4bit(module):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            weight.data, weight.quant_state, module.quant_state = data, state, state
+        bias, compute = module.bias, module.compute_dtype
+        if bias is not None and compute is not None and bias.dtype != compute:
+            bias.data = bias.data.to(compute)
+        count += 1
     return count
 
 
@@ -231,6 +281,7 @@ def quantize_nf4(model: PreTrainedModel, compute_dtype: torch.dtype | None = Non
     transposed first and remembered in `source_cls` (transformers' convention) so `dequantize` restores them.
     `compute_dtype` defaults to the layer's current weight dtype.
     """
+    bnb = import_bitsandbytes()
     for layer in decoder_layers(model):
         for name, module in list(layer.named_modules()):
             if type(module) not in (nn.Linear, Conv1D):
@@ -259,39 +310,41 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
 
     The weights are bitsandbytes' de-quantisation of the NF4 codes, cast to `dtype` (default: the layer's
     compute dtype, float32 if unset). Drops the transformers quantisation marks so `save_pretrained` writes a
-    plain float checkpoint.
-    """
-    return _replace_4bit(model, dtype, {})
-
-
-def _replace_4bit(model: nn.Module, dtype: torch.dtype | None, deltas: dict[str, torch.Tensor]) -> nn.Module:
-    """`dequantize`, adding `deltas[name]` (in the 4-bit layer's [out, in] layout) in float32 before the cast.
-
-    One layer at a time, so peak memory is one float32 matrix beyond the model.
+    plain float checkpoint. One layer at a time, so peak memory is one float32 matrix beyond the model.
     """
     disable_cpu_repacking(model)
     for name, module in list(model.named_modules()):
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        target = dtype or module.compute_dtype or torch.float32
-        weight = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-        if name in deltas:
-            weight += deltas[name].to(weight.device)
-        weight = weight.to(target)
-        bias = None if module.bias is None else module.bias.detach().to(target)
-        with torch.device("meta"):  # skip a random init that is overwritten next
-            if issubclass(getattr(module, "source_cls", nn.Linear), Conv1D):
-                plain: nn.Module = Conv1D(weight.shape[0], weight.shape[1])
-                weight = weight.T
-            else:
-                plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        plain.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-        if bias is not None:
-            plain.bias = nn.Parameter(bias, requires_grad=False)
-        model.set_submodule(name, plain)
+        if is_4bit(module):
+            model.set_submodule(name, _float_layer(module, dtype))
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     for flag in ("is_loaded_in_4bit", "is_quantized"):
         if getattr(model, flag, False):
             setattr(model, flag, False)
     return model
+
+
+def _float_layer(module: nn.Module, dtype: torch.dtype | None, lora: nn.Module | None = None) -> nn.Module:
+    """The plain layer (`nn.Linear`, or the `Conv1D` it came from) of a `Linear4bit`: its de-quantised weight,
+    plus the active adapters' deltas of `lora` added in float32 before the cast to `dtype` (default: the layer's
+    compute dtype, float32 if unset). Each delta is dropped as soon as it is added."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    target = dtype or module.compute_dtype or torch.float32
+    weight = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if lora is not None:
+        for adapter in lora.active_adapters:
+            if adapter in lora.lora_A:
+                weight += lora.get_delta_weight(adapter).to(weight.device, torch.float32)
+    weight = weight.to(target)
+    bias = None if module.bias is None else module.bias.detach().to(target)
+    with torch.device("meta"):  # skip a random init that is overwritten next
+        if issubclass(getattr(module, "source_cls", nn.Linear), Conv1D):
+            plain: nn.Module = Conv1D(weight.shape[0], weight.shape[1])
+            weight = weight.T
+        else:
+            plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    plain.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    if bias is not None:
+        plain.bias = nn.Parameter(bias, requires_grad=False)
+    return plain

@@ -309,6 +309,9 @@ def _from_pretrained(loader: Callable[..., object], name: str, source: str, **kw
 def _nf4_config() -> object:
     from transformers import BitsAndBytesConfig
 
+    from gradual.lora import import_bitsandbytes
+
+    import_bitsandbytes()  # before transformers' loader imports it, so without its CPU-kernel notice
     compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute)
@@ -325,7 +328,8 @@ def load_model(name: str, dtype: str = "float32", quantize: str | None = None, t
                device_map: str | dict | None = None) -> PreTrainedModel:
     """Load a causal LM by alias, `tiny:<arch>[:<layers>]`, local folder or hub id; eval mode.
 
-    `quantize="nf4"` loads 4-bit NF4 with double quantisation (QLoRA), computing in bf16 on GPU, fp32 on CPU.
+    `quantize="nf4"` loads 4-bit NF4 with double quantisation (QLoRA), computing in bf16 on GPU, fp32 on CPU;
+    no later forward changes those 4-bit weights, so a de-quantisation of them is the model that was run.
     """
     _check_options(dtype, quantize)
     torch_dtype = torch.float32 if dtype == "auto" and name.startswith(TINY_PREFIX) else DTYPES[dtype]
@@ -341,7 +345,7 @@ def load_model(name: str, dtype: str = "float32", quantize: str | None = None, t
             model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype, quantization_config=_nf4_config(),
                                                          device_map=device_map)
         model.config.name_or_path = name
-        return model.eval()
+        return _pinned(model).eval()
     source = _check_source(name)
     kwargs: dict[str, object] = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=device_map)
     if os.path.isdir(source) and any(Path(source).glob("*.safetensors")):
@@ -349,7 +353,16 @@ def load_model(name: str, dtype: str = "float32", quantize: str | None = None, t
     if quantize == "nf4":
         kwargs["quantization_config"] = _nf4_config()
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, source, **kwargs)
-    return model.eval()
+    return (_pinned(model) if quantize else model).eval()
+
+
+def _pinned(model: PreTrainedModel) -> PreTrainedModel:
+    """The 4-bit layers transformers' loader just made, pinned before any forward so none changes their weights
+    (see `gradual.lora.disable_cpu_repacking`)."""
+    from gradual.lora import disable_cpu_repacking
+
+    disable_cpu_repacking(model)
+    return model
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

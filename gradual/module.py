@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gradual import importance, models, ranks, surgery
 from gradual.distill import Distillation, RecoveryObjective, Teacher
 from gradual.errors import UsageError
-from gradual.lora import LoraSettings, attach_lora, dequantize, merge_lora, quantize_nf4
+from gradual.lora import LoraSettings, attach_lora, dequantize, has_4bit, merge_lora, quantize_nf4
 
 STATE_FILE = "state.json"
 
@@ -258,16 +258,19 @@ class GradualModule(L.LightningModule):
 
     # ----------------------------------------------------------------- model life cycle
     def configure_model(self) -> None:
+        """Load the model, or on resume the last saved stage. A saved stage is loaded as the float weights it was
+        saved as, never quantised here: the uninterrupted run scores that merged float model at the next stage's
+        start and quantises only before attaching adapters, and a resumed run must be that run."""
         if self.model is not None:
             return
         state = self.saved_state()
-        source = self.model_name
+        source, quantize = self.model_name, self.quantize
         if state and state.get("resume_from"):
-            source = str(self.run_dir / state["resume_from"])
+            source, quantize = str(self.run_dir / state["resume_from"]), None
             last = int(state["resume_from"].split("_")[1])
             self.history = [StageRecord.from_dict(r) for r in state["history"] if r["stage"] <= last]
         self.tokenizer = models.load_tokenizer(self.model_name, trust_remote_code=self.trust_remote_code)
-        self.model = models.load_model(source, dtype=self.dtype_name, quantize=self.quantize,
+        self.model = models.load_model(source, dtype=self.dtype_name, quantize=quantize,
                                        trust_remote_code=self.trust_remote_code)
         self.model.config.use_cache = False
         if not self.history:
@@ -367,7 +370,7 @@ class GradualModule(L.LightningModule):
                                         kept=surgery.original_indices(self.model), importance=scores, steps=steps,
                                         timings={"scoring_s": t_score, "surgery_s": t_surgery}))
         if steps > 0:
-            if self.quantize == "nf4" and not _is_quantized(self.model):
+            if self.quantize == "nf4" and not has_4bit(self.model):
                 self.model = quantize_nf4(self.model)
             self.model = attach_lora(self.model, self.lora)
             self._rebuild_optimizer()
@@ -411,8 +414,8 @@ class GradualModule(L.LightningModule):
             self.model.config.use_cache = False
             for p in self.model.parameters():
                 p.requires_grad_(False)
-        elif _is_quantized(self.model):  # pruned without recovery: stages are still saved as float weights
-            self.model = dequantize(self.model, dtype=self.model.get_input_embeddings().weight.dtype)
+        else:  # pruned without recovery: a 4-bit model is still saved as float weights
+            self.model = _as_float(self.model)
         record.loss = sum(self._losses) / len(self._losses) if self._losses else None
         record.timings.update(train_s=train_s, merge_s=time.perf_counter() - t)
         self.model.eval()
@@ -444,6 +447,14 @@ class GradualModule(L.LightningModule):
         """Save the current (merged) model and tokenizer in HF safetensors format, in the model's own dtype."""
         models.save_model(self.model, self.tokenizer, path)
 
+    def baseline_model(self) -> torch.nn.Module:
+        """Stage 0 as it was evaluated, in float weights: with `quantize: nf4` the de-quantised NF4 load (loading
+        is deterministic and no forward changes 4-bit weights), not the original, so a rollback to stage 0
+        writes the model its scores describe."""
+        return _as_float(models.load_model(self.model_name, dtype=self.dtype_name, quantize=self.quantize,
+                                           trust_remote_code=self.trust_remote_code))
 
-def _is_quantized(model: torch.nn.Module) -> bool:
-    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+def _as_float(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with its 4-bit layers de-quantised to the dtype of its float weights (the dtype stages are saved in)."""
+    return dequantize(model, dtype=model.get_input_embeddings().weight.dtype) if has_4bit(model) else model

@@ -36,3 +36,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def avx512bf16_cpu(monkeypatch):
+    """bitsandbytes creates 4-bit layers as on a CPU with avx512_bf16 (whose eval forwards would repack them unless
+    gradual pins them), so the guarantees about 4-bit layers are tested on every CPU; on such a CPU it changes
+    nothing."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)

@@ -1,8 +1,11 @@
-"""QLoRA in the pruning loop (`model.quantize: nf4`, CPU): 4-bit base while healing, float weights on disk."""
+"""QLoRA in the pruning loop (`model.quantize: nf4`, CPU): 4-bit base while healing, float weights on disk, the
+model written is the model scored, and a resumed run is the uninterrupted run."""
 
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import torch
 import yaml
 from rank_probe import probe_callback, weights_checksum
 from safetensors.torch import load_file
-from test_fit import SMOKE, fit_in_process, write_config
+from test_fit import SMOKE, fit_in_process, run_cli, write_config
 from transformers import AutoModelForCausalLM
 
 from gradual.lora import dequantize
@@ -21,7 +24,8 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def pruned_without_recovery(kept: list[int]) -> dict[str, torch.Tensor]:
-    """The NF4-loaded model with the same layers removed, de-quantised: what a stage is before its adapters."""
+    """The NF4-loaded model with the same layers removed, de-quantised: what a stage is before its adapters (all
+    of them kept: the unpruned model as it was scored)."""
     model = load_model("tiny:llama:6", quantize="nf4")
     remove_layers(model, [i for i in range(6) if i not in kept])
     return {k: v.detach().clone() for k, v in dequantize(model).state_dict().items()}
@@ -76,12 +80,64 @@ def test_qlora_stages_heal_a_4bit_base_and_save_float_weights(tmp_path: Path) ->
     assert weights_checksum(final) == probe["stages"][-1]["checksum"]
 
 
-def test_qlora_without_recovery_still_saves_float_weights(tmp_path: Path) -> None:
-    """steps 0: nothing merges, so the stage end de-quantises the NF4-loaded model before it is saved."""
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])] == []
+
+
+def test_qlora_without_recovery_still_saves_float_weights(tmp_path: Path, avx512bf16_cpu: None) -> None:
+    """steps 0: nothing merges, so the stage end de-quantises the NF4-loaded model, which scoring and evaluation
+    ran in eval mode, and saves exactly what a fresh de-quantisation gives."""
     config, run_dir = write_config(tmp_path, model__quantize="nf4", model__schedule__max_layers=1,
                                    model__schedule__steps_per_stage=0)
     cli = fit_in_process(config)
     assert cli.trainer.global_step == 0
     final = assert_plain_float_checkpoint(run_dir / "final").state_dict()
-    reference = pruned_without_recovery(json.loads((run_dir / "final" / "gradual.json").read_text())["kept"])
-    assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
+    assert_same_tensors(final, pruned_without_recovery(json.loads((run_dir / "final" / "gradual.json").read_text())[
+        "kept"]))
+
+
+def test_qlora_rollback_to_stage_0_writes_the_scored_nf4_model(tmp_path: Path, avx512bf16_cpu: None) -> None:
+    """Stage 0 was evaluated on the NF4 model, so a rollback to it writes that model de-quantised, not the
+    original float one."""
+    config, run_dir = write_config(
+        tmp_path, model__quantize="nf4", model__schedule__max_layers=1,
+        trainer__callbacks__0__init_args__tasks=["successor"], trainer__callbacks__0__init_args__n=16,
+        trainer__callbacks__1__init_args__threshold=0.9, trainer__callbacks__1__init_args__monitor="mc_successor")
+    fit_in_process(config)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["final_stage"] == 0, "the tiny NF4 model's mc_successor drops below 0.9 retention at stage 1"
+    final = assert_plain_float_checkpoint(run_dir / "final").state_dict()
+    assert_same_tensors(final, pruned_without_recovery(list(range(6))))
+
+
+@pytest.mark.slow  # three CLI runs of about a minute in all; CI runs it (make test-slow)
+def test_qlora_resume_after_kill_mid_stage_is_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Through the real CLI, as test_fit's float resume test: a resumed stage starts from the saved float weights,
+    as the uninterrupted run starts it from the merged float model, so scores and `final/` are equal."""
+    changes = dict(model__quantize="nf4", model__schedule__max_layers=2, model__schedule__steps_per_stage=6)
+    whole_config, whole_dir = write_config(tmp_path, "whole", **changes)
+    assert run_cli(whole_config).wait(timeout=600) == 0
+
+    config, run_dir = write_config(tmp_path, "killed", **changes)
+    proc = run_cli(config)
+    state = run_dir / "state.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and len(json.loads(state.read_text())["history"]) == 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    saved = json.loads(state.read_text())
+    assert not saved["finished"] and saved["resume_from"] == "stage_1"
+
+    assert run_cli(config).wait(timeout=600) == 0
+    assert_same_tensors(load_file(whole_dir / "final" / "model.safetensors"),
+                        load_file(run_dir / "final" / "model.safetensors"))
+    same = json.loads((whole_dir / "results.json").read_text())["stages"]
+    resumed = json.loads((run_dir / "results.json").read_text())["stages"]
+    assert len(same) == len(resumed) == 3
+    for key in ("removed_total", "importance", "scores"):
+        assert [s[key] for s in same] == [s[key] for s in resumed], key
