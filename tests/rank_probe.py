@@ -106,3 +106,13 @@ def lm_eval_callback(include_path: Path) -> dict[str, Any]:
     """The config entry of an LmEvalEvaluation on the local task."""
     return {"class_path": "gradual.callbacks.LmEvalEvaluation",
             "init_args": {"tasks": [LM_EVAL_TASK], "include_path": str(include_path), "batch_size": 8}}
+
+
+class RejectEveryStage(Callback):
+    """A stop rule that fails every pruned stage (the loop then rolls back to stage 0), independent of how a random
+    tiny model happens to score."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.history[-1].meets_threshold = False
+        trainer.should_stop = True
+        pl_module.stop_reason = f"stage {pl_module.stage} rejected; rolled back to stage {pl_module.chosen_stage()}"

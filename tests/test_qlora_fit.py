@@ -100,13 +100,13 @@ def test_qlora_without_recovery_still_saves_float_weights(tmp_path: Path, avx512
 def test_qlora_rollback_to_stage_0_writes_the_scored_nf4_model(tmp_path: Path, avx512bf16_cpu: None) -> None:
     """Stage 0 was evaluated on the NF4 model, so a rollback to it writes that model de-quantised, not the
     original float one."""
-    config, run_dir = write_config(
-        tmp_path, model__quantize="nf4", model__schedule__max_layers=1,
-        trainer__callbacks__0__init_args__tasks=["successor"], trainer__callbacks__0__init_args__n=16,
-        trainer__callbacks__1__init_args__threshold=0.9, trainer__callbacks__1__init_args__monitor="mc_successor")
+    callbacks = yaml.safe_load(SMOKE.read_text())["trainer"]["callbacks"]
+    callbacks[1] = {"class_path": "rank_probe.RejectEveryStage"}  # in place of RetentionStopping
+    config, run_dir = write_config(tmp_path, model__quantize="nf4", model__schedule__max_layers=1,
+                                   trainer__callbacks=callbacks)
     fit_in_process(config)
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["final_stage"] == 0, "the tiny NF4 model's mc_successor drops below 0.9 retention at stage 1"
+    assert results["final_stage"] == 0 and results["stages"][1]["meets_threshold"] is False
     final = assert_plain_float_checkpoint(run_dir / "final").state_dict()
     assert_same_tensors(final, pruned_without_recovery(list(range(6))))
 
