@@ -21,6 +21,7 @@ commands:
   eval      evaluate a model (any path or alias) on built-in and lm-eval tasks
   prune     remove layers in one shot (no recovery) and save the model
   compare   one-shot vs gradual, SGR vs dataset answers, at equal depth and training budget
+  tasks     list the built-in evaluation tasks with an example problem
 
 `gradual <command> --help` describes each command's options."""
 
@@ -155,6 +156,28 @@ def prune_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def tasks_command(argv: Sequence[str]) -> int:
+    from gradual.tasks import CODE_TASKS
+    from gradual.tasks.builtin import DIFFICULTIES, get_task, task_names
+
+    p = argparse.ArgumentParser(prog="gradual tasks", description="List the built-in tasks: forms, answer kind, "
+                                "and one example problem (evaluation split) at the chosen difficulty.")
+    p.add_argument("--difficulty", default="small", help=f"problem size preset: {', '.join(DIFFICULTIES)}")
+    args = p.parse_args(argv)
+    rows = []
+    for name in task_names():
+        task = get_task(name, args.difficulty)
+        example = task.problems("eval", 1, 0)[0]
+        forms = "generative, classification" if task.has_classification else "generative"
+        rows.append((name, forms, task.kind, f"{example.question!r} -> {example.answer!r}"))
+    rows += [(name, "generative (code; needs enable_code)", "code", "HumanEval problems") for name in CODE_TASKS]
+    head = ("task", "forms", "answer", f"example ({args.difficulty})")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
+    return 0
+
+
 def compare_command(argv: Sequence[str]) -> int:
     from gradual.compare import main as compare_main
 
@@ -243,7 +266,7 @@ def fit_command(argv: Sequence[str]) -> int:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "fit": fit_command, "score": score_command, "eval": eval_command, "prune": prune_command,
-    "compare": compare_command,
+    "compare": compare_command, "tasks": tasks_command,
 }
 
 

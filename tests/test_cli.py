@@ -109,3 +109,14 @@ def test_smollm2_scores_all_30_layers_from_one_calibration_pass() -> None:
     assert len(calls) == len(batches) == 2
     assert len(scores.scores) == 30 and all(0 <= s <= 2 for s in scores.scores)
     assert scores.scores[0] == max(scores.scores), "layer 0 is the most important on SmolLM2 (RESEARCH.md)"
+
+
+def test_tasks_lists_every_builtin_task_with_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+    from gradual.tasks import TASKS
+
+    assert main(["tasks", "--difficulty", "large"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["task", "forms", "answer"] and "example (large)" in out[0]
+    assert [line.split()[0] for line in out[1:]] == [*TASKS, "humaneval"]
+    assert main(["tasks", "--difficulty", "huge"]) == 2
+    assert "difficulty='huge' is unknown" in capsys.readouterr().err
