@@ -1,4 +1,4 @@
-"""Distillation from the original model: the teacher, the losses, and the recovery objective the module calls.
+"""Recovery from the original model: the teacher, the losses, and the recovery objective the module calls.
 
 Three pieces, as in NVIDIA ModelOpt's distillation API:
 - `Teacher`: the original, unpruned model — loaded once, frozen, in eval mode, kept outside the LightningModule's
@@ -29,11 +29,12 @@ from gradual.errors import UsageError
 
 IGNORE_INDEX = -100
 LOSSES = ("sft", "kd", "kd+sft")
+PARAMS = ("lora", "full", "near_cut")
 
 
 @dataclass
-class Distillation:
-    """What a recovery step minimises.
+class Recovery:
+    """How a stage heals: what a recovery step minimises, and which weights it trains.
 
     Attributes:
         loss: `sft` (cross-entropy on the data's tokens — the seed paper's recipe), `kd` (forward KL to the original
@@ -46,6 +47,11 @@ class Distillation:
         chunk_size: positions per KL chunk (memory: chunk_size × vocabulary float32 values at a time).
         teacher_dtype: dtype of the teacher (`float32`, `bfloat16`, `float16`; null = the student's `dtype`).
         teacher_quantize: `nf4` loads the teacher in 4 bits to save memory on GPUs (null = not quantised).
+        params: what trains: `lora` (fresh adapters every stage, merged at its end), `full` (every weight of every
+            decoder layer and the final norm), or `near_cut` (full weights of the `near_cut_layers` kept layers on
+            each side of every cut, plus the final norm; LLM-Streamline arXiv 2403.19135 and arXiv 2411.15558 found
+            training whole layers near the cut heals better than a small LoRA).
+        near_cut_layers: k of `near_cut`: kept layers trained on each side of a cut.
     """
 
     loss: str = "sft"
@@ -55,22 +61,27 @@ class Distillation:
     chunk_size: int = 1024
     teacher_dtype: str | None = None
     teacher_quantize: str | None = None
+    params: str = "lora"
+    near_cut_layers: int = 1
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
-            raise UsageError(f"distillation.loss={self.loss!r} is unknown; allowed: {', '.join(LOSSES)}")
+            raise UsageError(f"recovery.loss={self.loss!r} is unknown; allowed: {', '.join(LOSSES)}")
         if not self.temperature > 0:
-            raise UsageError(f"distillation.temperature={self.temperature} is invalid; it must be > 0")
+            raise UsageError(f"recovery.temperature={self.temperature} is invalid; it must be > 0")
         if self.sft_weight < 0 or self.hidden_weight < 0:
-            raise UsageError("distillation.sft_weight and hidden_weight must be >= 0")
+            raise UsageError("recovery.sft_weight and hidden_weight must be >= 0")
         if self.chunk_size < 1:
-            raise UsageError(f"distillation.chunk_size={self.chunk_size} is invalid; it must be >= 1")
+            raise UsageError(f"recovery.chunk_size={self.chunk_size} is invalid; it must be >= 1")
         if self.teacher_quantize not in (None, "nf4"):
-            raise UsageError(f"distillation.teacher_quantize={self.teacher_quantize!r} is unknown; allowed: nf4 or "
-                             "null")
+            raise UsageError(f"recovery.teacher_quantize={self.teacher_quantize!r} is unknown; allowed: nf4 or null")
         if self.teacher_dtype is not None and self.teacher_dtype not in models.DTYPES:
-            raise UsageError(f"distillation.teacher_dtype={self.teacher_dtype!r} is unknown; allowed: "
+            raise UsageError(f"recovery.teacher_dtype={self.teacher_dtype!r} is unknown; allowed: "
                              f"{', '.join(models.DTYPES)} or null")
+        if self.params not in PARAMS:
+            raise UsageError(f"recovery.params={self.params!r} is unknown; allowed: {', '.join(PARAMS)}")
+        if self.near_cut_layers < 1:
+            raise UsageError(f"recovery.near_cut_layers={self.near_cut_layers} is invalid; it must be >= 1")
 
     @property
     def needs_teacher(self) -> bool:
@@ -203,7 +214,7 @@ class RecoveryObjective:
     Returns (loss, parts) where parts holds the detached components (`sft`, `kd`, `hidden`) for logging.
     """
 
-    def __init__(self, settings: Distillation, teacher: Teacher | None) -> None:
+    def __init__(self, settings: Recovery, teacher: Teacher | None) -> None:
         if settings.needs_teacher and teacher is None:
             raise ValueError(f"distillation loss {settings.loss!r} needs a teacher")
         self.settings, self.teacher = settings, teacher

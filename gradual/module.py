@@ -12,7 +12,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
 
 from gradual import importance, models, ranks, surgery
-from gradual.distill import Distillation, RecoveryObjective, Teacher
+from gradual.distill import Recovery, RecoveryObjective, Teacher
 from gradual.errors import UsageError
 from gradual.lora import LoraSettings, attach_lora, dequantize, has_4bit, merge_lora, quantize_nf4
 
@@ -41,6 +41,7 @@ class Schedule:
     min_depth: int = 1
     layers: list[int] | None = None
     steps_per_stage: int = 50
+    final_steps: int = 0
 
     def total_to_remove(self, depth: int) -> int:
         """How many layers the whole run may remove from a model of `depth` layers."""
@@ -70,6 +71,19 @@ class Schedule:
             return self.steps_per_stage * max(1, -(-n_removed // self.layers_per_stage))
         return self.steps_per_stage
 
+    def stages(self, depth: int) -> list[tuple[int, int]]:
+        """The run's plan, one (layers removed, recovery steps) pair per stage: the removals, then — with
+        `final_steps` — a consolidation stage that removes nothing and distils from the original model
+        (Minitron's advice: most of the budget in a final pass from the original teacher)."""
+        plan = [(k, self.steps_for_stage(k)) for k in self.stage_sizes(depth)]
+        if self.final_steps and plan:
+            plan.append((0, self.final_steps))
+        return plan
+
+    def total_steps(self, depth: int) -> int:
+        """Recovery steps of the whole run, consolidation included (what `gradual compare` keeps equal)."""
+        return sum(steps for _, steps in self.stages(depth))
+
     def validate(self, original: Sequence[int] | None = None) -> None:
         """Check the settings; with the input model's original layer indices, also the ones that depend on it.
 
@@ -82,6 +96,8 @@ class Schedule:
             raise UsageError(f"schedule.layers_per_stage={self.layers_per_stage} is invalid; it must be >= 1")
         if self.steps_per_stage < 0:
             raise UsageError(f"schedule.steps_per_stage={self.steps_per_stage} is invalid; it must be >= 0")
+        if self.final_steps < 0:
+            raise UsageError(f"schedule.final_steps={self.final_steps} is invalid; it must be >= 0")
         if self.target_ratio is not None and not 0 < self.target_ratio < 1:
             raise UsageError(f"schedule.target_ratio={self.target_ratio} is invalid; allowed: 0 < ratio < 1")
         if self.max_layers is not None and self.max_layers < 1:
@@ -143,6 +159,7 @@ class StageRecord:
     kept: list[int] = field(default_factory=list)
     importance: dict[str, Any] = field(default_factory=dict)
     steps: int = 0
+    consolidation: bool = False
     loss: float | None = None
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     retention: dict[str, float] = field(default_factory=dict)
@@ -181,7 +198,7 @@ class GradualModule(L.LightningModule):
     def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "float32", quantize: str | None = None,
                  trust_remote_code: bool = False, schedule: Schedule | None = None,
                  selection: Selection | None = None, lora: LoraSettings | None = None,
-                 distillation: Distillation | None = None,
+                 recovery: Recovery | None = None,
                  optimizer: OptimizerCallable | None = None, lr_scheduler: LRSchedulerCallable | None = None,
                  warmup_steps: int = 50, run_dir: str = "runs/gradual", overwrite: bool = False,
                  seed: int = 0) -> None:
@@ -193,7 +210,7 @@ class GradualModule(L.LightningModule):
         self.schedule = schedule or Schedule()
         self.selection = selection or Selection()
         self.lora = lora or LoraSettings()
-        self.distillation = distillation or Distillation()
+        self.recovery = recovery or Recovery()
         self.teacher: Teacher | None = None
         self.objective: RecoveryObjective | None = None
         self.optimizer_factory = optimizer
@@ -209,7 +226,10 @@ class GradualModule(L.LightningModule):
         self.original0 = models.original_layers(model, trust_remote_code=trust_remote_code)
         self.depth0 = len(self.original0)
         self.schedule.validate(self.original0)
-        self.stage_sizes = self.schedule.stage_sizes(self.depth0)
+        self.plan = self.schedule.stages(self.depth0)
+        if self.quantize == "nf4" and self.recovery.params != "lora":
+            raise UsageError(f"recovery.params={self.recovery.params!r} trains full weights, which a 4-bit base "
+                             "cannot hold; use params: lora with quantize: nf4, or quantize: null")
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
         self.history: list[StageRecord] = []
@@ -231,7 +251,7 @@ class GradualModule(L.LightningModule):
         """
         return {"model": self.model_name, "dtype": self.dtype_name, "quantize": self.quantize,
                 "schedule": asdict(self.schedule), "selection": asdict(self.selection), "lora": asdict(self.lora),
-                "distillation": asdict(self.distillation), "warmup_steps": self.warmup_steps, "seed": self.seed,
+                "recovery": asdict(self.recovery), "warmup_steps": self.warmup_steps, "seed": self.seed,
                 **self.run_context}
 
     def saved_state(self) -> dict[str, Any] | None:
@@ -282,8 +302,8 @@ class GradualModule(L.LightningModule):
         dm = self.trainer.datamodule
         if hasattr(dm, "recovery_tasks"):
             self.in_data_tasks = dm.recovery_tasks()
-        if dm is not None:
-            steps = self.schedule.steps_for_stage(self.stage_sizes[0] if self.stage_sizes else 0)
+        if dm is not None:  # every epoch holds the longest stage's batches; shorter stages end early
+            steps = max((steps for _, steps in self.plan), default=0)
             batches = max(1, steps) * self.trainer.accumulate_grad_batches
             dm.samples_per_epoch = batches * dm.batch_size * self.trainer.world_size
 
@@ -292,14 +312,14 @@ class GradualModule(L.LightningModule):
         limit becomes the planned number of stages (unless the Trainer's is lower), so the progress bar reads
         "Epoch 1/3" rather than the open-ended loop's "Epoch 1/-2". A distilling run loads its teacher (the original
         model, also on resume) once here."""
-        if self.distillation.needs_teacher and self.teacher is None:
-            self.teacher = Teacher.load(self.model_name, dtype=self.distillation.teacher_dtype or self.dtype_name,
-                                        quantize=self.distillation.teacher_quantize,
+        if (self.recovery.needs_teacher or self.schedule.final_steps) and self.teacher is None:
+            self.teacher = Teacher.load(self.model_name, dtype=self.recovery.teacher_dtype or self.dtype_name,
+                                        quantize=self.recovery.teacher_quantize,
                                         trust_remote_code=self.trust_remote_code)
-        self.objective = RecoveryObjective(self.distillation, self.teacher)
+        self.objective = RecoveryObjective(self.recovery, self.teacher)
         loop = self.trainer.fit_loop
-        if loop.max_epochs is None or loop.max_epochs < 0 or loop.max_epochs > len(self.stage_sizes):
-            loop.max_epochs = max(1, len(self.stage_sizes))
+        if loop.max_epochs is None or loop.max_epochs < 0 or loop.max_epochs > len(self.plan):
+            loop.max_epochs = max(1, len(self.plan))
         done = len(self.history) - 1
         progress = loop.epoch_progress
         for counter in (progress.current, progress.total):
@@ -318,10 +338,10 @@ class GradualModule(L.LightningModule):
     def depth(self) -> int:
         return surgery.num_layers(self.model)
 
-    def next_stage_size(self) -> int:
-        """Layers the next stage removes; 0 when the schedule is done."""
+    def next_stage(self) -> tuple[int, int] | None:
+        """(layers to remove, recovery steps) of the next planned stage; None when the plan is done."""
         done = len(self.history) - 1 if self.history else 0
-        return self.stage_sizes[done] if done < len(self.stage_sizes) else 0
+        return self.plan[done] if done < len(self.plan) else None
 
     def choose_layers(self, k: int) -> tuple[list[int], dict[str, Any]]:
         """Current indices of the `k` layers to remove now, and the scores that chose them.
@@ -351,31 +371,54 @@ class GradualModule(L.LightningModule):
                         "original": list(scores.original_indices)}
 
     def on_train_epoch_start(self) -> None:
-        """Start a stage: score, remove, attach fresh adapters, rebuild the optimizer."""
-        k = self.next_stage_size()
+        """Start a stage: score, remove, make the chosen weights trainable, rebuild the optimizer.
+
+        A consolidation stage (`schedule.final_steps`) removes nothing and distils from the original model."""
+        k, steps = self.next_stage()
         stage = len(self.history)
         L.seed_everything(self.seed + stage, verbose=False)
         self._stage_start = time.perf_counter()
         self._losses = []
         t = time.perf_counter()
-        chosen, scores = self.choose_layers(k)
+        chosen, scores = self.choose_layers(k) if k else ([], {"metric": "consolidation"})
         t_score = time.perf_counter() - t
         t = time.perf_counter()
         removed = surgery.remove_layers(self.model, chosen)
         t_surgery = time.perf_counter() - t
         previous = self.history[-1].removed_total if self.history else []
-        steps = self.schedule.steps_for_stage(k)
         self.history.append(StageRecord(stage=stage, depth=self.depth, removed=removed,
                                         removed_total=sorted(previous + removed),
                                         kept=surgery.original_indices(self.model), importance=scores, steps=steps,
+                                        consolidation=k == 0,
                                         timings={"scoring_s": t_score, "surgery_s": t_surgery}))
+        self.objective = RecoveryObjective(replace(self.recovery, loss="kd") if k == 0 else self.recovery,
+                                           self.teacher)
         if steps > 0:
-            if self.quantize == "nf4" and not has_4bit(self.model):
-                self.model = quantize_nf4(self.model)
-            self.model = attach_lora(self.model, self.lora)
+            self._make_trainable()
             self._rebuild_optimizer()
         self.model.train()
         self.log_dict({"stage": float(stage), "depth": float(self.depth)}, prog_bar=True, on_epoch=True)
+
+    def _make_trainable(self) -> None:
+        """`recovery.params`: fresh LoRA adapters (on an NF4 base with `quantize: nf4`), or full weights of every
+        decoder layer / of the layers next to the cuts, plus the final norm. Everything else stays frozen."""
+        if self.recovery.params == "lora":
+            if self.quantize == "nf4" and not has_4bit(self.model):
+                self.model = quantize_nf4(self.model)
+            self.model = attach_lora(self.model, self.lora)
+            return
+        layers = surgery.decoder_layers(self.model)
+        positions = range(len(layers))
+        if self.recovery.params == "near_cut":
+            positions = surgery.near_cuts(surgery.original_indices(self.model), self.recovery.near_cut_layers,
+                                          depth=max(self.original0) + 1)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for i in positions:
+            for p in layers[i].parameters():
+                p.requires_grad_(True)
+        for p in surgery.final_norm(self.model).parameters():
+            p.requires_grad_(True)
 
     def _rebuild_optimizer(self) -> None:
         """New adapters are new parameters: rebuild the optimizer (and the DDP wrapper) around them."""
@@ -385,10 +428,15 @@ class GradualModule(L.LightningModule):
             strategy._register_ddp_hooks()  # a configured DDP communication hook (GPU) belongs to the new wrapper
         strategy.setup_optimizers(self.trainer)
 
+    def _stage_batches(self) -> int:
+        return self.history[-1].steps * self.trainer.accumulate_grad_batches
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
-        """`steps_per_stage: 0` prunes without recovery: end the stage before its only (placeholder) batch."""
-        if self.history[-1].steps == 0:
-            self.end_stage()
+        """End the epoch once the stage's own steps are done (an epoch holds the longest stage's batches);
+        `steps_per_stage: 0` prunes without recovery: the stage ends before its first (placeholder) batch."""
+        if batch_idx >= self._stage_batches():
+            if self._stage_batches() == 0:
+                self.end_stage()
             return -1
         return None
 
@@ -401,16 +449,17 @@ class GradualModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx + 1 >= self.trainer.num_training_batches:
+        if batch_idx + 1 == min(self._stage_batches(), self.trainer.num_training_batches):
             self.end_stage()
 
     def end_stage(self) -> None:
-        """Merge the stage's adapters so callbacks see (and save) a plain HF model."""
+        """Merge the stage's adapters (if any) so callbacks see (and save) a plain HF model."""
         record = self.history[-1]
         train_s = time.perf_counter() - self._stage_start - sum(record.timings.values())
         t = time.perf_counter()
         if record.steps > 0:
-            self.model = merge_lora(self.model, requantize=False)
+            if self.recovery.params == "lora":
+                self.model = merge_lora(self.model, requantize=False)
             self.model.config.use_cache = False
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -422,7 +471,7 @@ class GradualModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         """After the evaluating and deciding callbacks: stop when the schedule has nothing left."""
-        if self.next_stage_size() == 0 and not self.trainer.should_stop:
+        if self.next_stage() is None and not self.trainer.should_stop:
             self.trainer.should_stop = True
             self.stop_reason = self.stop_reason or "schedule complete"
 

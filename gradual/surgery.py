@@ -35,6 +35,14 @@ _LAYER_PATHS: dict[str, str] = {
     "opt": "model.decoder.layers",
 }
 
+# model_type -> attribute path of the norm after the last decoder layer.
+_FINAL_NORM_PATHS: dict[str, str] = {
+    **{arch: "model.norm" for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")},
+    "gpt_neox": "gpt_neox.final_layer_norm",
+    "gpt2": "transformer.ln_f",
+    "opt": "model.decoder.final_layer_norm",
+}
+
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(_LAYER_PATHS))
 """`config.model_type` values whose decoder layers this module can find and remove."""
 
@@ -70,6 +78,31 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for name in _LAYER_PATHS[arch].split("."):
         module = getattr(module, name)
     return module
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last decoder layer (trained with the layers it normalises)."""
+    module: Any = base_model(model)
+    for name in _FINAL_NORM_PATHS[architecture(model)].split("."):
+        module = getattr(module, name)
+    return module
+
+
+def near_cuts(original: Sequence[int], k: int, depth: int | None = None) -> list[int]:
+    """Current positions of the `k` kept layers on each side of every cut, sorted.
+
+    A cut lies between neighbouring kept layers whose original indices are not consecutive (layers were removed
+    between them); a cut at the very start (original layer 0 gone) or at the end (the original model's last
+    layers gone; known only with its `depth`) has kept layers on one side only.
+    Example: original [0, 1, 4, 5, 6], k=1 → positions [1, 2] (layers 1 and 4 border the cut of layers 2-3).
+    """
+    cuts = [p for p in range(1, len(original)) if original[p] != original[p - 1] + 1]
+    if original and original[0] != 0:
+        cuts.append(0)
+    if original and depth is not None and original[-1] != depth - 1:
+        cuts.append(len(original))
+    chosen = {q for c in cuts for q in range(c - k, c + k) if 0 <= q < len(original)}
+    return sorted(chosen)
 
 
 def num_layers(model: nn.Module) -> int:

@@ -116,3 +116,14 @@ class RejectEveryStage(Callback):
         pl_module.history[-1].meets_threshold = False
         trainer.should_stop = True
         pl_module.stop_reason = f"stage {pl_module.stage} rejected; rolled back to stage {pl_module.chosen_stage()}"
+
+
+class RejectConsolidation(Callback):
+    """Accept every removal stage and reject the consolidation stage (`schedule.final_steps`)."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        record = pl_module.history[-1]
+        record.meets_threshold = not record.consolidation
+        if record.consolidation:
+            trainer.should_stop = True
+            pl_module.stop_reason = f"consolidation rejected; rolled back to stage {pl_module.chosen_stage()}"

@@ -1,4 +1,4 @@
-"""Distillation pieces on tiny real models: the KL against a direct computation, chunking, memory, the layer map."""
+"""Recovery pieces on tiny real models: the KL against a direct computation, chunking, memory, the layer map."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from test_fit import fit_in_process, write_config
 
 from gradual import surgery
 from gradual.distill import (
-    Distillation,
+    Recovery,
     RecoveryObjective,
     Teacher,
     forward_kl,
@@ -121,7 +121,7 @@ def test_kd_steps_bring_the_pruned_student_towards_the_teacher() -> None:
     student = load_model("tiny:llama:6")
     surgery.remove_layers(student, [2, 3])
     student = attach_lora(student, LoraSettings(r=4, alpha=8, dropout=0.0))
-    objective = RecoveryObjective(Distillation(loss="kd", hidden_weight=0.1), teacher)
+    objective = RecoveryObjective(Recovery(loss="kd", hidden_weight=0.1), teacher)
     batch = _batch()
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
     original = surgery.original_indices(student)
@@ -141,7 +141,7 @@ def test_kd_plus_sft_adds_the_cross_entropy_of_hf() -> None:
     teacher = Teacher(tiny_model("llama", 4, seed=3))
     student = load_model("tiny:llama:4")
     batch = _batch()
-    objective = RecoveryObjective(Distillation(loss="kd+sft", sft_weight=0.5), teacher)
+    objective = RecoveryObjective(Recovery(loss="kd+sft", sft_weight=0.5), teacher)
     loss, parts = objective(student, batch, [0, 1, 2, 3])
     hf_loss = student(**batch).loss
     torch.testing.assert_close(torch.tensor(parts["sft"]), hf_loss.detach(), rtol=1e-5, atol=1e-6)
@@ -152,12 +152,12 @@ def test_kd_plus_sft_adds_the_cross_entropy_of_hf() -> None:
                                                 ({"teacher_quantize": "int8"}, "int8"), ({"chunk_size": 0}, "chunk")])
 def test_bad_settings_are_refused(kwargs: dict, needle: str) -> None:
     with pytest.raises(UsageError, match=needle):
-        Distillation(**kwargs)
+        Recovery(**kwargs)
 
 
 def test_a_kd_fit_trains_the_student_against_a_frozen_original(tmp_path: Path) -> None:
     config, run_dir = write_config(tmp_path, model__schedule__max_layers=2, model__schedule__steps_per_stage=2,
-                                   model__distillation={"loss": "kd", "hidden_weight": 0.5})
+                                   model__recovery={"loss": "kd", "hidden_weight": 0.5})
     cli = fit_in_process(config)
     module = cli.model
     reference = load_model("tiny:llama:6")
@@ -169,4 +169,4 @@ def test_a_kd_fit_trains_the_student_against_a_frozen_original(tmp_path: Path) -
     results = json.loads((run_dir / "results.json").read_text())
     stages = results["stages"]
     assert [len(s["removed_total"]) for s in stages] == [0, 1, 2] and all(s["loss"] > 0 for s in stages[1:])
-    assert results["config"]["distillation"]["loss"] == "kd"
+    assert results["config"]["recovery"]["loss"] == "kd"
