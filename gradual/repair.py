@@ -289,18 +289,22 @@ class _Runner:
         """Run the batch: the reference from the unpruned model, block `block`'s values from the model with the
         `earlier` positions skipped and `overrides` (position → down_proj weight, bias) in place (one pass when
         there is nothing earlier)."""
-        mask = batch["attention_mask"].to(self.device).bool()
+        mask = batch["attention_mask"].bool()
         got: dict[str, torch.Tensor] = {}
         layer = self.layers[block]
+        home = layer.mlp.down_proj.weight.device  # everything is returned here (a model may span devices)
+
+        def real(t: torch.Tensor) -> torch.Tensor:
+            return t[mask.to(t.device)].to(home)
 
         def residual(module: nn.Module, args: tuple) -> None:
-            got["y"] = args[0][mask]
+            got["y"] = real(args[0])
 
         def mlp(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            got["x"], got["m"] = args[0][mask], output[mask]
+            got["x"], got["m"] = real(args[0]), real(output)
 
         def reference(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            got["reference"] = _hidden(output)[mask]
+            got["reference"] = real(_hidden(output))
             raise _Stop
 
         def stop(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -345,7 +349,7 @@ class _Runner:
         if post is None:
             return None
         down = self.layers[block].mlp.down_proj
-        ones = torch.ones(1, down.out_features, device=self.device, dtype=down.weight.dtype)
+        ones = torch.ones(1, down.out_features, device=down.weight.device, dtype=down.weight.dtype)
         return getattr(self.layers[block], post)(ones)[0].double()
 
 
@@ -356,13 +360,13 @@ def _repair_span(runner: _Runner, span: list[int], original: list[int], batches:
     block, last = span[0] - 1, span[-1]
     down = _down_proj(runner.layers[block], original[block])
     earlier = [p for r in done for p in r.span]
-    overrides = {r.block: (r.weight.to(runner.device), None if r.bias is None else r.bias.to(runner.device))
-                 for r in done if r.status == "kept"}
+    overrides = {r.block: _on(runner.layers[r.block], r.weight, r.bias) for r in done if r.status == "kept"}
     gain = runner.post_norm_gain(block)
     d = down.out_features
-    gram = torch.zeros(FOLDS, d, d, dtype=torch.float64, device=runner.device)  # per fold: MᵀM, MᵀD, ||D||², N
+    device = down.weight.device
+    gram = torch.zeros(FOLDS, d, d, dtype=torch.float64, device=device)  # per fold: MᵀM, MᵀD, ||D||², N
     cross = torch.zeros_like(gram)
-    target_sq = torch.zeros(FOLDS, dtype=torch.float64, device=runner.device)
+    target_sq = torch.zeros(FOLDS, dtype=torch.float64, device=device)
     counts = [0] * FOLDS
     sequences = 0
     for batch in batches:
@@ -370,7 +374,7 @@ def _repair_span(runner: _Runner, span: list[int], original: list[int], batches:
         m = c.m.double()
         target = _fit_target(m, c.reference.double() - c.y.double(), gain)
         folds, sequences = _folds(batch["attention_mask"], sequences)
-        folds = folds.to(runner.device)
+        folds = folds.to(device)
         for k in range(FOLDS):
             rows = folds == k
             m_k, target_k = m[rows], target[rows]
@@ -484,6 +488,12 @@ def _down_proj(layer: nn.Module, original_index: int | None) -> nn.Linear:
         raise UsageError(f"repair 'lstsq' needs a float nn.Linear mlp.down_proj; layer {original_index} has {kind} "
                          "(a 4-bit base or unmerged adapters cannot take the fold)")
     return down
+
+
+def _on(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A planned (CPU) down_proj weight and bias on the device of the layer's down projection."""
+    device = layer.mlp.down_proj.weight.device
+    return weight.to(device), None if bias is None else bias.to(device)
 
 
 def _replace_output(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[..., torch.Tensor]:

@@ -6,10 +6,15 @@ import copy
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from rank_probe import probe_callback
 from test_fit import SMOKE, fit_in_process, write_config
 from transformers import AutoModelForCausalLM
 
@@ -38,15 +43,17 @@ def random_batches(seed: int = 0, n: int = 4, rows: int = 4, width: int = 24) ->
 
 
 def with_extra_padding(batches: list[dict[str, torch.Tensor]], seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    """The same sequences with 7 more padded columns and one row of padding only (random ids under the mask)."""
+    """The same sequences with 7 more padded columns, and in the first batch after a row of padding only (random
+    ids under the mask)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for b in batches:
+    for index, b in enumerate(batches):
         rows, width = b["input_ids"].shape
-        ids = torch.randint(0, VOCAB, (rows + 1, width + 7), generator=g)
-        mask = torch.zeros(rows + 1, width + 7, dtype=torch.long)
-        ids[:rows, :width] = torch.where(b["attention_mask"].bool(), b["input_ids"], ids[:rows, :width])
-        mask[:rows, :width] = b["attention_mask"]
+        top = 1 if index == 0 else 0
+        ids = torch.randint(0, VOCAB, (rows + top, width + 7), generator=g)
+        mask = torch.zeros(rows + top, width + 7, dtype=torch.long)
+        ids[top:, :width] = torch.where(b["attention_mask"].bool(), b["input_ids"], ids[top:, :width])
+        mask[top:, :width] = b["attention_mask"]
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
 
@@ -135,6 +142,7 @@ def test_padding_does_not_change_the_fit(one_thread: None) -> None:
     assert padded.tokens == plain.tokens
     torch.testing.assert_close(padded.transform, plain.transform, rtol=1e-5, atol=1e-6)
     assert padded.distance_repaired == pytest.approx(plain.distance_repaired, rel=1e-5)
+    assert padded.ridge == plain.ridge and padded.distance_cv == pytest.approx(plain.distance_cv, rel=1e-6)
 
 
 def test_a_repair_that_would_hurt_is_reverted(one_thread: None) -> None:
@@ -298,6 +306,25 @@ def test_fit_with_repair_records_it_per_stage_and_saves_a_plain_model(plan: str,
     loaded, info = AutoModelForCausalLM.from_pretrained(run_dir / "final", output_loading_info=True)
     assert not any(info.values()), info
     assert type(loaded).__name__ == "LlamaForCausalLM"
+
+
+@pytest.mark.slow  # two ranks launched by Lightning from the real command, ~30 s
+def test_two_cpu_ranks_plan_on_rank_0_and_hold_the_same_repaired_weights(tmp_path: Path) -> None:
+    callbacks = yaml.safe_load(SMOKE.read_text())["trainer"]["callbacks"]
+    callbacks.append(probe_callback(tmp_path / "probe"))
+    config, run_dir = write_config(tmp_path, model__repair="lstsq", model__schedule__max_layers=2,
+                                   trainer__strategy="ddp", trainer__devices=2, trainer__callbacks=callbacks,
+                                   data__sgr__cache_dir=str(tmp_path / "sgr"))
+    (tmp_path / "cwd").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "gradual", "fit", "--config", str(config)], cwd=tmp_path / "cwd",
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["stages"] == ranks[1]["stages"]  # the same layers and bit-identical merged weights per stage
+    stages = json.loads((run_dir / "results.json").read_text())["stages"][1:]
+    assert [s["importance"]["repair"]["spans"][0]["status"] for s in stages] == ["kept", "kept"]
 
 
 @pytest.mark.slow
