@@ -221,7 +221,7 @@ def plan_repairs(model: nn.Module, positions: Sequence[int], batches: Sequence[B
             if span[0] == 0:
                 log.info("repair: span %s starts at the first layer; nothing before it takes a map, removed "
                          "without repair", removed)
-                repair = SpanRepair(span, removed, None, None, "skipped")
+                repair = SpanRepair(span, removed, None, None, "skipped", note="no block before the first layer")
             else:
                 repair = _repair_span(runner, span, original, batches, repairs, ridge)
             repair.seconds = time.perf_counter() - start

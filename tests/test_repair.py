@@ -218,7 +218,7 @@ def test_several_spans_and_a_span_at_position_zero(one_thread: None, caplog: pyt
     assert [r.block for r in repairs] == [None, 1, 5]
     assert [r.status for r in repairs] == ["skipped", "kept", "kept"]
     assert any("[0]" in m and "first layer" in m for m in caplog.messages)
-    assert repairs[0].distance_plain is None and repairs[0].transform is None
+    assert repairs[0].distance_plain is None and repairs[0].transform is None and repairs[0].note
     assert json.loads(json.dumps([r.to_dict() for r in repairs]))[1]["block"] == 1
 
     # Each span was fitted on the model as it is when removed: earlier spans gone, earlier repairs in place.
