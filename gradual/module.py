@@ -26,6 +26,7 @@ from gradual import importance, models, ranks, surgery
 from gradual.distill import Recovery, RecoveryObjective, Teacher
 from gradual.errors import UsageError
 from gradual.lora import LoraSettings, attach_lora, dequantize, has_4bit, merge_lora, quantize_nf4
+from gradual.repair import apply_repairs, check_settings, plan_repairs
 
 STATE_FILE = "state.json"
 
@@ -193,6 +194,8 @@ class GradualModule(L.LightningModule):
         run_dir: where stages, the final model and reports go.
         overwrite: allow replacing a run directory that holds a different run.
         seed: seeds scoring ties, LoRA init and dropout per stage, so a resumed run matches an uninterrupted one.
+        repair: `lstsq` repairs every cut before training by a least-squares map folded into the down projection
+            of the block before it (ReplaceMe, `gradual.repair`), on the selection's calibration data; or null.
     """
 
     def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "float32", quantize: str | None = None,
@@ -201,7 +204,7 @@ class GradualModule(L.LightningModule):
                  recovery: Recovery | None = None,
                  optimizer: OptimizerCallable | None = None, lr_scheduler: LRSchedulerCallable | None = None,
                  warmup_steps: int = 50, run_dir: str = "runs/gradual", overwrite: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, repair: str | None = None) -> None:
         super().__init__()
         self.model_name = model
         self.dtype_name = dtype
@@ -219,12 +222,14 @@ class GradualModule(L.LightningModule):
         self.run_dir = Path(run_dir)
         self.overwrite = overwrite
         self.seed = seed
+        self.repair = repair
         self.schedule.validate()
         self.selection.validate()
         if quantize not in (None, "nf4"):
             raise UsageError(f"quantize={quantize!r} is unknown; allowed: nf4 or null")
         self.original0 = models.original_layers(model, trust_remote_code=trust_remote_code)
         self.depth0 = len(self.original0)
+        check_settings(repair, model, quantize, trust_remote_code=trust_remote_code)
         self.schedule.validate(self.original0)
         self.plan = self.schedule.stages(self.depth0)
         if self.quantize == "nf4" and self.recovery.params != "lora":
@@ -252,7 +257,7 @@ class GradualModule(L.LightningModule):
         return {"model": self.model_name, "dtype": self.dtype_name, "quantize": self.quantize,
                 "schedule": asdict(self.schedule), "selection": asdict(self.selection), "lora": asdict(self.lora),
                 "recovery": asdict(self.recovery), "warmup_steps": self.warmup_steps, "seed": self.seed,
-                **self.run_context}
+                "repair": self.repair, **self.run_context}
 
     def saved_state(self) -> dict[str, Any] | None:
         path = self.run_dir / STATE_FILE
@@ -356,19 +361,23 @@ class GradualModule(L.LightningModule):
             removed = {i for r in self.history for i in r.removed}
             todo = [i for i in self.schedule.layers if i not in removed][:k]
             return [kept.index(i) for i in todo], {"metric": "explicit", "layers": todo}
-        if self._calibration is None:
-            texts = importance.calibration_texts(self.selection.calibration, n=self.selection.num_calibration,
-                                                 seed=self.seed)
-            self._calibration = importance.calibration_batches(
-                self.tokenizer, texts, batch_size=self.selection.calibration_batch_size,
-                max_length=self.selection.calibration_max_length)
-        batches = [{key: v.to(self.device) for key, v in b.items()} for b in self._calibration]
+        batches = self.calibration_batches()
         scores = importance.score_layers(self.model, batches, self.selection.metric, span=self.selection.span,
                                          seed=self.seed + self.stage)
         chosen = scores.choose(k, protect_first=self.selection.protect_first,
                                protect_last=self.selection.protect_last)
         return chosen, {"metric": scores.metric, "scores": [float(s) for s in scores.scores],
                         "original": list(scores.original_indices)}
+
+    def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The selection's calibration batches (tokenised once per run) on the module's device."""
+        if self._calibration is None:
+            texts = importance.calibration_texts(self.selection.calibration, n=self.selection.num_calibration,
+                                                 seed=self.seed)
+            self._calibration = importance.calibration_batches(
+                self.tokenizer, texts, batch_size=self.selection.calibration_batch_size,
+                max_length=self.selection.calibration_max_length)
+        return [{key: v.to(self.device) for key, v in b.items()} for b in self._calibration]
 
     def on_train_epoch_start(self) -> None:
         """Start a stage: score, remove, make the chosen weights trainable, rebuild the optimizer.
@@ -381,16 +390,21 @@ class GradualModule(L.LightningModule):
         self._losses = []
         t = time.perf_counter()
         chosen, scores = self.choose_layers(k) if k else ([], {"metric": "consolidation"})
-        t_score = time.perf_counter() - t
+        timings = {"scoring_s": time.perf_counter() - t}
+        if self.repair is not None and chosen:  # fitted on rank 0 (ranks must hold the same weights), applied on all
+            t = time.perf_counter()
+            repairs = ranks.decide_on_rank0(lambda: plan_repairs(self.model, chosen, self.calibration_batches()))
+            apply_repairs(self.model, repairs)
+            scores = {**scores, "repair": {"method": self.repair, "spans": [r.to_dict() for r in repairs]}}
+            timings["repair_s"] = time.perf_counter() - t
         t = time.perf_counter()
         removed = surgery.remove_layers(self.model, chosen)
-        t_surgery = time.perf_counter() - t
+        timings["surgery_s"] = time.perf_counter() - t
         previous = self.history[-1].removed_total if self.history else []
         self.history.append(StageRecord(stage=stage, depth=self.depth, removed=removed,
                                         removed_total=sorted(previous + removed),
                                         kept=surgery.original_indices(self.model), importance=scores, steps=steps,
-                                        consolidation=k == 0,
-                                        timings={"scoring_s": t_score, "surgery_s": t_surgery}))
+                                        consolidation=k == 0, timings=timings))
         self.objective = RecoveryObjective(replace(self.recovery, loss="kd") if k == 0 else self.recovery,
                                            self.teacher)
         if steps > 0:
