@@ -12,6 +12,8 @@ machine mean little; the ratios are what `bench.json` records. Everything runs o
 5. built-in task evaluation ÷ one-item-at-a-time evaluation (>= 5)
 6. a demo stage's wall time not spent in recovery steps (<= 0.25), from a real one-stage fit in a subprocess
 7. that subprocess's peak RSS ÷ the model's fp32 weight size (reported)
+8. distillation: a KD recovery step (teacher forward + chunked forward KL) ÷ an SFT step on the same batch, in time
+   (<= 1.5) and in the step's peak memory above the loaded models (<= 1.3; each measured in a fresh process)
 
 Usage: `python scripts/bench.py [--quick] [--out bench.json] [--model NAME] [--threads N|auto]`; results and
 their explanation: docs/bench.md.
@@ -47,6 +49,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from gradual.callbacks import StageCheckpoint, TaskEvaluation  # noqa: E402  # isort: skip
 from gradual.data import RecoveryDataModule  # noqa: E402
+from gradual.distill import Recovery, RecoveryObjective, Teacher  # noqa: E402
 from gradual.generation import DecodingConfig, end_ids, format_prompt, generate, truncate_at_stop  # noqa: E402
 from gradual.importance import calibration_batches, calibration_texts, score_layers  # noqa: E402
 from gradual.lora import LoraSettings, attach_lora  # noqa: E402
@@ -71,6 +74,8 @@ TARGETS: dict[str, str] = {
     "pruned_decode_k8_vs_ideal": ">= 0.9",
     "evaluation_speedup": ">= 5",
     "stage_overhead_share": "<= 0.25",
+    "kd_step_vs_sft_step": "<= 1.5",
+    "kd_step_peak_memory_vs_sft": "<= 1.3",
 }
 """Figures with a target (the issue's); every other figure is reported only."""
 
@@ -567,6 +572,82 @@ def bench_stage(spec: StageSpec, demo: dict[str, Any], threads: int, weight_byte
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 8. Distillation step vs SFT step
+
+
+def kd_setup(model_name: str, pairs: list[dict[str, str]], batch_size: int, max_length: int,
+             lora: dict[str, Any]) -> tuple[torch.nn.Module, Teacher, Batch, list[int]]:
+    """A pruned student with fresh LoRA (one middle layer removed), the unpruned teacher, one recovery batch."""
+    data = RecoveryDataModule(pairs=pairs, batch_size=batch_size, samples_per_epoch=batch_size,
+                              max_length=max_length)
+    data.set_tokenizer(load_tokenizer(model_name))
+    batch = next(iter(data.train_dataloader()))
+    teacher = Teacher(load_model(model_name))
+    student = load_model(model_name)
+    student.config.use_cache = False
+    remove_layers(student, [num_layers(student) // 2])
+    torch.manual_seed(0)
+    student = attach_lora(student, LoraSettings(**lora))
+    student.train()
+    return student, teacher, batch, list(student.config.gradual_original_layers)
+
+
+def kd_step(student: torch.nn.Module, objective: RecoveryObjective, batch: Batch, original: list[int]) -> None:
+    loss, _ = objective(student, batch, original)
+    loss.backward()
+    student.zero_grad(set_to_none=True)
+
+
+def bench_kd_time(setup: tuple[torch.nn.Module, Teacher, Batch, list[int]], rounds: int) -> list[Figure]:
+    """Best-of-rounds wall time of a KD step ÷ an SFT step (forward + backward) on the same batch, alternating."""
+    student, teacher, batch, original = setup
+    objectives = {loss: RecoveryObjective(Recovery(loss=loss), teacher) for loss in ("sft", "kd")}
+    for loss in objectives:  # one warm-up step each
+        kd_step(student, objectives[loss], batch, original)
+    best, _ = alternate({loss: lambda o=o: kd_step(student, o, batch, original) for loss, o in objectives.items()},
+                        rounds)
+    return [Figure("kd_step_vs_sft_step", best["kd"] / best["sft"]), Figure("kd_step_s", best["kd"]),
+            Figure("sft_step_s", best["sft"])]
+
+
+def current_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def kd_memory_worker(job_path: Path) -> None:
+    """Subprocess entry: load student, teacher and batch, then one step of the job's loss; its peak RSS above the
+    RSS before the step (Linux VmHWM, reset through /proc/self/clear_refs) goes next to the job."""
+    job = json.loads(job_path.read_text())
+    set_threads(job["threads"])
+    student, teacher, batch, original = kd_setup(job["model"], job["pairs"], job["batch_size"], job["max_length"],
+                                                 job["lora"])
+    objective = RecoveryObjective(Recovery(loss=job["loss"]), teacher)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = current_rss_bytes()
+    kd_step(student, objective, batch, original)
+    (job_path.parent / f"{job['loss']}.json").write_text(json.dumps({"peak_above_start": peak_rss_bytes() - before}))
+
+
+def bench_kd_memory(job: dict[str, Any], workdir: Path) -> list[Figure]:
+    """Peak memory of one KD step ÷ one SFT step, each in a fresh process with the same models loaded."""
+    if not Path("/proc/self/clear_refs").exists():
+        return []
+    peaks = {}
+    for loss in ("sft", "kd"):
+        path = workdir / "kd" / f"job_{loss}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**job, "loss": loss}))
+        subprocess.run([sys.executable, __file__, "--kd-memory-worker", str(path)], check=True)
+        peaks[loss] = json.loads((path.parent / f"{loss}.json").read_text())["peak_above_start"]
+    return [Figure("kd_step_peak_memory_vs_sft", peaks["kd"] / max(1, peaks["sft"])),
+            Figure("kd_step_peak_memory_mb", peaks["kd"] / 2**20), Figure("sft_step_peak_memory_mb",
+                                                                         peaks["sft"] / 2**20)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Main
 
 
@@ -629,6 +710,11 @@ def run(args: argparse.Namespace) -> list[Figure]:
         stage = StageSpec(**{**demo, "model": args.model, "pairs": pairs, "steps": sizes.stage_steps or demo["steps"],
                              "eval_n": sizes.stage_eval_n or demo["eval_n"], "checkpoint": True})
         report(bench_stage(stage, demo, threads, weight_bytes, Path(tmp)))
+        kd_job = {"model": args.model, "pairs": pairs, "batch_size": sizes.train_batch,
+                  "max_length": sizes.train_max_length, "lora": demo["lora"], "threads": threads}
+        report(bench_kd_time(kd_setup(args.model, pairs, sizes.train_batch, sizes.train_max_length, demo["lora"]),
+                             sizes.rounds))
+        report(bench_kd_memory(kd_job, Path(tmp)))
     report(machine_figures(start_load, time.perf_counter() - start))
     return figures
 
@@ -640,9 +726,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model name as gradual loads it")
     parser.add_argument("--threads", default="auto", help="torch threads; auto = 1 on a busy machine")
     parser.add_argument("--stage-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--kd-memory-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stage_worker:
         stage_worker(args.stage_worker)
+        return 0
+    if args.kd_memory_worker:
+        kd_memory_worker(args.kd_memory_worker)
         return 0
     figures = run(args)
     Path(args.out).write_text(json.dumps(figures_json(figures), indent=2) + "\n")

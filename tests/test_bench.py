@@ -66,6 +66,9 @@ def figures(tiny, tmp_path_factory, one_thread) -> list:
     assert len(timer.starts) == len(timer.ends) == 2 and 0 < timer.steps_s() <= timings["train_s"]
     assert timer.peak_rss_training >= bench.peak_rss_bytes() / 2 > 0
     out += bench.stage_figures(timings, timer.steps_s(), 2, 15, 1, 50)
+    out += bench.bench_kd_time(bench.kd_setup(TINY, pairs, 2, 256, {"r": 4, "alpha": 8}), rounds=1)
+    out += bench.bench_kd_memory({"model": TINY, "pairs": pairs, "batch_size": 2, "max_length": 256,
+                                  "lora": {"r": 4, "alpha": 8}, "threads": 1}, tmp)
     return out
 
 
@@ -77,7 +80,8 @@ def test_every_comparison_yields_finite_figures_with_expected_names(figures) -> 
                 "pruned_decode_k1_vs_ideal", "pruned_decode_k2_vs_ideal", "evaluation_speedup",
                 "evaluation_agreement", "evaluation_speedup_generative", "evaluation_speedup_classification",
                 "sgr_generation_batch_fill", "recovery_tokens_per_s_vs_bare", "stage_overhead_share",
-                "stage_overhead_share_measured", "stage_share_tasks", "stage_share_checkpoint"}
+                "stage_overhead_share_measured", "stage_share_tasks", "stage_share_checkpoint",
+                "kd_step_vs_sft_step", "kd_step_peak_memory_vs_sft"}
     assert expected <= set(names)
     assert all(isinstance(f.value, float) and math.isfinite(f.value) and f.value >= 0 for f in figures)
     by_name = {f.name: f for f in figures}
