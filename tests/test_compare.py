@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
+from gradual import compare
 from gradual.cli import main
-from gradual.compare import arm_budget, arm_runs, load_plan, run
+from gradual.compare import Arm, FitParser, arm_budget, arm_config, arm_runs, load_plan, run
 from gradual.compare_report import flag_below_no_recovery, write_outputs
 from gradual.lightning_cli import GradualCLI
 from gradual.tasks import evaluate
@@ -130,6 +131,29 @@ def test_budget_split_places_the_remainder_in_the_consolidation(tmp_path: Path) 
     assert all(b[d].total == 5 * d for b in budgets.values() for d in (3, 4))
     runs = {a.name: arm_runs(plan, a) for a in plan.arms}
     assert runs["plain"] == {3: 4, 4: 4} and runs["gradual_final"] == {3: 3, 4: 4}
+
+
+def test_shipped_configs_parse_with_equal_budgets_and_share_their_runs() -> None:
+    """configs/compare.yaml: every arm's config at every run depth passes the `gradual fit` parser (no model needed),
+    budgets are equal; configs/compare-next.yaml is the same comparison with more arms, so it reuses the runs."""
+    plan = load_plan(["--config", str(ROOT / "configs" / "compare.yaml")])
+    fit = FitParser(arm_config(plan, Arm("baseline", "one_shot"), max(plan.depths)))
+    for arm in plan.arms:
+        for depth in set(arm_runs(plan, arm).values()):
+            fit.check(arm_config(plan, arm, depth))
+    budgets = compare.check_budgets(plan, 30)
+    assert {b[d].total for b in budgets.values() for d in plan.depths} == {0, 32, 64}
+    assert budgets["gradual_kd_final"][8] == budgets["one_shot_kd_final"][8]  # 4 per stage (× 8), 32 final, 64 in all
+    assert (budgets["gradual_kd_final"][8].steps_per_stage, budgets["gradual_kd_final"][8].final_steps) == (4, 32)
+    following = load_plan(["--config", str(ROOT / "configs" / "compare-next.yaml")])
+    assert following.identity() == plan.identity() and following.arms[: len(plan.arms)] == plan.arms
+    assert following.out == plan.out and len(following.arms) > len(plan.arms)
+
+
+@pytest.mark.slow
+def test_shipped_config_builds_every_arm_on_smollm2() -> None:
+    """Every arm of configs/compare.yaml built once on the offline SmolLM2 (its config only; no weights load)."""
+    compare.validate_arms(load_plan(["--config", str(ROOT / "configs" / "compare.yaml")]))
 
 
 def test_baseline_is_evaluated_once_and_matches_a_plain_fit(comparison: tuple[dict[str, Any], Path, int],
