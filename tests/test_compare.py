@@ -1,7 +1,9 @@
-"""`gradual compare` on a tiny random Llama: equal depth, steps and data; one shared baseline; outputs; bad input."""
+"""`gradual compare` on a tiny random Llama: equal depth, budget and data; overrides reach the runs; one shared
+baseline; the report's group columns and no-recovery flag; bad input refused in one line before any arm runs."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -9,14 +11,22 @@ from typing import Any
 import pytest
 import yaml
 
+from gradual import compare
 from gradual.cli import main
-from gradual.compare import load_plan, run
+from gradual.compare import Arm, FitParser, arm_budget, arm_config, arm_runs, load_plan, run
+from gradual.compare_report import flag_below_no_recovery, write_outputs
 from gradual.lightning_cli import GradualCLI
 from gradual.tasks import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 ARMS = ["no_recovery", "one_shot_dataset", "one_shot_sgr", "gradual_sgr"]
+KD_FINAL = {"name": "gradual_kd_final", "mode": "gradual", "final_share": 0.5,
+            "overrides": {"model.recovery.loss": "kd", "model.recovery.params": "near_cut"}}
+FIXTURE_ARMS = [{"name": "no_recovery", "mode": "one_shot", "steps_per_stage": 0, "responses": "dataset"},
+                {"name": "one_shot_dataset", "mode": "one_shot", "responses": "dataset"},
+                {"name": "one_shot_sgr", "mode": "one_shot", "overrides": {"data.sgr.responses": "sgr"}},
+                {"name": "gradual_sgr", "mode": "gradual", "steps_per_stage": None, "responses": "sgr"}, KD_FINAL]
 
 
 def compare_config(tmp: Path, compare: dict[str, Any] | None = None) -> Path:
@@ -34,12 +44,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, int]:
-    """One full comparison (4 arms, depths 1 and 2), counting every call of the task evaluator."""
+    """One full comparison (the four classic arms and a gradual KD arm with consolidation, depths 1 and 2),
+    counting every call of the task evaluator."""
     tmp = tmp_path_factory.mktemp("compare")
     calls = []
+    config = compare_config(tmp, {"depths": [1, 2], "out": str(tmp / "out"), "arms": FIXTURE_ARMS})
     with pytest.MonkeyPatch.context() as mp:  # the real evaluator, counted
         mp.setattr("gradual.callbacks.evaluation.evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
-        result = run(load_plan(["--config", str(compare_config(tmp))]))
+        result = run(load_plan(["--config", str(config)]))
     return result, tmp, len(calls)
 
 
@@ -68,12 +80,89 @@ def test_arms_reach_the_same_depth_with_equal_steps_and_data(comparison: tuple[d
     assert len(list((tmp / "sgr-cache").glob("*.jsonl"))) == 1, "SGR arms share one cached set of teacher answers"
 
 
+def test_budgets_are_equal_across_arms_counting_final_steps(comparison: tuple[dict[str, Any], Path, int]) -> None:
+    result, tmp, _ = comparison
+    saved = json.loads((tmp / "out" / "compare.json").read_text())
+    assert saved["budget_per_layer"] == 2
+    budgets = {a["name"]: a["budget"] for a in saved["arms"]}
+    for removed in (1, 2):
+        totals = {name: b[str(removed)]["total"] for name, b in budgets.items()}
+        assert totals == {"no_recovery": 0, **dict.fromkeys([*ARMS[1:], "gradual_kd_final"], 2 * removed)}
+        kd = point(saved, "gradual_kd_final", removed)
+        assert kd["steps"] == kd["budget"] == 2 * removed and kd["final_steps"] == removed  # share 0.5
+    assert budgets["gradual_kd_final"]["2"] == {"steps_per_stage": 1, "final_steps": 2, "total": 4}
+    table = (tmp / "out" / "compare.md").read_text()
+    assert "| 2 | gradual_kd_final | gradual | kd on sgr, near_cut | " in table
+    assert "| 4 (2 final) |" in table and "planned" not in table
+
+
+def test_gradual_arm_with_consolidation_runs_per_depth(comparison: tuple[dict[str, Any], Path, int]) -> None:
+    result, tmp, _ = comparison
+    runs = result["timings"]["runs"]
+    assert runs["gradual_kd_final-1"]["optimizer_steps"] == 2 and runs["gradual_kd_final-2"]["optimizer_steps"] == 4
+    for removed in (1, 2):
+        kd = point(result, "gradual_kd_final", removed)
+        assert kd["run"] == f"gradual_kd_final-{removed}" and not kd["reused"] and kd["stage"] == removed + 1
+    saved = json.loads((tmp / "out" / "gradual_kd_final-2" / "results.json").read_text())
+    assert [(s["steps"], s["consolidation"]) for s in saved["stages"]] == [(0, False), (1, False), (1, False),
+                                                                           (2, True)]
+    config = saved["config"]  # the run's identity: the arm's overrides reached its `gradual fit` run
+    assert config["recovery"]["loss"] == "kd" and config["recovery"]["params"] == "near_cut"
+    assert config["schedule"]["final_steps"] == 2 and config["schedule"]["steps_per_stage"] == 1
+    assert json.loads((tmp / "out" / "gradual_sgr-2" / "results.json").read_text())["config"]["recovery"]["loss"] \
+        == "sft"
+    assert [c["removed"] for c in result["curves"]["gradual_kd_final"]] == [0, 1, 2]
+
+
+def test_budget_split_places_the_remainder_in_the_consolidation(tmp_path: Path) -> None:
+    arms = [{"name": "one_shot_final", "mode": "one_shot", "final_share": 0.3},
+            {"name": "gradual_final", "mode": "gradual", "final_share": 0.3},
+            {"name": "gradual_all_final", "mode": "gradual", "final_share": 1.0},
+            {"name": "plain", "mode": "gradual"}]
+    plan = load_plan(["--config", str(compare_config(tmp_path, {"depths": [3, 4], "budget_per_layer": 5,
+                                                                 "arms": arms}))])
+    budgets = {a.name: {d: arm_budget(plan, a, d) for d in plan.depths} for a in plan.arms}
+    # 3 × 5 = 15: round(4.5) = 4 final, 11 over 3 stages = 3 each, the remainder 2 joins the final: 9 + 6
+    assert (budgets["gradual_final"][3].steps_per_stage, budgets["gradual_final"][3].final_steps) == (3, 6)
+    assert (budgets["one_shot_final"][3].steps_per_stage, budgets["one_shot_final"][3].final_steps) == (3, 6)
+    assert (budgets["gradual_final"][4].steps_per_stage, budgets["gradual_final"][4].final_steps) == (3, 8)
+    assert (budgets["gradual_all_final"][4].steps_per_stage, budgets["gradual_all_final"][4].final_steps) == (0, 20)
+    assert {b[d].total for b in budgets.values() for d in (3, 4)} == {15, 20}
+    assert all(b[d].total == 5 * d for b in budgets.values() for d in (3, 4))
+    runs = {a.name: arm_runs(plan, a) for a in plan.arms}
+    assert runs["plain"] == {3: 4, 4: 4} and runs["gradual_final"] == {3: 3, 4: 4}
+
+
+def test_shipped_configs_parse_with_equal_budgets_and_share_their_runs() -> None:
+    """configs/compare.yaml: every arm's config at every run depth passes the `gradual fit` parser (no model needed),
+    budgets are equal; configs/compare-next.yaml is the same comparison with more arms, so it reuses the runs."""
+    plan = load_plan(["--config", str(ROOT / "configs" / "compare.yaml")])
+    fit = FitParser(arm_config(plan, Arm("baseline", "one_shot"), max(plan.depths)))
+    for arm in plan.arms:
+        for depth in set(arm_runs(plan, arm).values()):
+            fit.check(arm_config(plan, arm, depth))
+    budgets = compare.check_budgets(plan, 30)
+    assert {b[d].total for b in budgets.values() for d in plan.depths} == {0, 32, 64}
+    assert budgets["gradual_kd_final"][8] == budgets["one_shot_kd_final"][8]  # 4 per stage (× 8), 32 final, 64 in all
+    assert (budgets["gradual_kd_final"][8].steps_per_stage, budgets["gradual_kd_final"][8].final_steps) == (4, 32)
+    following = load_plan(["--config", str(ROOT / "configs" / "compare-next.yaml")])
+    assert following.identity() == plan.identity() and following.arms[: len(plan.arms)] == plan.arms
+    assert following.out == plan.out and len(following.arms) > len(plan.arms)
+
+
+@pytest.mark.slow
+def test_shipped_config_builds_every_arm_on_smollm2() -> None:
+    """Every arm of configs/compare.yaml built once on the offline SmolLM2 (its config only; no weights load)."""
+    compare.validate_arms(load_plan(["--config", str(ROOT / "configs" / "compare.yaml")]))
+
+
 def test_baseline_is_evaluated_once_and_matches_a_plain_fit(comparison: tuple[dict[str, Any], Path, int],
                                                             tmp_path: Path) -> None:
     result, tmp, calls = comparison
     evaluated_stages = sum(len(json.loads((tmp / "out" / name / "results.json").read_text())["stages"]) - 1
                            for name in result["timings"]["runs"])
-    assert calls == 1 + evaluated_stages == 1 + 8  # 3 one-shot arms at depths 1 and 2, 2 gradual stages
+    # 3 one-shot arms at depths 1 and 2, 2 gradual stages, the KD arm's 1 + 1 and 2 + 1 stages
+    assert calls == 1 + evaluated_stages == 1 + 8 + 5
     for name in result["timings"]["runs"]:
         stage_0 = json.loads((tmp / "out" / name / "stage_0" / "metrics.json").read_text())
         assert stage_0["scores"] == result["baseline"] and "tasks_s" not in stage_0["timings"]
@@ -89,23 +178,57 @@ def test_table_json_and_plot_are_written(comparison: tuple[dict[str, Any], Path,
     result, tmp, _ = comparison
     out = tmp / "out"
     saved = json.loads((out / "compare.json").read_text())
-    assert saved["points"] == result["points"] and len(saved["points"]) == 8
+    assert saved["points"] == result["points"] and len(saved["points"]) == 10
     assert [c["removed"] for c in saved["curves"]["gradual_sgr"]] == [0, 1, 2]
     assert [c["removed"] for c in saved["curves"]["one_shot_sgr"]] == [0, 1, 2]
+    assert [point(saved, arm, 2)["responses"] for arm in [*ARMS, "gradual_kd_final"]] == [None, "dataset", "sgr",
+                                                                                          "sgr", "sgr"]
+    assert saved["in_data_tasks"] == ["copy", "successor"] and saved["no_recovery"] == {"1": "no_recovery",
+                                                                                       "2": "no_recovery"}
     table = (out / "compare.md").read_text()
-    assert "| 2 | one_shot_dataset | one_shot | dataset |" in table
+    assert "| 2 | one_shot_dataset | one_shot | sft on dataset, lora |" in table
     assert "gradual_sgr (stage 1 of gradual_sgr-2)" in table
-    assert "| 0 | baseline |" in table and "wrong_value" in table and "mc_successor" in table
+    assert "| 0 | baseline |" in table and "wrong_value" in table and "mc_successor (in-data)" in table
+    assert "category (held-out)" in table and "held-out gen." in table and "held-out below no recovery" in table
     assert "| gradual_sgr-2 |" in table.split("## Timings")[1]
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "configs" / "gradual_sgr-2.yaml").is_file()
+    assert all(p["below_no_recovery"] is None if p["arm"] == "no_recovery" else isinstance(p["below_no_recovery"],
+                                                                                            list)
+               for p in saved["points"])
+
+
+def test_report_flags_held_out_scores_below_no_recovery(comparison: tuple[dict[str, Any], Path, int],
+                                                        tmp_path: Path) -> None:
+    """A constructed case: the KD arm's held-out `category` ends below the no-recovery arm's at 2 layers."""
+    result = copy.deepcopy(comparison[0])
+    nothing, kd = point(result, "no_recovery", 2), point(result, "gradual_kd_final", 2)
+    for p, score in ((nothing, 0.5), (kd, 0.25)):
+        p["scores"]["category"]["score"] = score
+    for key in ("successor", "mc_successor", "mc_category"):  # in-data keys never flag; held-out ones above don't
+        kd["scores"][key]["score"] = nothing["scores"][key]["score"] - (0.1 if key == "successor" else -0.1)
+    flag_below_no_recovery(result)
+    assert kd["below_no_recovery"] == ["category"] and nothing["below_no_recovery"] is None
+    write_outputs(tmp_path, result)
+    table = (tmp_path / "compare.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| 2 | gradual_kd_final | gradual |"))
+    assert row.endswith("| **category** |")
+    assert "- ▼ gradual_kd_final at 2 removed: category 0.25 < 0.50 (no_recovery)" in table
+    scores = table.split("## Scores")[1]
+    cells = next(line for line in scores.splitlines() if line.startswith("| 2 | gradual_kd_final |")).split(" | ")
+    assert [c for c in cells if "▼" in c] == [cells[2 + list(result["baseline"]).index("category")]]
+    assert json.loads((tmp_path / "compare.json").read_text())["points"] == result["points"]
+    del result["no_recovery"]
+    flag_below_no_recovery(result)
+    write_outputs(tmp_path, result)
+    assert "No arm trains 0 steps" in (tmp_path / "compare.md").read_text()
 
 
 def test_rerun_reads_finished_runs_back(comparison: tuple[dict[str, Any], Path, int]) -> None:
     result, tmp, _ = comparison
-    again = run(load_plan(["--config", str(tmp / "compare.yaml"), "--arms", "no_recovery,gradual_sgr"]))
+    again = run(load_plan(["--config", str(tmp / "compare.yaml"), "--arms", "no_recovery,gradual_kd_final"]))
     assert all(r["optimizer_steps"] is None for r in again["timings"]["runs"].values())
-    assert point(again, "gradual_sgr", 2)["scores"] == point(result, "gradual_sgr", 2)["scores"]
+    assert point(again, "gradual_kd_final", 2)["scores"] == point(result, "gradual_kd_final", 2)["scores"]
 
 
 BAD = {
@@ -117,14 +240,33 @@ BAD = {
     "arm_key": ([], {"arms": [{"name": "a", "step": 3}]}, "unknown key(s) step"),
     "section_key": ([], {"depth": [1]}, "unknown key(s) depth"),
     "missing_config": (["--config", "/nonexistent.yaml"], None, "/nonexistent.yaml"),
+    "override_key": ([], {"arms": [{"name": "a", "overrides": {"model.recovery.temprature": 2.0}}]},
+                     "arm 'a' (overrides model.recovery.temprature) is not a valid `gradual fit` config"),
+    "override_section": ([], {"arms": [{"name": "a", "overrides": {"recovery.loss": "kd"}}]},
+                         "arm 'a' (overrides recovery.loss)"),
+    "override_type": ([], {"arms": [{"name": "a", "overrides": {"model.recovery.temperature": "hot"}}]},
+                      "model.recovery.temperature='hot' is invalid"),
+    "override_value": ([], {"arms": [{"name": "a", "overrides": {"model.recovery.loss": "kdd"}}]},
+                       "arm 'a': recovery.loss='kdd' is unknown"),
+    "override_managed": ([], {"arms": [{"name": "a", "overrides": {"model.schedule.max_layers": 1}}]},
+                         "override model.schedule.max_layers is not allowed"),
+    "override_section_managed": ([], {"arms": [{"name": "a", "overrides": {"model.schedule": {"mode": "gradual"}}}]},
+                                 "override model.schedule is not allowed"),
+    "final_share": ([], {"arms": [{"name": "a", "final_share": 1.5}]}, "final_share=1.5 is invalid"),
+    "final_steps": ([], {"arms": [{"name": "a", "overrides": {"model.schedule.final_steps": "x"}}]},
+                    "final_steps='x' is invalid"),
+    "final_and_steps": ([], {"arms": [{"name": "a", "final_share": 0.5, "steps_per_stage": 2}]},
+                        "sets both final_share and model.schedule.steps_per_stage"),
+    "unequal_budget": ([], {"arms": [{"name": "a"}, {"name": "b", "overrides": {"model.schedule.final_steps": 1}}]},
+                       "unequal budgets at 1 layers removed: b=3 steps instead of 1 × 2 = 2"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_is_one_line_exit_2_before_any_model(case: str, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_one_line_exit_2_before_any_arm_runs(case: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     extra, section, needle = BAD[case]
-    config = compare_config(tmp_path, section)
+    config = compare_config(tmp_path, {"depths": [1, 2], **(section or {})} if section else None)
     argv = ["compare", "--config", str(config), "--out", str(tmp_path / "out"), *extra]
     if extra[:1] == ["--config"]:
         argv = ["compare", *extra]
@@ -138,5 +280,5 @@ def test_out_folder_of_another_comparison_is_refused(comparison: tuple[dict[str,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     _, tmp, _ = comparison
     assert main(["compare", "--config", str(tmp / "compare.yaml"), "--depths", "1"]) == 2
-    assert "holds a comparison of another config or depths" in capsys.readouterr().err
+    assert "holds a comparison of another config, depths or budget" in capsys.readouterr().err
     assert (tmp / "out" / "compare.json").is_file()
