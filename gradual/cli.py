@@ -210,6 +210,9 @@ def parser_error_line(message: str) -> str:
     unrecognized = re.search(r"unrecognized arguments: (.*)", message)
     if unrecognized:
         return f"{key}: unrecognized argument(s) {unrecognized.group(1).strip()}"
+    not_accepted = re.search(r"Option '([^']+)' is not accepted", message)
+    if not_accepted:  # a misspelt field of a dataclass in a list (e.g. data.sources)
+        return f"{key}: unknown field {not_accepted.group(1)!r}"
     values = [v.strip() for v in re.findall(r"(?:Got|Given) value: (.*)", "\n".join(inner))
               if not v.strip().startswith("NestedArg(")]
     expected: list[str] = []

@@ -1,17 +1,23 @@
-"""Recovery data: (prompt, response) pairs → chat-formatted examples whose loss covers the response only.
+"""Recovery data: examples of two kinds, mixed from weighted sources.
+
+- pairs `{"prompt", "response"}` → chat-formatted examples whose loss covers the response only (`tokenize_pair`);
+- texts `{"text"}` → plain token sequences whose every token is a label (`tokenize_text`): language modelling under
+  `sft`, the original model's distribution at every position under `kd`.
 
 `RecoveryDataModule` serves them so that one Lightning epoch is one pruning stage of exactly
 `samples_per_epoch` examples, whatever the dataset size: `StageSampler` walks an endless stream of seeded
-shuffled passes over the data, each epoch continuing where the previous one stopped, and groups similar
-lengths into batches to waste little padding. The sampler splits the data across DDP ranks itself, so the
-Trainer must be built with `use_distributed_sampler=False` (otherwise Lightning wraps it in a
-`DistributedSampler` and every rank would see a different, shorter epoch).
+shuffled passes over each source, gives every source its weight's share of each stage, continues each epoch where
+the previous one stopped, and groups similar lengths into batches to waste little padding. The sampler splits the
+data across DDP ranks itself, so the Trainer must be built with `use_distributed_sampler=False` (otherwise Lightning
+wraps it in a `DistributedSampler` and every rank would see a different, shorter epoch).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +62,20 @@ def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str
     return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
 
 
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str,
+                  max_length: int | None = None) -> dict[str, list[int]] | None:
+    """Token ids of a plain text with every token a label: there is no prompt to mask, the whole text is learned.
+
+    Encoded by `encode_prompt` (the tokenizer's BOS once, no EOS: a text is a stretch of a document, not a finished
+    answer), so a few-shot document is tokenised as the evaluation tokenises its prompt. Truncation to `max_length`
+    cuts the end; returns None when fewer than two tokens remain (nothing to predict).
+    """
+    ids = encode_prompt(tokenizer, text)[:max_length]
+    if len(ids) < 2:
+        return None
+    return {"input_ids": ids, "labels": list(ids)}
+
+
 def load_pairs(source: Sequence[dict] | str | Path) -> list[dict[str, str]]:
     """(prompt, response) pairs from a list of dicts or a JSONL file; other keys are ignored."""
     if isinstance(source, (str, Path)):
@@ -75,12 +95,38 @@ def load_pairs(source: Sequence[dict] | str | Path) -> list[dict[str, str]]:
     return pairs
 
 
-class TokenizedPairs(Dataset):
-    """Tokenised examples in memory, with their lengths for length grouping."""
+@dataclass
+class Part:
+    """One source of the recovery mixture: its name, its weight (its share of every stage's examples relative to the
+    other parts' weights, >= 0) and its examples, all pairs `{"prompt", "response"}` or texts `{"text"}`."""
 
-    def __init__(self, examples: list[dict[str, list[int]]]) -> None:
+    name: str
+    weight: float
+    examples: list[dict[str, str]]
+
+
+def check_examples(examples: Sequence[dict], where: str) -> list[dict[str, str]]:
+    """Each example as a plain pair `{"prompt", "response"}` or text `{"text"}` (other keys dropped); UsageError
+    naming `where` otherwise."""
+    out = []
+    for i, e in enumerate(examples):
+        if isinstance(e, dict) and isinstance(e.get("text"), str) and "prompt" not in e:
+            out.append({"text": e["text"]})
+        elif isinstance(e, dict) and isinstance(e.get("prompt"), str) and isinstance(e.get("response"), str):
+            out.append({"prompt": e["prompt"], "response": e["response"]})
+        else:
+            raise UsageError(f"{where} example {i} is {str(e)[:80]!r}; each needs string 'prompt' and 'response', "
+                             "or string 'text'")
+    return out
+
+
+class TokenizedPairs(Dataset):
+    """Tokenised examples in memory, with their lengths for length grouping and the part each came from."""
+
+    def __init__(self, examples: list[dict[str, list[int]]], sources: Sequence[int] | None = None) -> None:
         self.examples = examples
         self.lengths = [len(e["input_ids"]) for e in examples]
+        self.sources = [0] * len(examples) if sources is None else list(sources)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -108,6 +154,15 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def check_weights(weights: Sequence[float]) -> None:
+    """Mixture weights must be finite and >= 0, and not all 0 (UsageError)."""
+    bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
+    if bad:
+        raise UsageError(f"recovery source weight {bad[0]} is invalid; weights must be finite and >= 0")
+    if not any(w > 0 for w in weights):
+        raise UsageError("every recovery source has weight 0; give at least one a positive weight")
+
+
 def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -117,16 +172,24 @@ def _dist_rank_world() -> tuple[int, int]:
 class StageSampler(Sampler[int]):
     """This rank's example indices for one epoch (= one pruning stage) of exactly `samples_per_epoch` examples.
 
-    The global order is an endless stream of passes over the data, pass p a permutation seeded by (seed, p);
-    epoch e takes stream positions [e·S, (e+1)·S), so consecutive stages continue where the last one stopped
-    and a resumed run that calls `set_epoch(e)` sees exactly the same data. Within the epoch, mega-batches of
-    `mega_batch_mult · batch_size · world_size` examples are sorted by length and cut into batches; each
-    group of `world_size` neighbouring batches is one step (rank r takes the r-th), and the order of steps is
-    shuffled by (seed, e). Yields flat indices: a DataLoader with the same `batch_size` re-forms the batches.
+    Examples belong to sources (`sources[i]`, default all 0) with `weights` (default [1]). The global order is an
+    endless stream of positions; each position draws the next example of one source, chosen so that every prefix of
+    the stream — hence every stage — holds each source in proportion to its weight, to within about one example
+    (`mixture`). A source's draws are an endless series of passes over its examples, pass p a permutation seeded by
+    (seed, p, source), so within a source every example is seen equally often: an example's rate is ∝ weight / source
+    size. Epoch e takes stream positions [e·S, (e+1)·S), so consecutive stages continue where the last one stopped and
+    a resumed run that calls `set_epoch(e)` sees exactly the same data. Within the epoch, mega-batches of
+    `mega_batch_mult · batch_size · world_size` examples are sorted by length and cut into batches; each group of
+    `world_size` neighbouring batches is one step (rank r takes the r-th), and the order of steps is shuffled by
+    (seed, e). Everything depends only on (seed, epoch, sizes, weights), so every rank computes the same global order.
+    Yields flat indices: a DataLoader with the same `batch_size` re-forms the batches.
+
+    One source is sampled exactly as before sources existed: its passes are seeded by (seed, p).
     """
 
     def __init__(self, lengths: Sequence[int], samples_per_epoch: int, batch_size: int, seed: int = 0,
-                 mega_batch_mult: int = 50, rank: int | None = None, world_size: int | None = None) -> None:
+                 mega_batch_mult: int = 50, rank: int | None = None, world_size: int | None = None,
+                 sources: Sequence[int] | None = None, weights: Sequence[float] | None = None) -> None:
         if not lengths:
             raise UsageError("no recovery examples to sample from; give at least one (prompt, response) pair")
         dist_rank, dist_world = _dist_rank_world()
@@ -141,6 +204,16 @@ class StageSampler(Sampler[int]):
         self.lengths = np.asarray(lengths)
         self.samples_per_epoch, self.batch_size, self.seed = samples_per_epoch, batch_size, seed
         self.mega_batch_mult = mega_batch_mult
+        self.weights = np.asarray([1.0] if weights is None else weights, dtype=np.float64)
+        self.sources = np.zeros(len(lengths), dtype=np.int64) if sources is None else np.asarray(sources)
+        check_weights(self.weights.tolist())
+        if len(self.sources) != len(self.lengths) or not np.isin(self.sources, range(len(self.weights))).all():
+            raise ValueError(f"sources must give each of the {len(lengths)} examples one of {len(self.weights)} "
+                             "source indices")
+        self.members = [np.flatnonzero(self.sources == k) for k in range(len(self.weights))]
+        empty = [k for k, w in enumerate(self.weights) if w > 0 and not len(self.members[k])]
+        if empty:
+            raise UsageError(f"recovery source {empty[0]} has weight {self.weights[empty[0]]} but no examples")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -150,15 +223,43 @@ class StageSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.samples_per_epoch // self.world_size
 
-    def _pass(self, p: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, 0, p]).permutation(len(self.lengths))
+    def _pass(self, source: int, p: int) -> np.ndarray:
+        key = [self.seed, 0, p] if source == 0 else [self.seed, 0, p, source]
+        members = self.members[source]
+        return members[np.random.default_rng(key).permutation(len(members))]
+
+    def _draws(self, source: int, start: int, count: int) -> np.ndarray:
+        """Draws [start, start + count) of the source's endless stream of passes, as example indices."""
+        n = len(self.members[source])
+        first, last = start // n, (start + count - 1) // n
+        stream = np.concatenate([self._pass(source, p) for p in range(first, last + 1)])
+        return stream[start - first * n: start - first * n + count]
+
+    def mixture(self, end: int) -> np.ndarray:
+        """The source of each of the first `end` stream positions.
+
+        Source k's j-th draw falls due at (j + ½) / weight_k and positions take draws in order of due time (ties: the
+        lower k) — Sainte-Laguë's sequential apportionment. Any prefix of n positions thus holds close to
+        n · weight_k / Σ weights draws of source k, and a longer prefix never holds fewer, so stages are resumable."""
+        total, k_max = self.weights.sum(), len(self.weights)
+        due, source = [], []
+        for k, w in enumerate(self.weights):
+            if w > 0:  # at most n·w/Σw + k_max/2 + 1 draws of k are among the first n positions
+                draws = np.arange(math.ceil(end * w / total) + k_max + 2)
+                due.append((draws + 0.5) / w)
+                source.append(np.full(len(draws), k))
+        due_all, source_all = np.concatenate(due), np.concatenate(source)
+        return source_all[np.lexsort((source_all, due_all))][:end]
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The epoch's global stream slice, before length grouping and rank split."""
-        n, start = len(self.lengths), epoch * self.samples_per_epoch
-        first, last = start // n, (start + self.samples_per_epoch - 1) // n
-        stream = np.concatenate([self._pass(p) for p in range(first, last + 1)])
-        return stream[start - first * n: start - first * n + self.samples_per_epoch]
+        start, size = epoch * self.samples_per_epoch, self.samples_per_epoch
+        mixture = self.mixture(start + size)
+        order = np.empty(size, dtype=np.int64)
+        for k in np.unique(mixture[start:]):
+            here = np.flatnonzero(mixture[start:] == k)
+            order[here] = self._draws(int(k), int((mixture[:start] == k).sum()), len(here))
+        return order
 
     def batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of `epoch`, in training order."""
@@ -180,12 +281,14 @@ class StageSampler(Sampler[int]):
 
 
 class RecoveryDataModule(LightningDataModule):
-    """Recovery (SFT) batches for the prune–heal loop: one epoch = one stage of `samples_per_epoch` examples.
+    """Recovery batches for the prune–heal loop: one epoch = one stage of `samples_per_epoch` examples.
 
-    Pairs and tokenizer may be given later with `set_pairs` / `set_tokenizer` (SGR pairs are generated by the
-    module at fit start); tokenisation happens on the first `train_dataloader` call after a change. The Trainer
-    must use `use_distributed_sampler=False`: the sampler already splits each stage across DDP ranks, giving
-    every rank `samples_per_epoch / world_size` examples (`batches_per_epoch` batches).
+    The data are `parts` (`Part`: a name, a weight and examples, pairs or texts); each stage holds every part in
+    proportion to its weight (`StageSampler`). Pairs or parts and the tokenizer may be given later with `set_pairs` /
+    `set_parts` / `set_tokenizer` (SGR pairs are generated by the module at fit start); tokenisation happens on the
+    first `train_dataloader` call after a change. The Trainer must use `use_distributed_sampler=False`: the sampler
+    already splits each stage across DDP ranks, giving every rank `samples_per_epoch / world_size` examples
+    (`batches_per_epoch` batches).
 
     `max_positions` (the model's position limit, None if unknown) caps `max_length` rather than refusing it, so one
     config serves models of different context sizes: an example longer than the positions is cut there (or dropped,
@@ -208,55 +311,87 @@ class RecoveryDataModule(LightningDataModule):
         self.system_prompt, self.chat, self.seed = system_prompt, chat, seed
         self.mega_batch_mult, self.num_workers = mega_batch_mult, num_workers
         self.tokenizer, self.max_positions = tokenizer, max_positions
-        self.pairs: list[dict[str, str]] = load_pairs(pairs) if pairs is not None else []
+        self.parts: list[Part] = [Part("pairs", 1.0, load_pairs(pairs))] if pairs is not None else []
         self.num_dropped = self.num_clamped = 0
+        self.part_counts: list[dict[str, int]] = []
         self._dataset: TokenizedPairs | None = None
 
+    @property
+    def pairs(self) -> list[dict[str, str]]:
+        """The (prompt, response) pairs of every part, in order."""
+        return [e for part in self.parts for e in part.examples if "prompt" in e]
+
     def set_pairs(self, pairs: list[dict] | str | Path) -> None:
-        """Replace the (prompt, response) pairs; they are tokenised on the next `train_dataloader` call."""
-        self.pairs = load_pairs(pairs)
+        """Replace the data by one part of (prompt, response) pairs; tokenised on the next `train_dataloader` call."""
+        self.set_parts([Part("pairs", 1.0, load_pairs(pairs))])
+
+    def set_parts(self, parts: Sequence[Part]) -> None:
+        """Replace the data by weighted parts (see `Part`); tokenised on the next `train_dataloader` call."""
+        check_weights([part.weight for part in parts])
+        self.parts = [Part(part.name, part.weight, check_examples(part.examples, f"recovery source {part.name!r}"))
+                      for part in parts]
         self._dataset = None
 
     def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self._dataset = None
 
+    def _tokenize(self, example: dict[str, str], max_length: int) -> dict[str, list[int]] | None:
+        if "text" in example:
+            return tokenize_text(self.tokenizer, example["text"], max_length)
+        return tokenize_pair(self.tokenizer, example["prompt"], example["response"], self.system_prompt, max_length,
+                             self.chat)
+
     @property
     def dataset(self) -> TokenizedPairs:
-        """The tokenised pairs; examples whose prompt alone fills `max_length` are dropped (`num_dropped`)."""
+        """The tokenised examples of every part; examples with nothing to learn within `max_length` (a prompt that
+        alone fills it, a text of under two tokens) are dropped (`num_dropped`; per part in `part_counts`)."""
         if self._dataset is None:
             if self.tokenizer is None:
                 raise ValueError("RecoveryDataModule has no tokenizer; call set_tokenizer first")
-            if not self.pairs:
+            if not any(part.examples for part in self.parts):
                 raise UsageError("no recovery pairs; give a JSONL file or a list of {prompt, response} dicts")
             limit = min(self.max_length, self.max_positions or self.max_length)
-            examples, self.num_clamped = [], 0
-            for pair in tqdm(self.pairs, desc="tokenize recovery pairs", unit="pair", leave=False,
-                             disable=len(self.pairs) < 1000):
-                example = tokenize_pair(self.tokenizer, pair["prompt"], pair["response"], self.system_prompt,
-                                        self.max_length, self.chat)
-                if example is not None and len(example["input_ids"]) > limit:
-                    self.num_clamped += 1
-                    example = tokenize_pair(self.tokenizer, pair["prompt"], pair["response"], self.system_prompt,
-                                            limit, self.chat)
-                if example is not None:
-                    examples.append(example)
-            self.num_dropped = len(self.pairs) - len(examples)
+            total = sum(len(part.examples) for part in self.parts)
+            examples, sources, self.part_counts = [], [], []
+            bar = tqdm(total=total, desc="tokenize recovery data", unit="example", leave=False, disable=total < 1000)
+            for k, part in enumerate(self.parts):
+                kept = clamped = 0
+                for raw in part.examples:
+                    example = self._tokenize(raw, self.max_length)
+                    if example is not None and len(example["input_ids"]) > limit:
+                        clamped += 1
+                        example = self._tokenize(raw, limit)
+                    if example is not None:
+                        examples.append(example)
+                        sources.append(k)
+                        kept += 1
+                    bar.update()
+                self.part_counts.append({"examples": kept, "dropped": len(part.examples) - kept, "clamped": clamped})
+            bar.close()
+            self.num_dropped = total - len(examples)
+            self.num_clamped = sum(c["clamped"] for c in self.part_counts)
             if self.num_clamped:
                 log.warning("max_length=%d is above the model's %d positions: %d of %d recovery examples were cut "
-                            "at %d tokens", self.max_length, limit, self.num_clamped, len(self.pairs), limit)
+                            "at %d tokens", self.max_length, limit, self.num_clamped, total, limit)
             if self.num_dropped:
-                log.warning("dropped %d of %d recovery pairs whose prompt alone fills max_length=%d",
-                            self.num_dropped, len(self.pairs), limit)
+                log.warning("dropped %d of %d recovery examples with nothing to learn within max_length=%d (a prompt "
+                            "that alone fills it, or a text of under 2 tokens)", self.num_dropped, total, limit)
             if not examples:
                 raise UsageError(f"max_length={limit} is too small: every prompt fills it; raise it")
-            self._dataset = TokenizedPairs(examples)
+            empty = [part.name for part, c in zip(self.parts, self.part_counts, strict=True)
+                     if part.weight > 0 and not c["examples"]]
+            if empty:
+                raise UsageError(f"recovery source {empty[0]!r} has no example left within max_length={limit}; "
+                                 "raise max_length or give it weight 0")
+            self._dataset = TokenizedPairs(examples, sources)
         return self._dataset
 
     def stage_sampler(self) -> StageSampler:
         """A fresh sampler over the current dataset (its batches depend only on seed and epoch)."""
-        return StageSampler(self.dataset.lengths, self.samples_per_epoch, self.batch_size, self.seed,
-                            self.mega_batch_mult)
+        dataset = self.dataset
+        return StageSampler(dataset.lengths, self.samples_per_epoch, self.batch_size, self.seed,
+                            self.mega_batch_mult, sources=dataset.sources, weights=[p.weight for p in self.parts])
 
     @property
     def batches_per_epoch(self) -> int:

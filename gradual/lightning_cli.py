@@ -42,6 +42,8 @@ class GradualCLI(LightningCLI):
         data = _plain(config.get("data")) or {}
         if isinstance(data.get("sgr"), dict):
             data["sgr"] = _drop(data["sgr"], _RESULT_NEUTRAL)
+        if data.get("sources", ...) is None:  # the default (data.sgr alone): keep resuming runs started before sources
+            del data["sources"]
         callbacks = [_plain(c) for c in (config.trainer.get("callbacks") or [])]
         for c in callbacks:
             if isinstance(c, dict) and isinstance(c.get("init_args"), dict):

@@ -16,7 +16,10 @@ The seed paper heals a pruned model by finetuning it on what the *unpruned* mode
   gain end-of-turn ids in `generation_config` without any weight change), chat template, system prompt, decoding,
   backend and its arguments;
 - for comparisons the dataset's own answers ("dataset SFT") or only the teacher answers the task scorer accepts
-  ("sgr_filtered") can be used instead.
+  ("sgr_filtered") can be used instead;
+- `sdft_pairs` (the `sdft` source of the recovery mixture, `gradual.mixture`) asks the same teacher, through the same
+  generation and cache, to rewrite each task prompt's reference answer, and keeps a rewrite only if the task's scorer
+  accepts it.
 
 Pairs hold the raw user prompt, not the formatted one: the data module applies the chat template again at
 training time, so training and generation see the same conversation.
@@ -146,7 +149,7 @@ def load_prompts(cfg: SGRConfig) -> list[PromptItem]:
     A file/hf source larger than `max_prompts` is cut to a seeded random subset in file order."""
     if cfg.source == "tasks":
         return _unique(_task_prompts(cfg))
-    rows = _file_rows(Path(cfg.path)) if cfg.source == "file" else _hf_rows(cfg)
+    rows = _file_rows(Path(cfg.path)) if cfg.source == "file" else hf_rows(cfg.path, cfg.hf_config, cfg.hf_split)
     items = _unique(_rows_to_items(rows, cfg, origin=cfg.source))
     if cfg.max_prompts is not None and cfg.max_prompts < len(items):
         keep = sorted(random.Random(cfg.seed).sample(range(len(items)), cfg.max_prompts))
@@ -170,15 +173,12 @@ def _unique(items: list[PromptItem]) -> list[PromptItem]:
 def _task_prompts(cfg: SGRConfig) -> list[PromptItem]:
     """Training-split prompts of each task, after checking they share no question with the evaluation split."""
     from gradual.tasks.builtin import get_task, task_names
+    from gradual.tasks.documents import training_problems
 
     items: list[PromptItem] = []
     for name in task_names(cfg.tasks or None):
         task = get_task(name, cfg.difficulty)
-        train = task.problems("train", cfg.n_per_task, cfg.seed)
-        shared = {p.question for p in train} & {p.question for p in task.problems("eval", cfg.eval_n, cfg.eval_seed)}
-        if shared:
-            raise UsageError(f"task {name}: {len(shared)} training prompts also appear in the evaluation split "
-                             f"(e.g. {min(shared)!r}); recovery data must not contain evaluation items")
+        train = training_problems(task, cfg.n_per_task, cfg.seed, cfg.eval_n, cfg.eval_seed)
         items += [PromptItem(task.chat_message(p), p.answer, name) for p in train]
     return items
 
@@ -203,16 +203,16 @@ def _file_rows(path: Path) -> list[dict[str, Any]]:
     return [row for _, row in read_jsonl(path)]
 
 
-def _hf_rows(cfg: SGRConfig) -> list[dict[str, Any]]:
+def hf_rows(path: str, config: str | None, split: str) -> list[dict[str, Any]]:
     """Rows of a Hugging Face dataset split; any loading failure (offline, unknown name or split) is a UsageError."""
     try:
         import datasets
 
-        dataset = datasets.load_dataset(cfg.path, cfg.hf_config, split=cfg.hf_split)
+        dataset = datasets.load_dataset(path, config, split=split)
     except Exception as e:  # offline, network and name errors come in many types; report each as one line
         reason = " ".join(str(e).split())[:300]
-        raise UsageError(f"could not load Hugging Face dataset {cfg.path!r} (config {cfg.hf_config!r}, split "
-                         f"{cfg.hf_split!r}): {type(e).__name__}: {reason}") from None
+        raise UsageError(f"could not load Hugging Face dataset {path!r} (config {config!r}, split "
+                         f"{split!r}): {type(e).__name__}: {reason}") from None
     return list(dataset)
 
 
@@ -721,3 +721,38 @@ def build_pairs(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBas
         raise UsageError(f"sgr responses={cfg.responses!r} kept none of {total} teacher answers "
                          f"({empty} empty, {rejected} rejected); use responses='sgr' or a stronger teacher")
     return pairs
+
+
+SDFT_TEMPLATE = ("{prompt}\n\nReference answer: {reference}\n\n"
+                 "Rewrite the reference answer in your own words as your reply to the request above.")
+"""What the SDFT teacher is asked (a user message, chat-formatted like any SGR prompt): the task prompt, its reference
+answer, and a request to rewrite it."""
+
+
+def sdft_pairs(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase | None, cfg: SGRConfig,
+               items: Sequence[PromptItem], model_id: str | None = None,
+               progress: bool = True) -> tuple[list[dict[str, str]], int]:
+    """Self-distillation fine-tuning pairs (SDFT, arXiv 2402.13669): one per task prompt, the teacher's rewrite of the
+    reference answer when the task's scorer `accepts` it, otherwise the reference answer itself.
+
+    Why: the student learns correct answers written in the teacher's own words (its own distribution), which heals a
+    pruned model with less forgetting than the dataset's answers (arXiv 2410.09982). The teacher sees `SDFT_TEMPLATE`
+    and answers through `teacher_responses` (same decoding, backend and cache as SGR; the template makes the inputs,
+    hence the cache file, its own); the pair keeps the plain prompt. With several samples per prompt
+    (`decoding.num_samples`) the first accepted one is used. Returns the pairs in item order and how many of them are
+    teacher rewrites (the rest are references).
+    """
+    if tokenizer is None or (model is None and cfg.backend != "vllm"):
+        raise UsageError("sdft needs a teacher model and tokenizer")
+    if not items or any(it.reference is None for it in items):
+        raise UsageError("sdft needs task prompts with reference answers")
+    asks = [replace(it, prompt=SDFT_TEMPLATE.format(prompt=it.prompt, reference=it.reference)) for it in items]
+    answers = teacher_responses(model, tokenizer, asks, cfg, model_id=model_id, progress=progress)
+    pairs, kept = [], 0
+    for it, responses in zip(items, answers, strict=True):
+        rewrite = next((r for r in responses if r.strip() and accepts(it, r)), None)
+        kept += rewrite is not None
+        pairs.append({"prompt": it.prompt, "response": it.reference if rewrite is None else rewrite, "task": it.task})
+    log.info("sdft: %d of %d teacher rewrites accepted by the task scorer; the reference answer kept for the rest",
+             kept, len(items))
+    return pairs, kept

@@ -29,9 +29,15 @@ FEWSHOT_STOP = ["\nQ:", "\n\n"]
 CODE_TASKS = ("humaneval",)
 
 
+def worked_examples(problems: Sequence[Problem]) -> str:
+    """Solved problems as plain `Q: ... / A: ...` lines, each ending in a newline: the few-shot format, also used for
+    the few-shot recovery documents (`gradual.tasks.documents`) so training text and evaluation prompts match."""
+    return "".join(f"Q: {p.question}\nA: {p.answer}\n" for p in problems)
+
+
 def fewshot_prefix(task: Task, k: int = 5) -> str:
     """k worked examples as plain `Q: ... / A: ...` lines; ends in a single newline."""
-    return "".join(f"Q: {ex.question}\nA: {ex.answer}\n" for ex in fewshot_examples(task, k))
+    return worked_examples(fewshot_examples(task, k))
 
 
 def build_prompt(task: Task, problem: Problem, tokenizer: PreTrainedTokenizerBase, fmt: str, shots: int = 5) -> str:
