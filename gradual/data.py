@@ -189,16 +189,18 @@ class StageSampler(Sampler[int]):
 
     def __init__(self, lengths: Sequence[int], samples_per_epoch: int, batch_size: int, seed: int = 0,
                  mega_batch_mult: int = 50, rank: int | None = None, world_size: int | None = None,
-                 sources: Sequence[int] | None = None, weights: Sequence[float] | None = None) -> None:
+                 sources: Sequence[int] | None = None, weights: Sequence[float] | None = None,
+                 stage_samples: Sequence[int] | None = None, epoch: int = 0) -> None:
         if not lengths:
             raise UsageError("no recovery examples to sample from; give at least one (prompt, response) pair")
         dist_rank, dist_world = _dist_rank_world()
         self.rank = dist_rank if rank is None else rank
         self.world_size = dist_world if world_size is None else world_size
         per_step = batch_size * self.world_size
-        if samples_per_epoch < per_step or samples_per_epoch % per_step:
-            raise UsageError(f"samples_per_epoch={samples_per_epoch} is invalid; it must be a positive multiple of "
-                             f"batch_size × world_size = {batch_size} × {self.world_size}")
+        for size in [samples_per_epoch, *(stage_samples or [])]:
+            if size < per_step or size % per_step:
+                raise UsageError(f"samples_per_epoch={size} is invalid; it must be a positive multiple of "
+                                 f"batch_size × world_size = {batch_size} × {self.world_size}")
         if mega_batch_mult < 1:
             raise UsageError(f"mega_batch_mult={mega_batch_mult} is invalid; it must be >= 1")
         self.lengths = np.asarray(lengths)
@@ -214,14 +216,24 @@ class StageSampler(Sampler[int]):
         empty = [k for k, w in enumerate(self.weights) if w > 0 and not len(self.members[k])]
         if empty:
             raise UsageError(f"recovery source {empty[0]} has weight {self.weights[empty[0]]} but no examples")
-        self.epoch = 0
+        self.stage_samples = list(stage_samples) if stage_samples else None
+        self.epoch = epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning's fit loop before every epoch (also after resuming from a checkpoint)."""
         self.epoch = epoch
 
+    def bounds(self, epoch: int) -> tuple[int, int]:
+        """(first stream position, examples) of `epoch`: `samples_per_epoch` each, or with `stage_samples` each
+        stage its own count (the last one repeating), so stages of different lengths still take consecutive,
+        non-overlapping slices of the stream and a run's examples do not depend on its longest stage."""
+        if self.stage_samples is None:
+            return epoch * self.samples_per_epoch, self.samples_per_epoch
+        sizes = self.stage_samples + [self.stage_samples[-1]] * max(0, epoch + 1 - len(self.stage_samples))
+        return sum(sizes[:epoch]), sizes[epoch]
+
     def __len__(self) -> int:
-        return self.samples_per_epoch // self.world_size
+        return self.bounds(self.epoch)[1] // self.world_size
 
     def _pass(self, source: int, p: int) -> np.ndarray:
         key = [self.seed, 0, p] if source == 0 else [self.seed, 0, p, source]
@@ -253,7 +265,7 @@ class StageSampler(Sampler[int]):
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The epoch's global stream slice, before length grouping and rank split."""
-        start, size = epoch * self.samples_per_epoch, self.samples_per_epoch
+        start, size = self.bounds(epoch)
         mixture = self.mixture(start + size)
         order = np.empty(size, dtype=np.int64)
         for k in np.unique(mixture[start:]):
@@ -308,6 +320,7 @@ class RecoveryDataModule(LightningDataModule):
         if max_length < 2:
             raise UsageError(f"max_length={max_length} is invalid; it must be >= 2")
         self.samples_per_epoch, self.batch_size, self.max_length = samples_per_epoch, batch_size, max_length
+        self.stage_samples: list[int] | None = None  # per-stage sizes when stages differ (set by GradualModule)
         self.system_prompt, self.chat, self.seed = system_prompt, chat, seed
         self.mega_batch_mult, self.num_workers = mega_batch_mult, num_workers
         self.tokenizer, self.max_positions = tokenizer, max_positions
@@ -388,10 +401,13 @@ class RecoveryDataModule(LightningDataModule):
         return self._dataset
 
     def stage_sampler(self) -> StageSampler:
-        """A fresh sampler over the current dataset (its batches depend only on seed and epoch)."""
+        """A fresh sampler over the current dataset (its batches depend only on seed and epoch), set to the epoch
+        about to start: Lightning sizes the epoch from `len(sampler)` before it calls `set_epoch`."""
         dataset = self.dataset
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
         return StageSampler(dataset.lengths, self.samples_per_epoch, self.batch_size, self.seed,
-                            self.mega_batch_mult, sources=dataset.sources, weights=[p.weight for p in self.parts])
+                            self.mega_batch_mult, sources=dataset.sources, weights=[p.weight for p in self.parts],
+                            stage_samples=self.stage_samples, epoch=epoch)
 
     @property
     def batches_per_epoch(self) -> int:

@@ -307,10 +307,10 @@ class GradualModule(L.LightningModule):
         dm = self.trainer.datamodule
         if hasattr(dm, "recovery_tasks"):
             self.in_data_tasks = dm.recovery_tasks()
-        if dm is not None:  # every epoch holds the longest stage's batches; shorter stages end early
-            steps = max((steps for _, steps in self.plan), default=0)
-            batches = max(1, steps) * self.trainer.accumulate_grad_batches
-            dm.samples_per_epoch = batches * dm.batch_size * self.trainer.world_size
+        if dm is not None:  # each stage its own slice of the data stream: `steps × accumulation` batches per rank
+            per_batch = self.trainer.accumulate_grad_batches * dm.batch_size * self.trainer.world_size
+            sizes = [max(1, steps) * per_batch for _, steps in self.plan] or [per_batch]
+            dm.samples_per_epoch, dm.stage_samples = sizes[0], sizes
 
     def on_fit_start(self) -> None:
         """On resume, continue Lightning's epoch count at the stage reached, so data and logs line up. The epoch
@@ -446,8 +446,8 @@ class GradualModule(L.LightningModule):
         return self.history[-1].steps * self.trainer.accumulate_grad_batches
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
-        """End the epoch once the stage's own steps are done (an epoch holds the longest stage's batches);
-        `steps_per_stage: 0` prunes without recovery: the stage ends before its first (placeholder) batch."""
+        """`steps_per_stage: 0` prunes without recovery: the stage ends before its first (placeholder) batch. A
+        stage never trains more than its own steps."""
         if batch_idx >= self._stage_batches():
             if self._stage_batches() == 0:
                 self.end_stage()

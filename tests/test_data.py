@@ -239,3 +239,21 @@ def test_vllm_teacher_loads_no_transformers_copy(backend, tmp_path, monkeypatch)
         dm.setup("fit")
     assert "\n" not in str(err.value)
     assert loads == [], "an HF copy of the teacher was loaded next to vLLM's"
+
+
+def test_stages_of_different_lengths_take_consecutive_slices_of_the_stream() -> None:
+    """A run whose stages train 2, 2 and 6 batches sees stream positions 0-3, 4-7, 8-19 (batch 2): the examples of
+    its first stages do not depend on how long a later (consolidation) stage is."""
+    lengths = list(range(1, 41))
+    uniform = StageSampler(lengths, samples_per_epoch=4, batch_size=2, seed=5, rank=0, world_size=1)
+    mixed = StageSampler(lengths, samples_per_epoch=4, batch_size=2, seed=5, rank=0, world_size=1,
+                         stage_samples=[4, 4, 12])
+    assert [mixed.bounds(e) for e in range(4)] == [(0, 4), (4, 4), (8, 12), (20, 12)]
+    for epoch in (0, 1):
+        assert mixed.batches(epoch) == uniform.batches(epoch)
+    stream = np.concatenate([uniform.epoch_order(e) for e in range(5)])
+    assert sorted(mixed.epoch_order(2).tolist()) == sorted(stream[8:20].tolist())
+    mixed.set_epoch(2)
+    assert len(mixed) == 12 and len(list(mixed)) == 12
+    with pytest.raises(UsageError, match="samples_per_epoch=5"):
+        StageSampler(lengths, samples_per_epoch=4, batch_size=2, rank=0, world_size=1, stage_samples=[4, 5])
