@@ -20,7 +20,8 @@ commands:
   score     score and rank a model's layers with an importance metric
   eval      evaluate a model (any path or alias) on built-in and lm-eval tasks
   prune     remove layers in one shot (no recovery) and save the model
-  compare   one-shot vs gradual, SGR vs dataset answers, at equal depth and training budget
+  compare   healing recipes side by side (one-shot vs gradual, SFT vs KD, LoRA vs full weights, ...) at equal
+            depth and training budget
   tasks     list the built-in evaluation tasks with an example problem
 
 `gradual <command> --help` describes each command's options."""

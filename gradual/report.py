@@ -75,16 +75,19 @@ def plot_retention(history: Sequence[dict[str, Any]], path: Path, title: str = "
 
 
 def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: int | None,
-                 stop_reason: str | None, config: dict[str, Any], in_data: Collection[str] = ()) -> None:
+                 stop_reason: str | None, config: dict[str, Any], in_data: Collection[str] = (),
+                 recovery_data: list[dict[str, Any]] | None = None) -> None:
     """Write results.json, report.md and retention.png into the run directory.
 
-    `in_data` names the tasks whose problems fed recovery; every other evaluated task is held-out.
+    `in_data` names the tasks whose problems fed recovery; every other evaluated task is held-out. `recovery_data`
+    describes each source of the recovery data (`GradualDataModule.describe`).
     """
     run_dir = Path(run_dir)
     tasks = sorted({task_of(k) for r in history for k in r["scores"]})
     held_out = [t for t in tasks if t not in in_data]
     results = {"config": config, "final_stage": final_stage, "stop_reason": stop_reason,
-               "in_data_tasks": sorted(in_data), "held_out_tasks": held_out, "stages": list(history)}
+               "in_data_tasks": sorted(in_data), "held_out_tasks": held_out, "recovery_data": recovery_data,
+               "stages": list(history)}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot_retention(history, run_dir / "retention.png", title=str(config.get("model", "")))
     final = history[final_stage] if final_stage is not None else history[-1]
@@ -93,7 +96,10 @@ def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: 
              f"{final['removed_total'] or 'none'})" + (" in `final/`" if final_stage is not None else ""),
              f"- stop: {stop_reason or 'still running'}",
              f"- held-out tasks (nothing of them fed recovery): {', '.join(held_out) or 'none'}",
-             f"- in-data tasks (their problems fed recovery; marked *): {', '.join(sorted(in_data)) or 'none'}", "",
+             f"- in-data tasks (their problems fed recovery; marked *): {', '.join(sorted(in_data)) or 'none'}",
+             *[f"- recovery data: {d['name']} ({d['kind']}), {d['share']:.0%} of every stage, "
+               f"{d.get('examples', '?')} examples, tasks: {', '.join(d.get('tasks') or []) or 'none'}"
+               for d in recovery_data or []], "",
              "Scores per stage, retention against stage 0 in brackets; group columns are mean retentions. Only "
              "held-out retention shows capability coming back rather than being taught:", "",
              stage_table(history, in_data), "",

@@ -370,3 +370,19 @@ def fit_with(config: Path, callback: L.Callback) -> GradualCLI:
     cli.model.check_run_dir()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli
+
+
+def test_results_record_what_each_source_contributed(tmp_path: Path) -> None:
+    from test_fit import fit_in_process, write_config
+
+    config, run_dir = write_config(tmp_path, model__schedule__max_layers=1, model__schedule__steps_per_stage=1,
+                                   model__recovery={"loss": "kd"},
+                                   data__sources=[{"kind": "sgr"}, {"kind": "tasks", "tasks": ["category"],
+                                                                    "n_per_task": 4, "weight": 3.0}])
+    fit_in_process(config)
+    results = json.loads((run_dir / "results.json").read_text())
+    kinds = {d["kind"]: d for d in results["recovery_data"]}
+    assert kinds["tasks"]["share"] == 0.75 and kinds["tasks"]["tasks"] == ["category"]
+    assert kinds["sgr"]["tasks"] == ["copy", "successor"] and kinds["sgr"]["examples"] == 8
+    assert results["in_data_tasks"] == ["category", "copy", "successor"]
+    assert "recovery data: " in (run_dir / "report.md").read_text()
