@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from gradual.errors import UsageError
 from gradual.generation import DEFAULT_SYSTEM_PROMPT, encode_prompt, response_prompt
 from gradual.jsonl import read_jsonl
+from gradual.ranks import rank_world
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF causal-LM loss) skips
 log = logging.getLogger(__name__)
@@ -163,12 +164,6 @@ def check_weights(weights: Sequence[float]) -> None:
         raise UsageError("every recovery source has weight 0; give at least one a positive weight")
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class StageSampler(Sampler[int]):
     """This rank's example indices for one epoch (= one pruning stage) of exactly `samples_per_epoch` examples.
 
@@ -193,7 +188,7 @@ class StageSampler(Sampler[int]):
                  stage_samples: Sequence[int] | None = None, epoch: int = 0) -> None:
         if not lengths:
             raise UsageError("no recovery examples to sample from; give at least one (prompt, response) pair")
-        dist_rank, dist_world = _dist_rank_world()
+        dist_rank, dist_world = rank_world()
         self.rank = dist_rank if rank is None else rank
         self.world_size = dist_world if world_size is None else world_size
         per_step = batch_size * self.world_size
@@ -412,7 +407,7 @@ class RecoveryDataModule(LightningDataModule):
     @property
     def batches_per_epoch(self) -> int:
         """Batches each rank trains per stage: samples_per_epoch / (batch_size · world_size)."""
-        return self.samples_per_epoch // (self.batch_size * _dist_rank_world()[1])
+        return self.samples_per_epoch // (self.batch_size * rank_world()[1])
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset  # checks that a tokenizer is set

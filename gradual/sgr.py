@@ -55,6 +55,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from gradual.errors import UsageError
 from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, encode_prompt, end_ids, generate, response_prompt
 from gradual.jsonl import read_jsonl
+from gradual.ranks import broadcast_from_rank0, rank_world
 from gradual.tasks.builtin import check_difficulty
 
 log = logging.getLogger(__name__)
@@ -495,13 +496,6 @@ def _json_or_none(line: bytes, key: str | None = None) -> dict[str, Any]:
 # DDP: shard prompts across ranks, gather answers back in order
 # ---------------------------------------------------------------------------------------------------------------
 
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised default process group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
     """This rank's share: items rank, rank + world, ... (balanced to within one item)."""
     return list(items[rank::world])
@@ -521,20 +515,12 @@ def merge_shards(shards: Sequence[Sequence[T]]) -> list[T]:
 
 def gather_in_order(local: Sequence[T]) -> list[T]:
     """All ranks' shards (from `shard`) merged in the original order, on every rank; `local` as-is without DDP."""
-    _, world = dist_rank_world()
+    _, world = rank_world()
     if world == 1:
         return list(local)
     shards: list[Any] = [None] * world
     torch.distributed.all_gather_object(shards, list(local))
     return merge_shards(shards)
-
-
-def _broadcast_from_rank0(obj: T) -> T:
-    if dist_rank_world()[1] == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -622,7 +608,7 @@ def teacher_responses(model: PreTrainedModel | None, tokenizer: PreTrainedTokeni
     `cache_key`). Under DDP each chunk's missing prompts are split rank::world and gathered, so every rank returns
     the full list; only rank 0 reads and writes the cache (and broadcasts what it read).
     """
-    rank, world = dist_rank_world()
+    rank, world = rank_world()
     if cfg.backend == "vllm" and world > 1:
         raise UsageError("sgr backend='vllm' does not run under torch.distributed; use backend='transformers'")
     prompts = [it.prompt for it in items]
@@ -636,7 +622,7 @@ def teacher_responses(model: PreTrainedModel | None, tokenizer: PreTrainedTokeni
                 "end_ids": sorted(stop_ids), "chat": cfg.chat, "system_prompt": cfg.system_prompt,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         cache = ResponseCache(Path(cfg.cache_dir) / f"{fp}.jsonl", meta)
-    done = _broadcast_from_rank0(cache.load(prompts) if cache else {})
+    done = broadcast_from_rank0(cache.load(prompts) if cache else {})
     todo = [i for i in range(len(items)) if i not in done]
     if cache:
         log.info("sgr cache %s: %d of %d prompts cached, %d to generate", cache.path, len(done), len(items), len(todo))
