@@ -217,10 +217,9 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
              "## Arms", "", arms_table(result["arms"]), "",
              "## Budget and retention", "",
              "Group columns are mean retentions (score / baseline score). Steps count the consolidation stage. "
-             "\"same prompts\" compares the training prompts with the first trained arm at that depth: every run "
-             "reads one stream of examples, but each stage draws its batches from a slice as long as the run's longest "
-             "stage, so an arm whose stages differ in length (a consolidation longer than its removal stages) uses "
-             "part of some slices and trains on other prompts.", "",
+             "\"same prompts\" compares the training examples with the first trained arm at that depth: arms "
+             "with the same recovery data read the same stream of examples, each stage its own consecutive slice; "
+             "arms with other data sources differ by design.", "",
              summary_table(result["points"]), "",
              "## Held-out tasks below no recovery", "", *below_lines(result), "",
              f"## Scores (retention in brackets; {BELOW} = held-out score below the no-recovery arm's)", "",

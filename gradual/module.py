@@ -277,7 +277,9 @@ class GradualModule(L.LightningModule):
         if state is not None and state.get("config") == self.run_config() and not self.overwrite:
             return
         if not self.overwrite:
-            raise UsageError(f"run_dir={str(self.run_dir)!r} already holds a different run; choose another "
+            changed = _changed_keys(state.get("config") if state else None, self.run_config())
+            what = f" (changed: {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})" if changed else ""
+            raise UsageError(f"run_dir={str(self.run_dir)!r} already holds a different run{what}; choose another "
                              "run_dir or set overwrite: true")
         shutil.rmtree(self.run_dir)
 
@@ -516,6 +518,17 @@ class GradualModule(L.LightningModule):
         writes the model its scores describe."""
         return _as_float(models.load_model(self.model_name, dtype=self.dtype_name, quantize=self.quantize,
                                            trust_remote_code=self.trust_remote_code))
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two run configs (the saved one and this one), so a refused resume
+    says which setting made it another run."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(old) + [k for k in new if k not in old]
+        return [c for k in keys for c in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new, strict=True)) for c in _changed_keys(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [prefix.rstrip(".") or "config"]
 
 
 def _as_float(model: torch.nn.Module) -> torch.nn.Module:

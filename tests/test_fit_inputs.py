@@ -81,11 +81,16 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                                       ["--seed_everything", "1"]],
                          ids=["callbacks", "sgr_prompts", "data_max_length", "global_seed"])
 def test_a_changed_run_is_refused_and_the_old_one_kept(finished_run: tuple[Path, Path], override: list[str],
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       request: pytest.FixtureRequest) -> None:
     config, run_dir = finished_run
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     assert main(["fit", "--config", str(config), *override]) == 2
-    assert "already holds a different run" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "already holds a different run (changed: " in line
+    changed = {"callbacks": "changed: callbacks", "sgr_prompts": "data.sgr.n_per_task",
+               "data_max_length": "data.max_length", "global_seed": "seed_everything"}
+    assert changed[request.node.callspec.id] in line
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
 
 
