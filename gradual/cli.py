@@ -11,6 +11,8 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
+from gradual.errors import OneLineParser
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 USAGE = """usage: gradual <command> [options]
@@ -34,7 +36,7 @@ def _split(value: str) -> list[str]:
 def score_command(argv: Sequence[str]) -> int:
     from gradual import importance
 
-    p = argparse.ArgumentParser(prog="gradual score", description="Score and rank a model's layers.")
+    p = OneLineParser(prog="gradual score", description="Score and rank a model's layers.")
     p.add_argument("--model", required=True, help="hub id, local path, smollm2-135m-instruct or tiny:<arch>")
     p.add_argument("--metric", default="block_influence", help=f"one of: {', '.join(importance.METRICS)}")
     p.add_argument("--span", type=int, default=1, help="angular distance span n")
@@ -64,7 +66,7 @@ def score_command(argv: Sequence[str]) -> int:
 def eval_command(argv: Sequence[str]) -> int:
     from gradual.tasks import CODE_TASKS, TASKS
 
-    p = argparse.ArgumentParser(prog="gradual eval", description="Evaluate a model on built-in and lm-eval tasks.")
+    p = OneLineParser(prog="gradual eval", description="Evaluate a model on built-in and lm-eval tasks.")
     p.add_argument("--model", required=True, help="hub id, local path (e.g. runs/demo/final), alias or tiny:<arch>")
     p.add_argument("--tasks", type=_split, default=[], help=f"comma-separated built-in tasks: {', '.join(TASKS)}")
     p.add_argument("--forms", type=_split, default=["generative", "classification"])
@@ -117,7 +119,7 @@ def eval_command(argv: Sequence[str]) -> int:
 def prune_command(argv: Sequence[str]) -> int:
     from gradual import importance
 
-    p = argparse.ArgumentParser(prog="gradual prune", description="Remove layers in one shot (no recovery) and save "
+    p = OneLineParser(prog="gradual prune", description="Remove layers in one shot (no recovery) and save "
                                 "the model in Hugging Face format.")
     p.add_argument("--model", required=True, help="hub id, local path, smollm2-135m-instruct or tiny:<arch>")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
@@ -161,7 +163,7 @@ def tasks_command(argv: Sequence[str]) -> int:
     from gradual.tasks import CODE_TASKS
     from gradual.tasks.builtin import DIFFICULTIES, get_task, task_names
 
-    p = argparse.ArgumentParser(prog="gradual tasks", description="List the built-in tasks: forms, answer kind, "
+    p = OneLineParser(prog="gradual tasks", description="List the built-in tasks: forms, answer kind, "
                                 "and one example problem (evaluation split) at the chosen difficulty.")
     p.add_argument("--difficulty", default="small", help=f"problem size preset: {', '.join(DIFFICULTIES)}")
     args = p.parse_args(argv)

@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from gradual.errors import UsageError
+from gradual.errors import OneLineParser, UsageError
 from gradual.sgr import RESPONSES, SGRConfig
 
 MODES = ("gradual", "one_shot")
@@ -244,7 +244,7 @@ def default_budget(base: dict[str, Any]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="gradual compare", description="Arms of `gradual fit` (one-shot vs gradual, SGR vs dataset, SFT vs KD, "
         "LoRA vs full weights, ...) at equal depth and training budget.")
     p.add_argument("--config", required=True, help="a `gradual fit` config, optionally with a top-level `compare:` "

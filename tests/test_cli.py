@@ -120,3 +120,15 @@ def test_tasks_lists_every_builtin_task_with_an_example(capsys: pytest.CaptureFi
     assert [line.split()[0] for line in out[1:]] == [*TASKS, "humaneval"]
     assert main(["tasks", "--difficulty", "huge"]) == 2
     assert "difficulty='huge' is unknown" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["compare"], "gradual compare: the following arguments are required: --config"),
+    (["eval", "--model", "tiny:llama", "--n", "x"], "gradual eval: argument --n: invalid int value: 'x'"),
+    (["score", "--model", "tiny:llama", "--bogus"], "gradual score: unrecognized arguments: --bogus"),
+])
+def test_argparse_rejections_are_one_line_exit_2(argv: list[str], needle: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"gradual: error: {needle}"]
