@@ -238,7 +238,7 @@ def score_layers(model: nn.Module, batches: Iterable[Batch] | None, metric: str,
     if metric in ("block_influence", "angular_distance"):
         if not 1 <= span <= num:
             raise UsageError(f"span={span} is invalid; it must be between 1 and the {num} layers")
-        with _eval_mode(model):
+        with eval_mode(model):
             bi, spans = _hidden_state_scores(model, layers, batches, span if metric == "angular_distance" else 1,
                                              progress)
         if metric == "block_influence":
@@ -250,15 +250,15 @@ def score_layers(model: nn.Module, batches: Iterable[Batch] | None, metric: str,
     if metric == "random":
         return LayerScores(metric, [float(v) for v in random.Random(seed).sample(range(num), num)], originals)
     if metric == "calibration_loss":
-        with _eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             baseline, losses = _skip_each(model, num, lambda m: _mean_nll(m, batches), progress, metric)
         return LayerScores(metric, losses, originals, baseline=baseline)
     if metric == "taylor":
-        with _eval_mode(model):
+        with eval_mode(model):
             return LayerScores(metric, _taylor_scores(model, layers, batches, progress), originals)
     if score_fn is None:
         raise UsageError("metric 'task_ablation' needs a score_fn(model) -> float (higher is better)")
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         baseline, skipped = _skip_each(model, num, lambda m: float(score_fn(m)), progress, metric)
     return LayerScores(metric, [baseline - s for s in skipped], originals, baseline=baseline)
 
@@ -274,8 +274,8 @@ def format_table(scores: LayerScores) -> str:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Score without dropout, then give the model back in the mode it came in."""
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Measure without dropout, then give the model back in the mode it came in."""
     was_training = model.training
     model.eval()
     try:

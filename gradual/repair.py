@@ -45,11 +45,10 @@ repairs applied, against the unpruned model's hidden state after the span. The w
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,6 +59,7 @@ from transformers import AutoConfig
 
 from gradual import models, surgery
 from gradual.errors import UsageError
+from gradual.importance import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def plan_repairs(model: nn.Module, positions: Sequence[int], batches: Sequence[B
         raise UsageError(f"ridge={ridge} is invalid; allowed: a number >= 0, or None to cross-validate")
     runner = _Runner(model, layers, arch)
     repairs: list[SpanRepair] = []
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for span in spans(chosen):
             start = time.perf_counter()
             removed = [original[p] for p in span]
@@ -507,12 +507,3 @@ def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Fit without dropout, then give the model back in the mode it came in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -147,16 +147,8 @@ def run_cli(config: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.slow  # an end-to-end run of a minute or more; CI runs it (make test-slow)
-def test_resume_after_kill_mid_stage_gives_same_final_weights(tmp_path: Path) -> None:
-    """Through the real CLI: an uninterrupted run, and one killed during stage 2 then re-run with the same command."""
-    changes = dict(model__schedule__steps_per_stage=6)
-    whole_config, whole_dir = write_config(tmp_path, "whole", **changes)
-    assert run_cli(whole_config).wait(timeout=600) == 0
-    for name in ("final", "stage_3", "results.json", "report.md", "retention.png", "state.json"):
-        assert (whole_dir / name).exists(), name
-
-    config, run_dir = write_config(tmp_path, "killed", **changes)
+def kill_during_stage_2(config: Path, run_dir: Path) -> None:
+    """Start `gradual fit` on `config` and SIGKILL it once stage 2 has begun (stage 1 saved, resumable)."""
     proc = run_cli(config)
     state = run_dir / "state.json"
     deadline = time.time() + 600
@@ -170,6 +162,18 @@ def test_resume_after_kill_mid_stage_gives_same_final_weights(tmp_path: Path) ->
     saved = json.loads(state.read_text())
     assert not saved["finished"] and saved["resume_from"] == "stage_1"
 
+
+@pytest.mark.slow  # an end-to-end run of a minute or more; CI runs it (make test-slow)
+def test_resume_after_kill_mid_stage_gives_same_final_weights(tmp_path: Path) -> None:
+    """Through the real CLI: an uninterrupted run, and one killed during stage 2 then re-run with the same command."""
+    changes = dict(model__schedule__steps_per_stage=6)
+    whole_config, whole_dir = write_config(tmp_path, "whole", **changes)
+    assert run_cli(whole_config).wait(timeout=600) == 0
+    for name in ("final", "stage_3", "results.json", "report.md", "retention.png", "state.json"):
+        assert (whole_dir / name).exists(), name
+
+    config, run_dir = write_config(tmp_path, "killed", **changes)
+    kill_during_stage_2(config, run_dir)
     assert run_cli(config).wait(timeout=600) == 0
     a = load_file(whole_dir / "final" / "model.safetensors")
     b = load_file(run_dir / "final" / "model.safetensors")

@@ -4,8 +4,6 @@ model written is the model scored, and a resumed run is the uninterrupted run.""
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 import yaml
 from rank_probe import probe_callback, weights_checksum
 from safetensors.torch import load_file
-from test_fit import SMOKE, fit_in_process, run_cli, write_config
+from test_fit import SMOKE, fit_in_process, kill_during_stage_2, run_cli, write_config
 from transformers import AutoModelForCausalLM
 
 from gradual.lora import dequantize
@@ -120,19 +118,7 @@ def test_qlora_resume_after_kill_mid_stage_is_the_uninterrupted_run(tmp_path: Pa
     assert run_cli(whole_config).wait(timeout=600) == 0
 
     config, run_dir = write_config(tmp_path, "killed", **changes)
-    proc = run_cli(config)
-    state = run_dir / "state.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file() and len(json.loads(state.read_text())["history"]) == 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
-    saved = json.loads(state.read_text())
-    assert not saved["finished"] and saved["resume_from"] == "stage_1"
-
+    kill_during_stage_2(config, run_dir)
     assert run_cli(config).wait(timeout=600) == 0
     assert_same_tensors(load_file(whole_dir / "final" / "model.safetensors"),
                         load_file(run_dir / "final" / "model.safetensors"))
