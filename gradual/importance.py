@@ -293,7 +293,8 @@ def _forward(model: nn.Module, batch: Batch, device: torch.device) -> Any:
                  use_cache=False)
 
 
-def _hidden(value: Any) -> torch.Tensor:
+def layer_output(value: Any) -> torch.Tensor:
+    """The hidden state a decoder layer returned (some return a tuple, some the tensor alone)."""
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
@@ -310,7 +311,7 @@ def _hidden_state_scores(model: nn.Module, layers: nn.ModuleList, batches: list[
     def hook(index: int) -> Callable[..., None]:
         def capture(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             h_in = (args[0] if args else kwargs["hidden_states"]).float()
-            h_out = _hidden(output).float()
+            h_out = layer_output(output).float()
             keep = current["mask"].to(h_in.device)
             cos = F.cosine_similarity(h_in, h_out, dim=-1)
             cos_sums[index] += cos[keep].sum().item()

@@ -59,7 +59,7 @@ from transformers import AutoConfig
 
 from gradual import models, surgery
 from gradual.errors import UsageError
-from gradual.importance import eval_mode
+from gradual.importance import eval_mode, layer_output
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class _Runner:
             got["x"], got["m"] = real(args[0]), real(output)
 
         def reference(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            got["reference"] = real(_hidden(output))
+            got["reference"] = real(layer_output(output))
             raise _Stop
 
         def stop(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -501,9 +501,5 @@ def _replace_output(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return F.linear(args[0], weight, bias)
     return hook
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
