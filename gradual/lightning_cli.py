@@ -8,7 +8,9 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
+from gradual import sharding
 from gradual.datamodule import GradualDataModule
+from gradual.errors import UsageError
 from gradual.module import GradualModule
 
 
@@ -33,6 +35,7 @@ class GradualCLI(LightningCLI):
         """Build everything, then hand the module what else defines the run (data, callbacks, global seed), so a
         run directory is resumed only by the same run (`GradualModule.run_config`)."""
         super().instantiate_classes()
+        check_strategy(self.trainer.strategy, self.model.recovery.params)
         in_data = self.datamodule.recovery_tasks() if hasattr(self.datamodule, "recovery_tasks") else []
         self.model.in_data_tasks = in_data
         for callback in self.trainer.callbacks:
@@ -60,6 +63,25 @@ class GradualCLI(LightningCLI):
         if config.trainer.logger in (None, True):
             config.trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                      "init_args": {"save_dir": config.model.run_dir, "name": "logs"}}
+
+
+def check_strategy(strategy: Any, params: str) -> None:
+    """FSDP (`ModelParallelStrategy`) shards full-weight recovery over its data-parallel dimension only; refused
+    otherwise before the recovery data or any model loads.
+
+    Raises:
+        UsageError: LoRA under FSDP, or a tensor-parallel size other than 1.
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(strategy, ModelParallelStrategy):
+        return
+    sharding.check_params(params)
+    tp = getattr(strategy, "_tensor_parallel_size", 1)
+    if tp != 1:
+        raise UsageError(f"trainer.strategy: ModelParallelStrategy tensor_parallel_size={tp!r} is not supported; "
+                         "gradual shards full-weight recovery over the data-parallel dimension only: set "
+                         "data_parallel_size to the number of processes and tensor_parallel_size: 1")
 
 
 _RESULT_NEUTRAL = frozenset({"batch_size", "chunk_size", "progress"})

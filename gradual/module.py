@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
 
-from gradual import importance, models, ranks, surgery
+from gradual import importance, models, ranks, sharding, surgery
 from gradual.distill import Recovery, RecoveryObjective, Teacher
 from gradual.errors import UsageError
 from gradual.lora import LoraSettings, attach_lora, dequantize, has_4bit, merge_lora, quantize_nf4
@@ -437,9 +437,13 @@ class GradualModule(L.LightningModule):
             p.requires_grad_(True)
 
     def _rebuild_optimizer(self) -> None:
-        """New adapters are new parameters: rebuild the optimizer (and the DDP wrapper) around them."""
+        """New adapters are new parameters: rebuild the optimizer (and the DDP wrapper, or the FSDP sharding of
+        `gradual.sharding`) around them."""
         strategy = self.trainer.strategy
-        if isinstance(strategy.model, DistributedDataParallel):
+        mesh = sharding.data_parallel_mesh(strategy)
+        if mesh is not None:
+            self.model = sharding.shard(self.model, mesh)
+        elif isinstance(strategy.model, DistributedDataParallel):
             strategy.model = strategy._setup_model(self)
             strategy._register_ddp_hooks()  # a configured DDP communication hook (GPU) belongs to the new wrapper
         strategy.setup_optimizers(self.trainer)
@@ -474,6 +478,8 @@ class GradualModule(L.LightningModule):
         train_s = time.perf_counter() - self._stage_start - sum(record.timings.values())
         t = time.perf_counter()
         if record.steps > 0:
+            if sharding.is_sharded(self.model):
+                self.model = sharding.unshard(self.model)
             if self.recovery.params == "lora":
                 self.model = merge_lora(self.model, requantize=False)
             self.model.config.use_cache = False

@@ -49,11 +49,15 @@ class RankProbe(Callback):
         self.steps.append({"stage": pl_module.stage, "batch": hashlib.sha256(ids).hexdigest()})
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Under FSDP the gradients are shards: gathered here (every rank calls this hook) to compare them whole."""
+        from torch.distributed.tensor import DTensor
+
         trainable = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        whole = [(n, p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in trainable]
         self.steps[-1].update(
             loss=pl_module._losses[-1], wrapper=type(trainer.strategy.model).__name__, trainable=len(trainable),
-            linear4bit=count_4bit(pl_module.model),
-            grads={n: None if p.grad is None else float(p.grad.double().sum()) for n, p in trainable})
+            sharded=sum(isinstance(p, DTensor) for _, p in trainable), linear4bit=count_4bit(pl_module.model),
+            grads={n: None if g is None else float(g.double().sum()) for n, g in whole})
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -353,6 +353,24 @@ def test_gpu_configs_parse_with_a_long_ddp_timeout_and_large_tasks(config: Path,
     assert printed["model"]["dtype"] == "bfloat16" and printed["data"]["dtype"] is None, "the teacher follows bf16"
 
 
+def test_fsdp_gpu_config_parses_full_weight_distillation_sharded_over_every_gpu(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The commented FSDP config (configs/llama-3.1-8b-instruct-fsdp.yaml) parses: ModelParallelStrategy with every
+    rank data-parallel, full-weight KD from a bf16 teacher, large task problems, a long collective timeout."""
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(ROOT / "configs" / "llama-3.1-8b-instruct-fsdp.yaml"), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    strategy = printed["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert strategy["init_args"]["tensor_parallel_size"] == 1
+    assert strategy["init_args"]["data_parallel_size"] == printed["trainer"]["devices"] * printed["trainer"]["num_nodes"]
+    assert strategy["init_args"]["timeout"] == "4:00:00"
+    recovery = printed["model"]["recovery"]
+    assert (recovery["params"], recovery["loss"], recovery["teacher_dtype"]) == ("full", "kd", "bfloat16")
+    assert printed["model"]["quantize"] is None and printed["data"]["sgr"]["difficulty"] == "large"
+
+
 def test_ddp_timeout_from_yaml_reaches_the_strategy(tmp_path: Path) -> None:
     """The GPU configs' strategy block, on the CPU smoke run: jsonargparse turns "4:00:00" into the timedelta DDP
     passes to `init_process_group`."""
