@@ -9,8 +9,6 @@ config exercise every supported architecture without any download.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.metadata
 import json
 import os
@@ -18,10 +16,11 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers import models as tok_models
 from transformers import (
@@ -91,17 +90,6 @@ def _is_complete(folder: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Serialises conversions between processes so two of them do not both spend a minute converting."""
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _remove_stale_temps(parent: Path, prefix: str) -> None:
     """Delete temp folders of interrupted conversions (~0.5 GB each). Call only while holding the lock: then no
     conversion is in progress, so every temp folder is stale."""
@@ -145,7 +133,7 @@ def _ensure_smollm2() -> Path:
     if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{target.name}.lock"):
+    with FileLock(target.parent / f".{target.name}.lock"):  # one conversion at a time across processes
         if _is_complete(target):
             return target
         prefix = f".tmp-{target.name}-"
