@@ -7,12 +7,9 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from gradual.retention import group_of, task_of  # noqa: E402
+from gradual.retention import group_of, task_of
 
 FAILURES = ("wrong_value", "no_answer", "unbalanced_brackets", "repetition")
 
@@ -55,8 +52,11 @@ def failure_table(history: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_retention(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Retention of every score vs layers removed; solid = generative, dashed = classification."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    """Retention of every score vs layers removed; solid = generative, dashed = classification.
+
+    A bare `Figure` renders through Agg when saved as PNG, so no global matplotlib backend is chosen."""
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     keys = list(history[0]["scores"])
     for key in keys:
         xs = [len(r["removed_total"]) for r in history if key in r.get("retention", {}) or r["stage"] == 0]
@@ -71,7 +71,6 @@ def plot_retention(history: Sequence[dict[str, Any]], path: Path, title: str = "
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: int | None,
