@@ -1,24 +1,25 @@
-"""The `gradual` command: `fit` (LightningCLI: the prune → heal → measure loop), `score`, `eval`, `compare`.
+"""The `gradual` command: `fit` (LightningCLI: the prune → heal → measure loop), `score`, `eval`, `prune`, `tasks`,
+`compare`.
 
-Bad input ends with one line on stderr and exit code 2, before any model is loaded.
+Every command but `fit` is a typed function below whose docstring is its `--help` (`gradual.command` builds the
+jsonargparse parser); each takes `--config` and `--print_config`. Bad input ends with one line on stderr and exit code
+2, before any model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 
-from gradual.errors import OneLineParser
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from gradual import command
+from gradual.errors import UsageError, parser_error_line, usage_error_in
 
 USAGE = """usage: gradual <command> [options]
 
 commands:
-  fit       run the prune -> heal -> measure loop (LightningCLI: --config, --print_config, dotted overrides)
+  fit       run the prune -> heal -> measure loop (LightningCLI: dotted overrides)
   score     score and rank a model's layers with an importance metric
   eval      evaluate a model (any path or alias) on built-in and lm-eval tasks
   prune     remove layers in one shot (no recovery) and save the model
@@ -26,209 +27,209 @@ commands:
             depth and training budget
   tasks     list the built-in evaluation tasks with an example problem
 
-`gradual <command> --help` describes each command's options."""
+Every command takes --config FILE.yaml and --print_config; `gradual <command> --help` describes its options."""
 
 
-def _split(value: str) -> list[str]:
-    return [v for v in value.split(",") if v]
+def _items(value: str | list[str] | list[int]) -> list[str]:
+    """A comma-separated command-line value (`a,b`) or a YAML list, as a list of strings."""
+    return [v for v in value.split(",") if v] if isinstance(value, str) else [str(v) for v in value]
 
 
-def score_command(argv: Sequence[str]) -> int:
+def score(model: str, metric: str = "block_influence", span: int = 1, calibration: str | None = None,
+          num_calibration: int = 32, batch_size: int = 8, max_length: int = 256, dtype: str = "float32",
+          seed: int = 0, trust_remote_code: bool = False) -> int:
+    """Score and rank a model's layers with an importance metric; prints a table, least important first.
+
+    Args:
+        model: The model: a hub id, a local folder, smollm2-135m-instruct (offline) or tiny:<arch>[:<layers>].
+        metric: The importance metric, one of: {metrics}.
+        span: How many consecutive layers angular_distance compares (its n).
+        calibration: A .txt file (one text a line) or .jsonl file (field 'text') of calibration texts; default: the
+            built-in prompts.
+        num_calibration: How many calibration texts to use (a seeded sample when the source has more).
+        batch_size: Calibration texts per forward pass.
+        max_length: Tokens kept per calibration text.
+        dtype: The weights' dtype while scoring: float32, bfloat16, float16 or auto.
+        seed: Seed of the calibration sample and of the random metric.
+        trust_remote_code: Allow the model's own code from the hub (needed by some architectures).
+    """
     from gradual import importance
-
-    p = OneLineParser(prog="gradual score", description="Score and rank a model's layers.")
-    p.add_argument("--model", required=True, help="hub id, local path, smollm2-135m-instruct or tiny:<arch>")
-    p.add_argument("--metric", default="block_influence", help=f"one of: {', '.join(importance.METRICS)}")
-    p.add_argument("--span", type=int, default=1, help="angular distance span n")
-    p.add_argument("--calibration", default=None, help=".txt (one text a line) or .jsonl (field 'text') file")
-    p.add_argument("--num-calibration", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trust-remote-code", action="store_true")
-    args = p.parse_args(argv)
-    from gradual.errors import UsageError
     from gradual.models import load_model, load_tokenizer
 
-    if args.metric not in importance.METRICS or args.metric == "task_ablation":
-        allowed = [m for m in importance.METRICS if m != "task_ablation"]
-        raise UsageError(f"--metric {args.metric!r} is not available here; allowed: {', '.join(allowed)}")
-    texts = importance.calibration_texts(args.calibration, n=args.num_calibration, seed=args.seed)
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    batches = importance.calibration_batches(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
-    scores = importance.score_layers(model, batches, args.metric, span=args.span, seed=args.seed)
-    print(importance.format_table(scores))
+    if metric not in _metrics().split(", "):
+        raise UsageError(f"--metric {metric!r} is not available here; allowed: {_metrics()}")
+    texts = importance.calibration_texts(calibration, n=num_calibration, seed=seed)
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    batches = importance.calibration_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    print(importance.format_table(importance.score_layers(loaded, batches, metric, span=span, seed=seed)))
     return 0
 
 
-def eval_command(argv: Sequence[str]) -> int:
-    from gradual.tasks import CODE_TASKS, TASKS
+def evaluate(model: str, tasks: str | list[str] = "", forms: str | list[str] = "generative,classification",
+             fmt: str = "fewshot", n: int = 100, batch_size: int = 32, max_new_tokens: int | None = None,
+             seed: int = 0, difficulty: str = "small", enable_code: bool = False,
+             lm_eval_tasks: str | list[str] = "", include_path: str | None = None, limit: int | None = None,
+             dtype: str = "float32", trust_remote_code: bool = False) -> int:
+    """Evaluate a model on built-in and lm-eval tasks; prints one row per task and form.
 
-    p = OneLineParser(prog="gradual eval", description="Evaluate a model on built-in and lm-eval tasks.")
-    p.add_argument("--model", required=True, help="hub id, local path (e.g. runs/demo/final), alias or tiny:<arch>")
-    p.add_argument("--tasks", type=_split, default=[], help=f"comma-separated built-in tasks: {', '.join(TASKS)}")
-    p.add_argument("--forms", type=_split, default=["generative", "classification"])
-    p.add_argument("--fmt", default="fewshot", help="fewshot or chat")
-    p.add_argument("--n", type=int, default=100, help="problems per task")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own budget")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--difficulty", default="small", help="built-in task sizes: small (~100M models) or large (7-8B)")
-    p.add_argument("--enable-code", action="store_true", help="allow humaneval (runs model code in a sandbox)")
-    p.add_argument("--lm-eval-tasks", type=_split, default=[], help="comma-separated lm-eval task names")
-    p.add_argument("--include-path", default=None, help="directory of local lm-eval YAML tasks")
-    p.add_argument("--limit", type=int, default=None, help="lm-eval items per task")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--trust-remote-code", action="store_true")
-    args = p.parse_args(argv)
-    from gradual.errors import UsageError
+    Args:
+        model: The model: a hub id, a local folder (e.g. runs/demo/final), smollm2-135m-instruct or
+            tiny:<arch>[:<layers>].
+        tasks: Built-in tasks to evaluate, comma-separated or a YAML list: {tasks}.
+        forms: Forms of each built-in task, comma-separated: generative (free answer) and/or classification
+            (multiple choice by log-likelihood).
+        fmt: Prompt format of the built-in tasks: fewshot (worked examples) or chat (the chat template).
+        n: Problems per built-in task.
+        batch_size: Prompts per generation or scoring batch.
+        max_new_tokens: Cap on generated tokens per answer; default: each task's own budget.
+        seed: Seed of the problem sample and the few-shot examples.
+        difficulty: Built-in task sizes: small (~100M models) or large (7-8B).
+        enable_code: Allow humaneval, which runs model-written code in a sandbox.
+        lm_eval_tasks: Names of lm-eval tasks to evaluate as well, comma-separated or a YAML list.
+        include_path: A directory of local lm-eval YAML tasks.
+        limit: Items per lm-eval task; default: all.
+        dtype: The weights' dtype: float32, bfloat16, float16 or auto.
+        trust_remote_code: Allow the model's own code from the hub (needed by some architectures).
+    """
     from gradual.models import load_model, load_tokenizer
-    from gradual.tasks import evaluate, format_results_table
+    from gradual.tasks import CODE_TASKS, TASKS, format_results_table
+    from gradual.tasks import evaluate as evaluate_tasks
     from gradual.tasks.builtin import check_difficulty
     from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
 
-    if not args.tasks and not args.lm_eval_tasks:
+    builtin, lm_eval = _items(tasks), _items(lm_eval_tasks)
+    if not builtin and not lm_eval:
         raise UsageError("nothing to evaluate; give --tasks and/or --lm-eval-tasks")
-    unknown = [t for t in args.tasks if t not in TASKS and t not in CODE_TASKS]
+    unknown = [t for t in builtin if t not in TASKS and t not in CODE_TASKS]
     if unknown:
         allowed = ", ".join([*TASKS, *CODE_TASKS])
         raise UsageError(f"unknown task(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
-    if any(t in CODE_TASKS for t in args.tasks) and not args.enable_code:
+    if any(t in CODE_TASKS for t in builtin) and not enable_code:
         raise UsageError("task 'humaneval' runs model-written code; add --enable-code to allow it")
-    if args.fmt not in ("fewshot", "chat"):
-        raise UsageError(f"--fmt {args.fmt!r} is unknown; allowed: fewshot, chat")
-    check_difficulty(args.difficulty)
-    if args.include_path and not os.path.isdir(args.include_path):
-        raise UsageError(f"--include-path {args.include_path!r} is not a directory")
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    if fmt not in ("fewshot", "chat"):
+        raise UsageError(f"--fmt {fmt!r} is unknown; allowed: fewshot, chat")
+    check_difficulty(difficulty)
+    if include_path and not os.path.isdir(include_path):
+        raise UsageError(f"--include-path {include_path!r} is not a directory")
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     results = {}
-    if args.tasks:
-        results.update(evaluate(model, tokenizer, args.tasks, n=args.n, forms=tuple(args.forms), fmt=args.fmt,
-                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                enable_code=args.enable_code, difficulty=args.difficulty))
-    if args.lm_eval_tasks:
-        results.update(evaluate_lm_eval(model, tokenizer, args.lm_eval_tasks, limit=args.limit,
-                                        include_path=args.include_path, batch_size=args.batch_size))
+    if builtin:
+        results.update(evaluate_tasks(loaded, tokenizer, builtin, n=n, forms=tuple(_items(forms)), fmt=fmt,
+                                      batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
+                                      enable_code=enable_code, difficulty=difficulty))
+    if lm_eval:
+        results.update(evaluate_lm_eval(loaded, tokenizer, lm_eval, limit=limit, include_path=include_path,
+                                        batch_size=batch_size))
     print(format_results_table(results))
     return 0
 
 
-def prune_command(argv: Sequence[str]) -> int:
-    from gradual import importance
+def prune(model: str, out: str, layers: str | list[int] | None = None, num: int | None = None,
+          metric: str = "block_influence", protect_first: int = 1, protect_last: int = 1, dtype: str = "float32",
+          trust_remote_code: bool = False) -> int:
+    """Remove layers in one shot (no recovery) and save the model in Hugging Face format. Give --layers or --num.
 
-    p = OneLineParser(prog="gradual prune", description="Remove layers in one shot (no recovery) and save "
-                                "the model in Hugging Face format.")
-    p.add_argument("--model", required=True, help="hub id, local path, smollm2-135m-instruct or tiny:<arch>")
-    p.add_argument("--out", required=True, help="output folder (must not exist)")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--layers", type=_split, help="comma-separated original indices of the layers to remove "
-                       "(as recorded in an already-pruned model's config)")
-    which.add_argument("--num", type=int, help="remove this many layers, least important first by --metric")
-    p.add_argument("--metric", default="block_influence", help=f"one of: {', '.join(importance.METRICS)}")
-    p.add_argument("--protect-first", type=int, default=1)
-    p.add_argument("--protect-last", type=int, default=1)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--trust-remote-code", action="store_true")
-    args = p.parse_args(argv)
-    from gradual import surgery
-    from gradual.errors import UsageError
+    Args:
+        model: The model: a hub id, a local folder, smollm2-135m-instruct or tiny:<arch>[:<layers>].
+        out: The output folder; it must not exist yet.
+        layers: Original indices of the layers to remove, comma-separated (as recorded in an already-pruned
+            model's config).
+        num: Remove this many layers instead, least important first by --metric on the built-in calibration texts.
+        metric: The importance metric that ranks layers for --num, one of: {metrics}.
+        protect_first: How many layers at the start --num never removes.
+        protect_last: How many layers at the end --num never removes.
+        dtype: The weights' dtype, also of the saved model: float32, bfloat16, float16 or auto.
+        trust_remote_code: Allow the model's own code from the hub (needed by some architectures).
+    """
+    from gradual import importance, surgery
     from gradual.models import load_model, load_tokenizer, original_layers, save_model
 
-    if os.path.exists(args.out):
-        raise UsageError(f"--out {args.out!r} already exists; give a new folder")
-    original = original_layers(args.model, trust_remote_code=args.trust_remote_code)
+    if layers is None and num is None:
+        raise UsageError("gradual prune: one of the arguments --layers --num is required")
+    if layers is not None and num is not None:
+        raise UsageError("gradual prune: argument --num: not allowed with argument --layers")
+    if os.path.exists(out):
+        raise UsageError(f"--out {out!r} already exists; give a new folder")
+    if num is not None and metric not in _metrics().split(", "):
+        raise UsageError(f"--metric {metric!r} is not available here; allowed: {_metrics()}")
+    original = original_layers(model, trust_remote_code=trust_remote_code)
     depth = len(original)
-    if args.layers is not None:
-        if not all(v.lstrip("-").isdigit() for v in args.layers):
-            raise UsageError(f"--layers {','.join(args.layers)!r} is invalid; give original layer indices, e.g. 3,7")
-        layers = surgery.current_positions([int(v) for v in args.layers], original)
-    elif not 1 <= args.num < depth:
-        raise UsageError(f"--num {args.num} is invalid for a model of {depth} layers; allowed: 1..{depth - 1}")
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    if args.layers is None:
+    if layers is not None:
+        given = _items(layers)
+        if not all(v.lstrip("-").isdigit() for v in given):
+            raise UsageError(f"--layers {','.join(given)!r} is invalid; give original layer indices, e.g. 3,7")
+        chosen = surgery.current_positions([int(v) for v in given], original)
+    elif not 1 <= num < depth:
+        raise UsageError(f"--num {num} is invalid for a model of {depth} layers; allowed: 1..{depth - 1}")
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if layers is None:
         texts = importance.calibration_texts(None)
-        scores = importance.score_layers(model, importance.calibration_batches(tokenizer, texts), args.metric)
-        layers = scores.choose(args.num, protect_first=args.protect_first, protect_last=args.protect_last)
-    removed = surgery.remove_layers(model, layers)
-    save_model(model, tokenizer, args.out)
-    print(f"removed original layers {removed}; {surgery.num_layers(model)} layers left; saved to {args.out}")
+        scores = importance.score_layers(loaded, importance.calibration_batches(tokenizer, texts), metric)
+        chosen = scores.choose(num, protect_first=protect_first, protect_last=protect_last)
+    removed = surgery.remove_layers(loaded, chosen)
+    save_model(loaded, tokenizer, out)
+    print(f"removed original layers {removed}; {surgery.num_layers(loaded)} layers left; saved to {out}")
     return 0
 
 
-def tasks_command(argv: Sequence[str]) -> int:
-    from gradual.tasks import CODE_TASKS
-    from gradual.tasks.builtin import DIFFICULTIES, get_task, task_names
+def tasks(difficulty: str = "small") -> int:
+    """List the built-in tasks: forms, answer kind, and one example problem (evaluation split) at the chosen
+    difficulty.
 
-    p = OneLineParser(prog="gradual tasks", description="List the built-in tasks: forms, answer kind, "
-                                "and one example problem (evaluation split) at the chosen difficulty.")
-    p.add_argument("--difficulty", default="small", help=f"problem size preset: {', '.join(DIFFICULTIES)}")
-    args = p.parse_args(argv)
+    Args:
+        difficulty: Problem size preset: {difficulties}.
+    """
+    from gradual.tasks import CODE_TASKS
+    from gradual.tasks.builtin import get_task, task_names
+
     rows = []
     for name in task_names():
-        task = get_task(name, args.difficulty)
+        task = get_task(name, difficulty)
         example = task.problems("eval", 1, 0)[0]
         forms = "generative, classification" if task.has_classification else "generative"
         rows.append((name, forms, task.kind, f"{example.question!r} -> {example.answer!r}"))
     rows += [(name, "generative (code; needs enable_code)", "code", "HumanEval problems") for name in CODE_TASKS]
-    head = ("task", "forms", "answer", f"example ({args.difficulty})")
+    head = ("task", "forms", "answer", f"example ({difficulty})")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
     for r in [head, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
     return 0
 
 
+def _metrics() -> str:
+    """The importance metrics `score` and `prune` offer (task ablation needs a task: `gradual fit` only)."""
+    from gradual.importance import METRICS
+
+    return ", ".join(m for m in METRICS if m != "task_ablation")
+
+
+def score_command(argv: Sequence[str]) -> int:
+    return command.run(score, argv, "gradual score", {"metrics": _metrics()})
+
+
+def eval_command(argv: Sequence[str]) -> int:
+    from gradual.tasks import CODE_TASKS, TASKS
+
+    return command.run(evaluate, argv, "gradual eval", {"tasks": ", ".join([*TASKS, *CODE_TASKS])})
+
+
+def prune_command(argv: Sequence[str]) -> int:
+    return command.run(prune, argv, "gradual prune", {"metrics": _metrics()})
+
+
+def tasks_command(argv: Sequence[str]) -> int:
+    from gradual.tasks.builtin import DIFFICULTIES
+
+    return command.run(tasks, argv, "gradual tasks", {"difficulties": ", ".join(DIFFICULTIES)})
+
+
 def compare_command(argv: Sequence[str]) -> int:
     from gradual.compare import main as compare_main
 
     return compare_main(argv)
-
-
-def _usage_error_in(exc: BaseException | None) -> BaseException | None:
-    """The UsageError behind a wrapped exception, if any."""
-    from gradual.errors import UsageError
-
-    while exc is not None and not isinstance(exc, UsageError):
-        exc = exc.__cause__ or exc.__context__
-    return exc
-
-
-def parser_error_line(message: str) -> str:
-    """jsonargparse's multi-line report of a rejected value, as one line: the dotted key, the value, what is allowed.
-
-    E.g. 'Parser key "model.schedule": ... Parser key "mode": Expected a typing.Literal['gradual', 'one_shot'].
-    Got value: sideways' becomes "model.schedule.mode='sideways' is invalid; allowed: 'gradual', 'one_shot'".
-    Only the innermost key's alternatives are listed (an outer `X | None` would add a misleading "null").
-    """
-    keys = list(re.finditer(r'^( *).*?Parser key "([^"]+)":', message, flags=re.MULTILINE))
-    if not keys:
-        return " ".join(message.split())
-    key = ".".join(m.group(2) for m in keys)
-    last = keys[-1]
-    inner = [line for line in message[last.end():].splitlines()[1:]
-             if len(line) - len(line.lstrip()) > len(last.group(1))]
-    unrecognized = re.search(r"unrecognized arguments: (.*)", message)
-    if unrecognized:
-        return f"{key}: unrecognized argument(s) {unrecognized.group(1).strip()}"
-    not_accepted = re.search(r"Option '([^']+)' is not accepted", message)
-    if not_accepted:  # a misspelt field of a dataclass in a list (e.g. data.sources)
-        return f"{key}: unknown field {not_accepted.group(1)!r}"
-    values = [v.strip() for v in re.findall(r"(?:Got|Given) value: (.*)", "\n".join(inner))
-              if not v.strip().startswith("NestedArg(")]
-    expected: list[str] = []
-    for e in re.findall(r"Expected a (.*?)(?:\. Got value:.*)?$", "\n".join(inner), flags=re.MULTILINE):
-        e = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", e.strip())
-        literal = re.fullmatch(r"typing\.Literal\[(.*)\]", e)
-        e = literal.group(1) if literal else {"NoneType": "null"}.get(e, e)
-        if e not in expected:
-            expected.append(e)
-    if not expected:
-        return f"{key}: {' '.join(message[last.end():].split())}"
-    value = f"={values[0]!r}" if values else ""
-    return f"{key}{value} is invalid; allowed: {' or '.join(expected)}"
 
 
 def fit_command(argv: Sequence[str]) -> int:
@@ -239,32 +240,35 @@ def fit_command(argv: Sequence[str]) -> int:
     """
     import shutil
 
-    from gradual.errors import UsageError
     from gradual.lightning_cli import GradualCLI
 
+    saved_argv = sys.argv
     script = sys.argv[0]
-    sys.argv = [f"{script} fit"]
+    sys.argv = [f"{script} fit"]  # LightningCLI names the command after argv[0] in its help and errors
     try:
-        cli = GradualCLI(args=list(argv), run=False, parser_kwargs={"exit_on_error": False})
-    except argparse.ArgumentError as e:  # a value the parser itself rejects (type, allowed literals, unknown key)
-        raise UsageError(parser_error_line(str(e))) from None
-    except ValueError as e:  # jsonargparse wraps errors raised while instantiating callbacks
-        raise (_usage_error_in(e) or e) from None
+        try:
+            cli = GradualCLI(args=list(argv), run=False, parser_kwargs={"exit_on_error": False})
+        except argparse.ArgumentError as e:  # a value the parser itself rejects (type, allowed literals, unknown key)
+            raise UsageError(parser_error_line(str(e))) from None
+        except ValueError as e:  # jsonargparse wraps errors raised while instantiating callbacks
+            raise (usage_error_in(e) or e) from None
 
-    module = cli.model
-    module.check_run_dir()
-    state = module.saved_state()
-    if state and state.get("finished"):
-        print(f"run in {module.run_dir} is already complete; see {module.run_dir / 'report.md'}")
-        return 0
-    existed = module.run_dir.exists()
-    sys.argv = [script, "fit", *argv]  # Lightning's DDP launcher starts the other ranks with this command
-    try:
-        cli.trainer.fit(module, datamodule=cli.datamodule)
-    except UsageError:
-        if not existed and cli.trainer.is_global_zero:
-            shutil.rmtree(module.run_dir, ignore_errors=True)
-        raise
+        module = cli.model
+        module.check_run_dir()
+        state = module.saved_state()
+        if state and state.get("finished"):
+            print(f"run in {module.run_dir} is already complete; see {module.run_dir / 'report.md'}")
+            return 0
+        existed = module.run_dir.exists()
+        sys.argv = [script, "fit", *argv]  # Lightning's DDP launcher starts the other ranks with this command
+        try:
+            cli.trainer.fit(module, datamodule=cli.datamodule)
+        except UsageError:
+            if not existed and cli.trainer.is_global_zero:
+                shutil.rmtree(module.run_dir, ignore_errors=True)
+            raise
+    finally:
+        sys.argv = saved_argv
     if cli.trainer.is_global_zero:
         print(f"done: {module.stop_reason}; final model (stage {module.chosen_stage()}) in {module.run_dir / 'final'}")
     return 0
@@ -277,8 +281,8 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from gradual.errors import UsageError
-
+    """Run one command; its bad input ends as one line on stderr and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizers' threads would warn after each fork
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

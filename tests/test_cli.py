@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from gradual import importance
@@ -132,3 +136,162 @@ def test_argparse_rejections_are_one_line_exit_2(argv: list[str], needle: str,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"gradual: error: {needle}"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One parser per command (jsonargparse from a typed function): help, --config / --print_config, one-line errors
+# ----------------------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = {  # the option names users have typed since the argparse days, plus --config and --print_config
+    "score": ["--model", "--metric", "--span", "--calibration", "--num-calibration", "--batch-size", "--max-length",
+              "--dtype", "--seed", "--trust-remote-code"],
+    "eval": ["--model", "--tasks", "--forms", "--fmt", "--n", "--batch-size", "--max-new-tokens", "--seed",
+             "--difficulty", "--enable-code", "--lm-eval-tasks", "--include-path", "--limit", "--dtype",
+             "--trust-remote-code"],
+    "prune": ["--model", "--out", "--layers", "--num", "--metric", "--protect-first", "--protect-last", "--dtype",
+              "--trust-remote-code"],
+    "tasks": ["--difficulty"],
+    "compare": ["--depths", "--arms", "--out", "--overwrite"],
+}
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """The options section of a `--help`: each option's first spelling → its description (without the trailing
+    `(type: ..., default: ...)` that jsonargparse adds)."""
+    section = text.split("\noptions:\n", 1)[1]
+    entries: list[list[str]] = []
+    for line in section.splitlines():
+        if re.match(r"^  -", line):
+            entries.append([line])
+        elif entries and line.startswith(" " * 4):
+            entries[-1].append(line)
+    described = {}
+    for lines in entries:
+        invocation, _, first = lines[0].strip().partition("  ")
+        words = " ".join([first, *lines[1:]]).split()
+        description = re.sub(r"\((required, )?type: .*\)$", "", " ".join(words)).strip()
+        described[invocation.split()[0].rstrip(",")] = description
+    return described
+
+
+@pytest.mark.parametrize("command", sorted(OPTIONS))
+def test_help_has_a_sentence_for_every_option(command: str, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main([command, "--help"]) == 0
+    entries = help_entries(capsys.readouterr().out)
+    assert set(OPTIONS[command]) | {"-h", "--config", "--print_config"} <= set(entries)
+    for option, description in entries.items():
+        assert len(description.split()) >= 3 and description[0].isupper(), (option, description)
+
+
+PRINTED = {  # argv whose --print_config must read back through --config to the same options
+    "score": ["--model", "tiny:llama:4", "--metric", "reverse", "--num-calibration", "4", "--trust-remote-code"],
+    "eval": ["--model", "tiny:llama:4", "--tasks", "successor,copy", "--n", "4", "--max-new-tokens", "3",
+             "--lm-eval-tasks", "[arc_easy, piqa]", "--enable-code"],
+    "prune": ["--model", "tiny:llama:4", "--out", "pruned", "--layers", "1,2", "--protect-last", "2"],
+    "tasks": ["--difficulty", "large"],
+    "compare": ["--config", str(ROOT / "configs" / "compare.yaml"), "--depths", "4", "--arms", "paper,no_recovery",
+                "--overwrite"],
+}
+
+
+def print_config(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    assert main([*argv, "--print_config"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("command", sorted(PRINTED))
+def test_print_config_reads_back_through_config(command: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    printed = print_config([command, *PRINTED[command]], capsys)
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(yaml.safe_dump(printed))
+    assert print_config([command, "--config", str(saved)], capsys) == printed
+    given = dict(zip(PRINTED[command][::2], PRINTED[command][1::2], strict=False))
+    if command == "score":
+        assert printed["num_calibration"] == 4 and printed["trust_remote_code"] is True
+    if command == "eval":
+        assert printed["tasks"] == "successor,copy" and printed["lm_eval_tasks"] == ["arc_easy", "piqa"]
+        assert printed["enable_code"] is True and printed["max_new_tokens"] == 3
+    if command == "prune":
+        assert printed["layers"] == "1,2" and printed["protect_last"] == 2
+    if command == "tasks":
+        assert printed == {"difficulty": "large"}
+    if command == "compare":
+        from gradual.compare import load_plan
+
+        assert printed["compare"]["budget_per_layer"] == 12 and printed["overwrite"] is True
+        direct, read_back = load_plan(PRINTED[command]), load_plan(["--config", str(saved)])
+        assert read_back == direct and [a.name for a in direct.arms] == given["--arms"].split(",")
+        assert direct.depths == [4] and direct.base == {k: v for k, v in yaml.safe_load(
+            (ROOT / "configs" / "compare.yaml").read_text()).items() if k != "compare"}
+
+
+def test_config_file_and_options_mix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Options after --config override it; its keys are the parameter names (underscores)."""
+    config = tmp_path / "score.yaml"
+    config.write_text("model: tiny:llama:6\nnum_calibration: 4\nmetric: reverse\n")
+    code, out, _ = run(["score", "--config", str(config), "--metric", "block_influence"], capsys)
+    assert code == 0 and len(table_rows(out)) == 6
+    assert print_config(["score", "--config", str(config), "--metric", "block_influence"], capsys)["metric"] \
+        == "block_influence"
+
+
+BAD_OPTIONS = [
+    (["score"], "gradual score: the following arguments are required: --model"),
+    (["score", "--model", "m", "--num-calibration", "x"], "gradual score: argument --num-calibration: invalid int "
+                                                          "value: 'x'"),
+    (["score", "--model", "m", "--config", "/nonexistent.yaml"], "gradual score: argument --config: File does not "
+                                                                 "exist: '/nonexistent.yaml'"),
+    (["score", "--config", "{bad}.yaml"], "gradual score: unknown option 'bogus'; allowed: model, metric, span"),
+    (["eval", "--model", "m", "--max-new-tokens", "x"], "gradual eval: argument --max-new-tokens: 'x' is invalid; "
+                                                        "allowed: int or null"),
+    (["eval", "--model", "m", "--tasks", "successor", "--enable-code=false"], "argument --enable-code: ignored "
+                                                                              "explicit argument 'false'"),
+    (["prune", "--model", "m", "--out", "{tmp}/o"], "gradual prune: one of the arguments --layers --num is required"),
+    (["prune", "--model", "m", "--out", "{tmp}/o", "--num", "1", "--layers", "1"],
+     "gradual prune: argument --num: not allowed with argument --layers"),
+    (["prune", "--model", "m", "--out", "{tmp}/o", "--num", "many"], "gradual prune: argument --num: 'many' is "
+                                                                     "invalid; allowed: int or null"),
+    (["prune", "--model", "m", "--out", "{tmp}/o", "--num", "1", "--metric", "task_ablation"],
+     "--metric 'task_ablation' is not available here"),
+    (["tasks", "--difficulty"], "gradual tasks: argument --difficulty: expected one argument"),
+    (["tasks", "--bogus"], "gradual tasks: unrecognized arguments: --bogus"),
+    (["compare", "--config", "{bad}.yaml"], "gradual compare: unknown option 'bogus'; allowed: depths, arms, out"),
+    (["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--overwrite", "--depths", "[4, x]"],
+     "depths='[4, x]' is invalid"),
+]
+
+
+@pytest.mark.parametrize(("argv", "needle"), BAD_OPTIONS)
+def test_rejected_options_are_one_line_exit_2_before_any_model_loads(argv: list[str], needle: str, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the options were checked")
+
+    for name in ("load_model", "load_tokenizer", "model_depth", "original_layers"):
+        monkeypatch.setattr(f"gradual.models.{name}", no_model)
+    (tmp_path / "bad.yaml").write_text("model: m\nbogus: 1\n")
+    argv = [a.replace("{bad}", str(tmp_path / "bad")).replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gradual: error: ") and needle in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_importing_the_cli_changes_nothing_outside_it() -> None:
+    """No module-level side effects: importing the commands sets no environment variable, leaves sys.argv and
+    matplotlib's backend alone, and `gradual.compare` does not import the CLI back (no import cycle)."""
+    code = ("import os, sys, matplotlib\n"
+            "def use(*args, **kwargs): raise AssertionError('matplotlib.use() at import')\n"
+            "matplotlib.use = use\n"
+            "os.environ.pop('TOKENIZERS_PARALLELISM', None); argv = list(sys.argv)\n"
+            "import gradual.compare, gradual.compare.report, gradual.report\n"
+            "assert 'gradual.cli' not in sys.modules, 'gradual.compare imports the CLI'\n"
+            "import gradual.cli\n"
+            "assert 'TOKENIZERS_PARALLELISM' not in os.environ and sys.argv == argv\n")
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr

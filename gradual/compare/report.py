@@ -18,13 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from gradual.report import GROUP_COLUMNS  # noqa: E402
-from gradual.retention import group_of, task_of  # noqa: E402
+from gradual.report import GROUP_COLUMNS
+from gradual.retention import group_of, task_of
 
 BELOW = "▼"
 """Marks a held-out score below the no-recovery arm's at the same depth."""
@@ -165,12 +162,13 @@ def failure_table(baseline: dict[str, dict[str, Any]], points: Sequence[dict[str
 
 def plot_compare(curves: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
     """Retention vs layers removed, one line per arm; a panel for each group aggregate the tasks have (held-out and
-    in-data, generative and classification)."""
+    in-data, generative and classification). A bare `Figure` renders through Agg, choosing no global backend."""
     panels = [(key, name) for key, name in PANELS
               if any(key in c["retention"] for curve in curves.values() for c in curve)]
     cols = min(2, max(1, len(panels)))
     rows = max(1, math.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False)
+    fig = Figure(figsize=(6 * cols, 4.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (key, name) in zip(axes.flat, panels, strict=False):
         for arm, curve in curves.items():
             pts = sorted((c["removed"], 1.0 if c["removed"] == 0 else c["retention"].get(key)) for c in curve)
@@ -185,7 +183,6 @@ def plot_compare(curves: dict[str, list[dict[str, Any]]], path: Path, title: str
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def timing_table(timings: dict[str, Any]) -> str:
