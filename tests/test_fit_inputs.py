@@ -8,9 +8,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from gradual.callbacks import RetentionStopping, TaskEvaluation
 from test_fit import write_config
 
+from gradual.callbacks import RetentionStopping, TaskEvaluation
 from gradual.cli import main, parser_error_line
 from gradual.errors import UsageError
 from gradual.module import StageRecord
