@@ -364,7 +364,8 @@ def test_fsdp_gpu_config_parses_full_weight_distillation_sharded_over_every_gpu(
     strategy = printed["trainer"]["strategy"]
     assert strategy["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
     assert strategy["init_args"]["tensor_parallel_size"] == 1
-    assert strategy["init_args"]["data_parallel_size"] == printed["trainer"]["devices"] * printed["trainer"]["num_nodes"]
+    processes = printed["trainer"]["devices"] * printed["trainer"]["num_nodes"]
+    assert strategy["init_args"]["data_parallel_size"] == processes
     assert strategy["init_args"]["timeout"] == "4:00:00"
     recovery = printed["model"]["recovery"]
     assert (recovery["params"], recovery["loss"], recovery["teacher_dtype"]) == ("full", "kd", "bfloat16")
