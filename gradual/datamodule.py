@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from gradual import models
+from gradual import models, ranks
 from gradual.data import Part, RecoveryDataModule
 from gradual.mixture import DataSource, check_sources, source_texts
 from gradual.sgr import PromptItem, SGRConfig, build_pairs, load_prompts, sdft_pairs
@@ -174,7 +173,7 @@ class GradualDataModule(RecoveryDataModule):
             teacher = models.load_model(self.model_name, dtype=self.dtype_name,
                                         trust_remote_code=self.trust_remote_code)
             if torch.cuda.is_available():
-                teacher.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+                teacher.to(f"cuda:{ranks.local_rank()}")
         self.build(teacher, self.model_name)
         del teacher
         gc.collect()

@@ -9,7 +9,7 @@ Four kinds, combined by weight (each stage holds every source in proportion to i
   far better than KL on SGR answers or generic text.
 - `text`: plain text from a .txt/.jsonl file, a Hugging Face dataset, or the built-in calibration texts.
 - `sdft`: built-in tasks' training prompts with the teacher's rewrite of the reference answer, kept when the task's
-  scorer accepts it, else the reference (`sgr.sdft_pairs`); (prompt, response) pairs.
+  scorer accepts it, else the reference (`gradual.sgr.pairs.sdft_pairs`); (prompt, response) pairs.
 
 Pairs are learned on the response only; texts on every token. Under `model.recovery.loss: kd` a text needs no
 generated answer at all: the original model's next-token distribution at every position is the target.
@@ -114,7 +114,7 @@ def source_texts(source: DataSource, seed: int = 0) -> list[str]:
             raise UsageError(f"text source file {source.path!r} does not exist")
         texts = calibration_texts(source.path, n=None, field_name=source.text_field)
     else:
-        from gradual.sgr import hf_rows
+        from gradual.sgr.prompts import hf_rows
 
         rows = hf_rows(source.path, source.hf_config, source.hf_split)
         if rows and source.text_field not in rows[0]:

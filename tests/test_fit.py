@@ -26,7 +26,8 @@ from gradual.cli import main
 from gradual.data import tokenize_pair
 from gradual.lightning_cli import GradualCLI
 from gradual.models import load_model
-from gradual.sgr import build_pairs, weights_digest
+from gradual.sgr import build_pairs
+from gradual.sgr.fingerprint import weights_digest
 from gradual.surgery import remove_layers
 
 ROOT = Path(__file__).resolve().parents[1]
