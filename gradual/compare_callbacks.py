@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from gradual.data import IGNORE_INDEX
 from gradual.errors import UsageError
+from gradual.examples import IGNORE_INDEX
 from gradual.retention import retention
 
 LEDGER_FILE = "ledger.json"

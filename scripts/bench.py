@@ -48,7 +48,7 @@ import yaml  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from gradual.callbacks import StageCheckpoint, TaskEvaluation  # noqa: E402  # isort: skip
-from gradual.data import RecoveryDataModule  # noqa: E402
+from gradual.datamodule import RecoveryDataModule  # noqa: E402
 from gradual.distill import Recovery, RecoveryObjective, Teacher  # noqa: E402
 from gradual.generation import DecodingConfig, end_ids, format_prompt, generate, truncate_at_stop  # noqa: E402
 from gradual.importance import calibration_batches, calibration_texts, score_layers  # noqa: E402

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 import gradual.datamodule
 from gradual.cli import main
-from gradual.data import tokenize_pair
+from gradual.examples import tokenize_pair
 from gradual.lightning_cli import GradualCLI
 from gradual.models import load_model
 from gradual.sgr import build_pairs

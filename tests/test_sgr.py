@@ -15,8 +15,8 @@ import torch
 import torch.multiprocessing as mp
 
 import gradual.sgr.teacher
-from gradual.data import tokenize_pair
 from gradual.errors import UsageError
+from gradual.examples import tokenize_pair
 from gradual.generation import DecodingConfig, encode_prompt, format_prompt, generate, response_prompt
 from gradual.models import save_model, tiny_model, tiny_tokenizer
 from gradual.ranks import gather_in_order, merge_shards, shard
