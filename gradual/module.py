@@ -22,7 +22,6 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
-from transformers import get_constant_schedule_with_warmup
 
 from gradual import importance, models, ranks, rundir, sharding, surgery
 from gradual.distill import Recovery, RecoveryObjective, Teacher
@@ -338,6 +337,9 @@ class GradualModule(StageHistory, L.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
+        """The stage's optimizer (rebuilt with every stage's new trainable weights) and its warm-up, stepped per
+        optimizer step. The default warm-up is torch's `LinearLR`, not transformers' `get_constant_schedule_with_warmup`:
+        that one runs the first step at lr 0, and importing it loads peft and bitsandbytes (seconds) into every run."""
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             params = [torch.nn.Parameter(torch.zeros(1))]
@@ -347,13 +349,9 @@ class GradualModule(StageHistory, L.LightningModule):
             optimizer = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.99), weight_decay=1e-4)
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
-        else:
-            # Optimizer step k (from 0) runs at lr × min(1, (k + 1) / warmup_steps). transformers' warm-up gives step
-            # k the factor k / warmup_steps (0 at the first step), so the schedule starts one step in:
-            # `last_epoch=0`, which needs the `initial_lr` a fresh scheduler records itself.
-            for group in optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
-            scheduler = get_constant_schedule_with_warmup(optimizer, self.warmup_steps, last_epoch=0)
+        else:  # optimizer step k (from 0) at lr × min(1, (k + 1) / warmup): a linear warm-up that starts at lr / warmup
+            warmup = max(1, self.warmup_steps)
+            scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup - 1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- plain model export
