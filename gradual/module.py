@@ -338,8 +338,9 @@ class GradualModule(StageHistory, L.LightningModule):
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
         """The stage's optimizer (rebuilt with every stage's new trainable weights) and its warm-up, stepped per
-        optimizer step. The default warm-up is torch's `LinearLR`, not transformers' `get_constant_schedule_with_warmup`:
-        that one runs the first step at lr 0, and importing it loads peft and bitsandbytes (seconds) into every run."""
+        optimizer step. The default warm-up is torch's `LinearLR`, not transformers'
+        `get_constant_schedule_with_warmup`: that one runs the first step at lr 0, and importing it loads peft and
+        bitsandbytes (seconds) into every run."""
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             params = [torch.nn.Parameter(torch.zeros(1))]
