@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import shutil
@@ -215,10 +216,10 @@ class GradualDataModule(RecoveryDataModule):
         trust_remote_code: linked from the model.
     """
 
-    def __init__(self, model: str = "smollm2-135m-instruct", sgr: SGRConfig | None = None,
+    def __init__(self, model: str = "smollm2-135m-instruct", sgr: SGRConfig = SGRConfig(),
                  sources: list[DataSource] | None = None, dtype: str | None = None, batch_size: int = 8,
                  max_length: int = 512, seed: int = 0, trust_remote_code: bool = False) -> None:
-        sgr = sgr or SGRConfig()
+        sgr = copy.deepcopy(sgr)  # set up below (`cache_dir`); the default is a shared instance
         super().__init__(batch_size=batch_size, samples_per_epoch=batch_size, max_length=max_length,
                          system_prompt=sgr.system_prompt, chat=sgr.chat, seed=seed,
                          max_positions=models.model_positions(model, trust_remote_code))

@@ -77,11 +77,16 @@ def has_4bit(model: nn.Module) -> bool:
 
 @dataclass
 class LoraSettings:
-    """Adapter shape. `target_modules=None` targets every linear projection inside the decoder layers.
+    """Adapter shape: fresh adapters every stage, merged into the weights at its end.
 
-    Names are matched like peft does: a name matches a module whose path equals it or ends with "." + name
-    (so "c_proj" hits both GPT-2 projections of that name). Modules outside the decoder layers (lm_head,
-    embeddings) are never adapted.
+    Attributes:
+        r: the adapters' rank (>= 1, default 16).
+        alpha: the LoRA scaling numerator: an adapter's update is scaled by alpha / r (> 0, default 32).
+        dropout: dropout on the adapters' input during training, in [0, 1) (default 0.05).
+        target_modules: names of the decoder layers' linear modules to adapt, e.g. [q_proj, v_proj]; null (default)
+            = every linear projection inside the decoder layers. Names are matched like peft does: a name matches a
+            module whose path equals it or ends with "." + name (so "c_proj" hits both GPT-2 projections of that
+            name). Modules outside the decoder layers (lm_head, embeddings) are never adapted.
     """
 
     r: int = 16

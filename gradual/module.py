@@ -12,6 +12,7 @@ Elsewhere: the plan and the records in `gradual.stages`, the run directory and r
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -56,9 +57,8 @@ class GradualModule(StageHistory, L.LightningModule):
     """
 
     def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "float32", quantize: str | None = None,
-                 trust_remote_code: bool = False, schedule: Schedule | None = None,
-                 selection: Selection | None = None, lora: LoraSettings | None = None,
-                 recovery: Recovery | None = None,
+                 trust_remote_code: bool = False, schedule: Schedule = Schedule(), selection: Selection = Selection(),
+                 lora: LoraSettings = LoraSettings(), recovery: Recovery = Recovery(),
                  optimizer: OptimizerCallable | None = None, lr_scheduler: LRSchedulerCallable | None = None,
                  warmup_steps: int = 50, run_dir: str = "runs/gradual", overwrite: bool = False,
                  seed: int = 0, repair: str | None = None) -> None:
@@ -67,10 +67,9 @@ class GradualModule(StageHistory, L.LightningModule):
         self.dtype_name = dtype
         self.quantize = quantize
         self.trust_remote_code = trust_remote_code
-        self.schedule = schedule or Schedule()
-        self.selection = selection or Selection()
-        self.lora = lora or LoraSettings()
-        self.recovery = recovery or Recovery()
+        # copies: the defaults are shared instances (dataclass defaults make `gradual fit --help` list every field)
+        self.schedule, self.selection = copy.deepcopy(schedule), copy.deepcopy(selection)
+        self.lora, self.recovery = copy.deepcopy(lora), copy.deepcopy(recovery)
         self.teacher: Teacher | None = None
         self.objective: RecoveryObjective | None = None
         self.optimizer_factory = optimizer

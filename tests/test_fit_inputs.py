@@ -4,6 +4,7 @@ retention monitor, and values the parser itself rejects."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -212,3 +213,45 @@ def test_a_stop_on_an_in_data_monitor_says_so() -> None:
     assert trainer.should_stop and stage.retention["held_out_generative_mean"] == 1.0
     assert module.stop_reason == ("stage 1: in_data_generative_mean (in-data: measured on tasks the recovery data "
                                   "taught) retention 0.200 < threshold 0.5; rolled back to stage 0")
+
+
+def option_descriptions(help_text: str, prefixes: tuple[str, ...]) -> dict[str, str]:
+    """Each option of an argparse help text whose name starts with one of `prefixes`, with its description (the
+    text in the help column, jsonargparse's "(type: ..., default: ...)" note removed)."""
+    lines = help_text.splitlines()
+    column = min(len(line) - len(line.lstrip()) for line in lines if line.startswith(" " * 20) and line.strip())
+    options: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in lines:
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            current = options.setdefault(name, []) if name.startswith(prefixes) else None
+            if current is not None and len(line) > column and line[:column].endswith("  "):
+                current.append(line[column:])  # the description starts on the option's own line
+        elif current is not None and line.startswith(" " * column):
+            current.append(line.strip())
+        else:
+            current = None
+    described = {}
+    for name, parts in options.items():
+        text = " ".join(parts).strip()
+        described[name] = re.sub(r"\s*\(type: .*\)\s*$", "", text, flags=re.S).strip()
+    return described
+
+
+def test_fit_help_describes_every_model_and_data_option(capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `--model.*` and `--data.*` option of `gradual fit --help` has a description, the fields of the settings
+    dataclasses (schedule, selection, lora, recovery, sgr and its decoding) included, listed one by one."""
+    monkeypatch.setenv("COLUMNS", "120")
+    try:
+        code = main(["fit", "--help"])
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, None)
+    described = option_descriptions(capsys.readouterr().out, ("--model.", "--data."))
+    for name in ("--model.schedule.mode", "--model.selection.metric", "--model.lora.r", "--model.recovery.loss",
+                 "--data.sgr.responses", "--data.sgr.decoding.temperature", "--data.sources", "--data.batch_size"):
+        assert name in described, name
+    assert len(described) > 60
+    assert [name for name, text in described.items() if not text] == []

@@ -28,15 +28,43 @@ class PromptItem:
 class SGRConfig:
     """Where the recovery prompts come from, how the teacher answers them, and which responses to train on.
 
-    source: "tasks" (built-in tasks' training split at `difficulty`, "small" or "large" like the evaluation's
-    `TaskEvaluation.difficulty`; `tasks` empty = every built-in task), "file" (`path` to a .jsonl/.json/.csv with
-    `prompt_field`), or "hf" (`path` = dataset name, `hf_config`, `hf_split`).
-    responses: "sgr" (teacher answers, the paper's recipe), "dataset" (the source's own answers: a task's
-    reference answer, or `response_field` of a file/dataset), "sgr_filtered" (teacher answers the task's scorer
-    accepts; tasks only). `eval_n`/`eval_seed` name the evaluation split the training prompts must not overlap.
-    `max_prompts` caps a file/hf source (a seeded random subset). `cache_dir` None disables the cache.
-    `chunk_size` prompts are generated (and, under DDP, gathered) at a time. backend "vllm" loads the teacher from
-    disk (single process, no in-memory model needed); `vllm_args` go to `vllm.LLM` and are part of the cache key.
+    Attributes:
+        source: where the prompts come from: `tasks` (default: built-in tasks' training split), `file` (`path` to a
+            .jsonl/.json/.csv file) or `hf` (`path` = a Hugging Face dataset name or folder).
+        tasks: `tasks` source: built-in task names (empty, the default, = every built-in task; see `gradual tasks`).
+        difficulty: `tasks` source: problem sizes, `small` (default) or `large`, like the evaluation's
+            `TaskEvaluation.difficulty`.
+        n_per_task: `tasks` source: prompts per task (>= 1, default 200).
+        seed: seed of the task prompts drawn and of a `max_prompts` subset (default 0).
+        eval_n: the evaluation problems per task the training prompts must not share a question with (>= 1,
+            default 500).
+        eval_seed: the seed of those evaluation problems (default 0, the evaluation's default).
+        path: `file`: a .jsonl, .json (a list of objects) or .csv file; `hf`: a dataset name or folder.
+        prompt_field: `file`/`hf`: the field holding the prompt (default `prompt`).
+        response_field: `file`/`hf`: the field holding the dataset's own answer, needed by `responses: dataset`
+            (default null).
+        hf_config: `hf`: the dataset's configuration name (default null).
+        hf_split: `hf`: the dataset's split (default `train`).
+        max_prompts: `file`/`hf`: keep a seeded random subset of this many prompts, in file order (>= 1; null, the
+            default = all).
+        system_prompt: the system message of the chat template, for generation and training alike (null = none;
+            default "You are a helpful assistant.").
+        chat: format prompts with the model's chat template (default true; false, or a model without a template:
+            the plain prompt and a newline).
+        decoding: how the teacher answers (default: sampled at temperature 0.9, top-p 0.95, up to 256 tokens).
+        responses: what to train on: `sgr` (default: the teacher's answers, the paper's recipe), `dataset` (the
+            source's own answers: a task's reference answer, or `response_field`; no teacher runs) or `sgr_filtered`
+            (only the teacher answers the task's scorer accepts; `tasks` source only).
+        teacher: who answers: `original` (default: the unpruned model, answers generated once and cached) or
+            `previous` (the model the finished stages left, answering afresh before every stage).
+        cache_dir: the answer cache's folder; null (default) = `<gradual cache>/sgr` (`$GRADUAL_CACHE`, default
+            `~/.cache/gradual`).
+        batch_size: prompts per generation batch (default 16; speed only, not the answers).
+        chunk_size: prompts generated (and under DDP gathered and cached) at a time (>= 1, default 1024).
+        backend: `transformers` (default: batched generation by the model in memory) or `vllm` (vLLM loads the
+            teacher from disk; single process, GPU, `pip install gradual[vllm]`).
+        vllm_args: `vllm`: further `vllm.LLM` arguments, e.g. {gpu_memory_utilization: 0.8}; part of the cache key
+            (default: none).
     """
 
     source: str = "tasks"
