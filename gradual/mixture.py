@@ -1,7 +1,7 @@
 """The sources of the recovery mixture (`data.sources`): what each kind is, its settings, and the texts of the sources
 that need no teacher.
 
-Four kinds, combined by weight (each stage holds every source in proportion to its weight, `data.StageSampler`):
+Four kinds, combined by weight (each stage holds every source in proportion to its weight, `gradual.sampler`):
 
 - `sgr`: `data.sgr`'s prompts answered by the teacher (the seed paper's recipe); (prompt, response) pairs.
 - `tasks`: few-shot documents of built-in tasks' training problems in the evaluation's `Q: .../A: ...` format
