@@ -29,7 +29,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DecodingConfig:
-    """How to decode. Defaults follow the seed paper's SGR settings (sampled, T=0.9, top-p 0.95)."""
+    """How to decode. Defaults follow the seed paper's SGR settings (sampled, T=0.9, top-p 0.95).
+
+    Attributes:
+        do_sample: sample (default true) or decode greedily (false: temperature, top_p and seed are ignored).
+        temperature: sampling temperature, > 0 (default 0.9; lower = closer to greedy).
+        top_p: nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p, in (0, 1]
+            (default 0.95; 1 = the full distribution).
+        max_new_tokens: the most tokens generated per answer (>= 1, default 256).
+        stop: strings that end an answer; the answer is cut before the first one (default: none; the model's end
+            tokens always end it).
+        num_samples: answers per prompt (>= 1, default 1; more than 1 needs do_sample).
+        seed: sampling seed; each (prompt, sample) draws from its own generator seeded by it, so answers do not
+            depend on the batch size (default 0).
+        stop_at_line_end: end an answer once a non-blank line is complete, for one-line few-shot answers
+            (default false).
+    """
 
     do_sample: bool = True
     temperature: float = 0.9
@@ -38,7 +53,7 @@ class DecodingConfig:
     stop: list[str] = field(default_factory=list)
     num_samples: int = 1
     seed: int = 0
-    stop_at_line_end: bool = False  # end a reply once a non-blank line is complete (one-line few-shot answers)
+    stop_at_line_end: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
 from jsonargparse import Namespace
@@ -12,6 +13,7 @@ from gradual import sharding
 from gradual.datamodule import GradualDataModule
 from gradual.errors import UsageError
 from gradual.module import GradualModule
+from gradual.sgr import SGRConfig
 
 
 class GradualCLI(LightningCLI):
@@ -45,14 +47,16 @@ class GradualCLI(LightningCLI):
         data = _plain(config.get("data")) or {}
         if isinstance(data.get("sgr"), dict):
             data["sgr"] = _drop(data["sgr"], _RESULT_NEUTRAL)
+            if _json(data["sgr"]) == _json(_drop(asdict(SGRConfig()), _RESULT_NEUTRAL)):
+                data["sgr"] = None  # the default: null, as recorded by runs from before data.sgr's fields were listed
         if data.get("sources", ...) is None:  # the default (data.sgr alone): keep resuming runs started before sources
             del data["sources"]
         callbacks = [_plain(c) for c in (config.trainer.get("callbacks") or [])]
         for c in callbacks:
             if isinstance(c, dict) and isinstance(c.get("init_args"), dict):
                 c["init_args"] = _drop(c["init_args"], _RESULT_NEUTRAL)
-        self.model.run_context = json.loads(json.dumps(
-            {"seed_everything": config.get("seed_everything"), "data": data, "callbacks": callbacks}, default=str))
+        self.model.run_context = _json({"seed_everything": config.get("seed_everything"), "data": data,
+                                        "callbacks": callbacks})
 
     def before_instantiate_classes(self) -> None:
         """CSV logs in the run directory unless a logger is configured (TensorBoard, W&B, ...); the SGR teacher in the
@@ -91,6 +95,11 @@ _RESULT_NEUTRAL = frozenset({"batch_size", "chunk_size", "progress"})
 
 def _drop(d: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in keys}
+
+
+def _json(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples as lists, unknown objects as strings), as `state.json` holds it."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _plain(value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""LoRA / QLoRA adapters that heal a pruned model between removals, and the optimizer that trains them.
+"""LoRA / QLoRA adapters that heal a pruned model between removals (the optimizer is `GradualModule`'s).
 
 One stage is: `attach_lora` → train → `merge_lora` → remove a layer → `attach_lora` again. Merging folds the
 adapter into the base weights so every stage starts from a plain Hugging Face model (no peft wrappers), which
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -78,11 +77,16 @@ def has_4bit(model: nn.Module) -> bool:
 
 @dataclass
 class LoraSettings:
-    """Adapter shape. `target_modules=None` targets every linear projection inside the decoder layers.
+    """Adapter shape: fresh adapters every stage, merged into the weights at its end.
 
-    Names are matched like peft does: a name matches a module whose path equals it or ends with "." + name
-    (so "c_proj" hits both GPT-2 projections of that name). Modules outside the decoder layers (lm_head,
-    embeddings) are never adapted.
+    Attributes:
+        r: the adapters' rank (>= 1, default 16).
+        alpha: the LoRA scaling numerator: an adapter's update is scaled by alpha / r (> 0, default 32).
+        dropout: dropout on the adapters' input during training, in [0, 1) (default 0.05).
+        target_modules: names of the decoder layers' linear modules to adapt, e.g. [q_proj, v_proj]; null (default)
+            = every linear projection inside the decoder layers. Names are matched like peft does: a name matches a
+            module whose path equals it or ends with "." + name (so "c_proj" hits both GPT-2 projections of that
+            name). Modules outside the decoder layers (lm_head, embeddings) are never adapted.
     """
 
     r: int = 16
@@ -99,65 +103,6 @@ class LoraSettings:
             raise UsageError(f"lora dropout={self.dropout} is invalid; it must be in [0, 1)")
         if self.target_modules is not None and not self.target_modules:
             raise UsageError("lora target_modules=[] is invalid; give module names or null for every projection")
-
-
-@dataclass
-class OptimizerSettings:
-    """AdamW with linear warm-up then a constant rate: the seed paper's recovery recipe.
-
-    `clip` is the gradient-norm clip the trainer should apply (None: no clipping); it is carried here so one
-    config block describes the whole optimisation.
-    """
-
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 1e-4
-    warmup_steps: int = 50
-    clip: float | None = 1.0
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # type: ignore[assignment]  # configs give lists
-        if self.lr <= 0:
-            raise UsageError(f"optimizer lr={self.lr} is invalid; it must be > 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise UsageError(f"optimizer betas={list(self.betas)} is invalid; need two values in [0, 1)")
-        if self.weight_decay < 0:
-            raise UsageError(f"optimizer weight_decay={self.weight_decay} is invalid; it must be >= 0")
-        if self.warmup_steps < 0:
-            raise UsageError(f"optimizer warmup_steps={self.warmup_steps} is invalid; it must be >= 0")
-        if self.clip is not None and self.clip <= 0:
-            raise UsageError(f"optimizer clip={self.clip} is invalid; it must be > 0 (or null for no clipping)")
-
-
-class WarmupConstant:
-    """LR multiplier: linear warm-up over `warmup_steps` scheduler steps, then 1. A class so it pickles."""
-
-    def __init__(self, warmup_steps: int) -> None:
-        self.warmup_steps = warmup_steps
-
-    def __call__(self, step: int) -> float:
-        return 1.0 if step >= self.warmup_steps else (step + 1) / self.warmup_steps
-
-
-def build_optimizer(params: Iterable[nn.Parameter] | nn.Module, settings: OptimizerSettings | None = None,
-                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the parameters that currently require grad, and its warm-up-then-constant schedule.
-
-    A pure function of the current trainable parameters, so it can be called again after pruning and a new
-    `attach_lora` (the old optimizer holds tensors of the removed adapters). Step the scheduler once per
-    optimizer step (Lightning: `interval: "step"`); a rebuilt optimizer warms up again, which suits the fresh,
-    zero-initialised adapter of a new stage.
-    """
-    settings = settings or OptimizerSettings()
-    if isinstance(params, nn.Module):
-        params = params.parameters()
-    trainable = [p for p in params if p.requires_grad]
-    if not trainable:
-        raise ValueError("build_optimizer: no parameter requires grad; attach an adapter first")
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, betas=settings.betas,
-                                  weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupConstant(settings.warmup_steps))
-    return optimizer, scheduler
 
 
 def _layer_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:

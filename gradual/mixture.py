@@ -1,7 +1,7 @@
 """The sources of the recovery mixture (`data.sources`): what each kind is, its settings, and the texts of the sources
 that need no teacher.
 
-Four kinds, combined by weight (each stage holds every source in proportion to its weight, `data.StageSampler`):
+Four kinds, combined by weight (each stage holds every source in proportion to its weight, `gradual.sampler`):
 
 - `sgr`: `data.sgr`'s prompts answered by the teacher (the seed paper's recipe); (prompt, response) pairs.
 - `tasks`: few-shot documents of built-in tasks' training problems in the evaluation's `Q: .../A: ...` format
@@ -9,7 +9,7 @@ Four kinds, combined by weight (each stage holds every source in proportion to i
   far better than KL on SGR answers or generic text.
 - `text`: plain text from a .txt/.jsonl file, a Hugging Face dataset, or the built-in calibration texts.
 - `sdft`: built-in tasks' training prompts with the teacher's rewrite of the reference answer, kept when the task's
-  scorer accepts it, else the reference (`sgr.sdft_pairs`); (prompt, response) pairs.
+  scorer accepts it, else the reference (`gradual.sgr.pairs.sdft_pairs`); (prompt, response) pairs.
 
 Pairs are learned on the response only; texts on every token. Under `model.recovery.loss: kd` a text needs no
 generated answer at all: the original model's next-token distribution at every position is the target.
@@ -114,7 +114,7 @@ def source_texts(source: DataSource, seed: int = 0) -> list[str]:
             raise UsageError(f"text source file {source.path!r} does not exist")
         texts = calibration_texts(source.path, n=None, field_name=source.text_field)
     else:
-        from gradual.sgr import hf_rows
+        from gradual.sgr.prompts import hf_rows
 
         rows = hf_rows(source.path, source.hf_config, source.hf_split)
         if rows and source.text_field not in rows[0]:

@@ -1,20 +1,22 @@
-"""The LightningModule that owns the model through the prune → heal cycle.
+"""The LightningModule that owns the model through the prune → heal cycle: the Lightning hooks and the stage logic.
 
-One Lightning epoch is one pruning stage: at its start the module scores the current layers, removes the
-chosen ones, attaches fresh LoRA adapters and rebuilds the optimizer; it trains `steps_per_stage` steps and,
-after the stage's last batch, merges the adapters into the base weights. Callbacks then observe the merged
-model (evaluate, decide, checkpoint). Stage 0 is the unpruned model, evaluated by the callbacks at train start.
+One Lightning epoch is one pruning stage: at its start the module scores the current layers (the layer choice:
+`choose_layers`), removes the chosen ones, makes the chosen weights trainable and rebuilds the optimizer; it trains
+the stage's steps on the recovery objective (`gradual.distill`) and, after the stage's last batch, merges the
+adapters into the base weights. Callbacks then observe the merged model and record through the module's
+`StageHistory` API (evaluate, decide, checkpoint; contract in `gradual.callbacks`). Stage 0 is the unpruned model,
+evaluated by the callbacks at train start.
+
+Elsewhere: the plan and the records in `gradual.stages`, the run directory and resume in `gradual.rundir`.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import copy
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -22,161 +24,16 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
 
-from gradual import importance, models, ranks, sharding, surgery
+from gradual import importance, models, ranks, rundir, sharding, surgery
 from gradual.distill import Recovery, RecoveryObjective, Teacher
 from gradual.errors import UsageError
 from gradual.lora import LoraSettings, attach_lora, dequantize, has_4bit, merge_lora, quantize_nf4
 from gradual.repair import apply_repairs, check_settings, plan_repairs
-
-STATE_FILE = "state.json"
-
-
-@dataclass
-class Schedule:
-    """Which layers go, and how much recovery each stage gets."""
-
-    mode: Literal["gradual", "one_shot"] = "gradual"
-    layers_per_stage: int = 1
-    max_layers: int | None = None
-    target_ratio: float | None = None
-    min_depth: int = 1
-    layers: list[int] | None = None
-    steps_per_stage: int = 50
-    final_steps: int = 0
-
-    def total_to_remove(self, depth: int) -> int:
-        """How many layers the whole run may remove from a model of `depth` layers."""
-        limits = [depth - self.min_depth]
-        if self.layers is not None:
-            limits.append(len(self.layers))
-        if self.max_layers is not None:
-            limits.append(self.max_layers)
-        if self.target_ratio is not None:
-            limits.append(int(round(self.target_ratio * depth)))
-        return max(0, min(limits))
-
-    def stage_sizes(self, depth: int) -> list[int]:
-        """Layers removed per stage. One-shot removes everything in one stage (with the same total steps)."""
-        total = self.total_to_remove(depth)
-        if self.mode == "one_shot":
-            return [total] if total else []
-        sizes, left = [], total
-        while left > 0:
-            sizes.append(min(self.layers_per_stage, left))
-            left -= sizes[-1]
-        return sizes
-
-    def steps_for_stage(self, n_removed: int) -> int:
-        """Recovery steps of a stage: one-shot gets the budget of all the gradual stages it replaces."""
-        if self.mode == "one_shot":
-            return self.steps_per_stage * max(1, -(-n_removed // self.layers_per_stage))
-        return self.steps_per_stage
-
-    def stages(self, depth: int) -> list[tuple[int, int]]:
-        """The run's plan, one (layers removed, recovery steps) pair per stage: the removals, then — with
-        `final_steps` — a consolidation stage that removes nothing and distils from the original model
-        (Minitron's advice: most of the budget in a final pass from the original teacher)."""
-        plan = [(k, self.steps_for_stage(k)) for k in self.stage_sizes(depth)]
-        if self.final_steps and plan:
-            plan.append((0, self.final_steps))
-        return plan
-
-    def total_steps(self, depth: int) -> int:
-        """Recovery steps of the whole run, consolidation included (what `gradual compare` keeps equal)."""
-        return sum(steps for _, steps in self.stages(depth))
-
-    def validate(self, original: Sequence[int] | None = None) -> None:
-        """Check the settings; with the input model's original layer indices, also the ones that depend on it.
-
-        `layers` are original indices (as recorded by `gradual_original_layers` in a pruned model's config), so
-        an index the input model no longer has, or never had, is refused here, before any model loads.
-        """
-        if self.mode not in ("gradual", "one_shot"):
-            raise UsageError(f"schedule.mode={self.mode!r} is unknown; allowed: 'gradual', 'one_shot'")
-        if self.layers_per_stage < 1:
-            raise UsageError(f"schedule.layers_per_stage={self.layers_per_stage} is invalid; it must be >= 1")
-        if self.steps_per_stage < 0:
-            raise UsageError(f"schedule.steps_per_stage={self.steps_per_stage} is invalid; it must be >= 0")
-        if self.final_steps < 0:
-            raise UsageError(f"schedule.final_steps={self.final_steps} is invalid; it must be >= 0")
-        if self.target_ratio is not None and not 0 < self.target_ratio < 1:
-            raise UsageError(f"schedule.target_ratio={self.target_ratio} is invalid; allowed: 0 < ratio < 1")
-        if self.max_layers is not None and self.max_layers < 1:
-            raise UsageError(f"schedule.max_layers={self.max_layers} is invalid; it must be >= 1")
-        if self.min_depth < 1:
-            raise UsageError(f"schedule.min_depth={self.min_depth} is invalid; it must be >= 1")
-        if self.layers is not None and len(set(self.layers)) != len(self.layers):
-            raise UsageError(f"schedule.layers={self.layers} has duplicates; list each original index once")
-        if original is None:
-            return
-        depth = len(original)
-        if self.max_layers is not None and self.max_layers >= depth:
-            raise UsageError(f"schedule.max_layers={self.max_layers} is invalid for a model of {depth} layers; "
-                             f"allowed: 1..{depth - 1}")
-        if self.min_depth >= depth:
-            raise UsageError(f"schedule.min_depth={self.min_depth} leaves nothing to remove from {depth} layers; "
-                             f"allowed: 1..{depth - 1}")
-        if self.layers is not None:
-            try:
-                surgery.current_positions(self.layers, original)
-            except UsageError as e:
-                raise UsageError(f"schedule.layers={self.layers}: {e}") from None
+from gradual.stages import Schedule, Selection, StageHistory, StageRecord
 
 
-@dataclass
-class Selection:
-    """How the layers to remove are chosen on the *current* model at every stage."""
-
-    metric: str = "block_influence"
-    span: int = 1
-    protect_first: int = 1
-    protect_last: int = 1
-    calibration: str | None = None
-    num_calibration: int = 32
-    calibration_batch_size: int = 8
-    calibration_max_length: int = 256
-
-    def validate(self) -> None:
-        if self.metric not in importance.METRICS:
-            raise UsageError(f"selection.metric={self.metric!r} is unknown; allowed: {', '.join(importance.METRICS)}")
-        if self.metric == "task_ablation":
-            raise UsageError("selection.metric='task_ablation' needs a score callable; use it from Python "
-                             "(gradual.importance.score_layers) or pick another metric for `gradual fit`")
-        if self.calibration is not None and not Path(self.calibration).is_file():
-            raise UsageError(f"selection.calibration={self.calibration!r} does not exist; give a .txt/.jsonl file "
-                             "or leave it empty for the built-in prompts")
-        if self.protect_first < 0 or self.protect_last < 0:
-            raise UsageError("selection.protect_first/protect_last must be >= 0")
-
-
-@dataclass
-class StageRecord:
-    """What happened in one stage; callbacks add scores, retention and decisions."""
-
-    stage: int
-    depth: int
-    removed: list[int] = field(default_factory=list)
-    removed_total: list[int] = field(default_factory=list)
-    kept: list[int] = field(default_factory=list)
-    importance: dict[str, Any] = field(default_factory=dict)
-    steps: int = 0
-    consolidation: bool = False
-    loss: float | None = None
-    scores: dict[str, dict[str, Any]] = field(default_factory=dict)
-    retention: dict[str, float] = field(default_factory=dict)
-    meets_threshold: bool | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StageRecord:
-        return cls(**d)
-
-
-class GradualModule(L.LightningModule):
-    """Owns the HF model, its LoRA life cycle and the stage history.
+class GradualModule(StageHistory, L.LightningModule):
+    """Owns the HF model, its LoRA life cycle and the stage history (`StageHistory`: the API callbacks record through).
 
     Args:
         model: HF hub id, local path, `smollm2-135m-instruct` (offline) or `tiny:<arch>` (tests).
@@ -186,8 +43,9 @@ class GradualModule(L.LightningModule):
         schedule: how many layers go per stage and in total, and the recovery steps per stage.
         selection: the importance metric and calibration data used on the current model at every stage.
         lora: LoRA adapter settings (fresh adapters every stage, merged at its end).
-        distillation: what a recovery step minimises: `sft` (the data's tokens, the paper), `kd` (forward KL to the
-            original model, loaded once as a frozen teacher) or `kd+sft`; temperature, hidden-state term.
+        recovery: how a stage heals: what a recovery step minimises (`sft`, the data's tokens as in the paper; `kd`,
+            forward KL to the original model, loaded once as a frozen teacher; `kd+sft`) and which weights train
+            (`lora`, `full`, `near_cut`).
         optimizer: optimizer factory (defaults to the paper's AdamW: lr 2e-4, betas (0.9, 0.99), wd 1e-4).
         lr_scheduler: scheduler factory (defaults to linear warm-up over `warmup_steps`, then constant).
         warmup_steps: warm-up steps of the default scheduler, restarted with every stage's fresh adapters.
@@ -199,9 +57,8 @@ class GradualModule(L.LightningModule):
     """
 
     def __init__(self, model: str = "smollm2-135m-instruct", dtype: str = "float32", quantize: str | None = None,
-                 trust_remote_code: bool = False, schedule: Schedule | None = None,
-                 selection: Selection | None = None, lora: LoraSettings | None = None,
-                 recovery: Recovery | None = None,
+                 trust_remote_code: bool = False, schedule: Schedule = Schedule(), selection: Selection = Selection(),
+                 lora: LoraSettings = LoraSettings(), recovery: Recovery = Recovery(),
                  optimizer: OptimizerCallable | None = None, lr_scheduler: LRSchedulerCallable | None = None,
                  warmup_steps: int = 50, run_dir: str = "runs/gradual", overwrite: bool = False,
                  seed: int = 0, repair: str | None = None) -> None:
@@ -210,10 +67,9 @@ class GradualModule(L.LightningModule):
         self.dtype_name = dtype
         self.quantize = quantize
         self.trust_remote_code = trust_remote_code
-        self.schedule = schedule or Schedule()
-        self.selection = selection or Selection()
-        self.lora = lora or LoraSettings()
-        self.recovery = recovery or Recovery()
+        # copies: the defaults are shared instances (dataclass defaults make `gradual fit --help` list every field)
+        self.schedule, self.selection = copy.deepcopy(schedule), copy.deepcopy(selection)
+        self.lora, self.recovery = copy.deepcopy(lora), copy.deepcopy(recovery)
         self.teacher: Teacher | None = None
         self.objective: RecoveryObjective | None = None
         self.optimizer_factory = optimizer
@@ -237,14 +93,11 @@ class GradualModule(L.LightningModule):
                              "cannot hold; use params: lora with quantize: nf4, or quantize: null")
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
-        self.history: list[StageRecord] = []
-        self.stop_reason: str | None = None
         self._calibration: list[dict[str, torch.Tensor]] | None = None
         self._stage_start = 0.0
         self._losses: list[float] = []
         self._run_dir_checked = False
         self.run_context: dict[str, Any] = {}
-        self.in_data_tasks: list[str] = []
 
     # ----------------------------------------------------------------- identity and resume
     def run_config(self) -> dict[str, Any]:
@@ -260,28 +113,16 @@ class GradualModule(L.LightningModule):
                 "repair": self.repair, **self.run_context}
 
     def saved_state(self) -> dict[str, Any] | None:
-        path = self.run_dir / STATE_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        """The run directory's `state.json` (None for a fresh directory)."""
+        return rundir.read_state(self.run_dir)
 
     def check_run_dir(self) -> None:
-        """Refuse to mix runs: an existing directory must hold this same run (then it resumes) or be empty.
-
-        With `overwrite`, a directory holding anything else is cleared. Runs once, before anything is written.
-        """
+        """Refuse to mix runs (`gradual.rundir.check_run_dir`): once, on rank 0 as the launcher numbered it (before
+        any process group exists), before anything is written."""
         if self._run_dir_checked or rank_zero_only.rank != 0:
             return
         self._run_dir_checked = True
-        if not self.run_dir.exists() or not any(self.run_dir.iterdir()):
-            return
-        state = self.saved_state()
-        if state is not None and state.get("config") == self.run_config() and not self.overwrite:
-            return
-        if not self.overwrite:
-            changed = _changed_keys(state.get("config") if state else None, self.run_config())
-            what = f" (changed: {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})" if changed else ""
-            raise UsageError(f"run_dir={str(self.run_dir)!r} already holds a different run{what}; choose another "
-                             "run_dir or set overwrite: true")
-        shutil.rmtree(self.run_dir)
+        rundir.check_run_dir(self.run_dir, self.run_config(), self.overwrite)
 
     # ----------------------------------------------------------------- model life cycle
     def configure_model(self) -> None:
@@ -290,12 +131,11 @@ class GradualModule(L.LightningModule):
         start and quantises only before attaching adapters, and a resumed run must be that run."""
         if self.model is not None:
             return
-        state = self.saved_state()
         source, quantize = self.model_name, self.quantize
-        if state and state.get("resume_from"):
-            source, quantize = str(self.run_dir / state["resume_from"]), None
-            last = int(state["resume_from"].split("_")[1])
-            self.history = [StageRecord.from_dict(r) for r in state["history"] if r["stage"] <= last]
+        resume = rundir.resume_point(self.run_dir)
+        if resume is not None:
+            folder, self.history = resume
+            source, quantize = str(folder), None
         self.tokenizer = models.load_tokenizer(self.model_name, trust_remote_code=self.trust_remote_code)
         self.model = models.load_model(source, dtype=self.dtype_name, quantize=quantize,
                                        trust_remote_code=self.trust_remote_code)
@@ -331,10 +171,6 @@ class GradualModule(L.LightningModule):
         progress = loop.epoch_progress
         for counter in (progress.current, progress.total):
             counter.ready = counter.started = counter.processed = counter.completed = done
-
-    def chosen_stage(self) -> int:
-        """The stage whose model is the result: the last one that did not fail the retention threshold."""
-        return max(r.stage for r in self.history if r.meets_threshold is not False)
 
     @property
     def stage(self) -> int:
@@ -492,13 +328,18 @@ class GradualModule(L.LightningModule):
         self.model.eval()
 
     def on_train_epoch_end(self) -> None:
-        """After the evaluating and deciding callbacks: stop when the schedule has nothing left."""
+        """After the evaluating and deciding callbacks, before `StageCheckpoint` (Lightning calls the module's hook
+        between the two): stop when the schedule has nothing left."""
         if self.next_stage() is None and not self.trainer.should_stop:
             self.trainer.should_stop = True
             self.stop_reason = self.stop_reason or "schedule complete"
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
+        """The stage's optimizer (rebuilt with every stage's new trainable weights) and its warm-up, stepped per
+        optimizer step. The default warm-up is torch's `LinearLR`, not transformers'
+        `get_constant_schedule_with_warmup`: that one runs the first step at lr 0, and importing it loads peft and
+        bitsandbytes (seconds) into every run."""
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             params = [torch.nn.Parameter(torch.zeros(1))]
@@ -508,9 +349,9 @@ class GradualModule(L.LightningModule):
             optimizer = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.99), weight_decay=1e-4)
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
-        else:
+        else:  # optimizer step k (from 0) at lr × min(1, (k + 1) / warmup): a linear warm-up that starts at lr / warmup
             warmup = max(1, self.warmup_steps)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+            scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup - 1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- plain model export
@@ -524,17 +365,6 @@ class GradualModule(L.LightningModule):
         writes the model its scores describe."""
         return _as_float(models.load_model(self.model_name, dtype=self.dtype_name, quantize=self.quantize,
                                            trust_remote_code=self.trust_remote_code))
-
-
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two run configs (the saved one and this one), so a refused resume
-    says which setting made it another run."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = list(old) + [k for k in new if k not in old]
-        return [c for k in keys for c in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [c for i, (a, b) in enumerate(zip(old, new, strict=True)) for c in _changed_keys(a, b, f"{prefix}{i}.")]
-    return [] if old == new else [prefix.rstrip(".") or "config"]
 
 
 def _as_float(model: torch.nn.Module) -> torch.nn.Module:

@@ -48,14 +48,15 @@ import yaml  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from gradual.callbacks import StageCheckpoint, TaskEvaluation  # noqa: E402  # isort: skip
-from gradual.data import RecoveryDataModule  # noqa: E402
+from gradual.datamodule import RecoveryDataModule  # noqa: E402
 from gradual.distill import Recovery, RecoveryObjective, Teacher  # noqa: E402
 from gradual.generation import DecodingConfig, end_ids, format_prompt, generate, truncate_at_stop  # noqa: E402
 from gradual.importance import calibration_batches, calibration_texts, score_layers  # noqa: E402
 from gradual.lora import LoraSettings, attach_lora  # noqa: E402
 from gradual.models import load_model, load_tokenizer  # noqa: E402
-from gradual.module import GradualModule, Schedule, Selection  # noqa: E402
+from gradual.module import GradualModule  # noqa: E402
 from gradual.sgr import SGRConfig, load_prompts  # noqa: E402
+from gradual.stages import Schedule, Selection  # noqa: E402
 from gradual.surgery import num_layers, remove_layers  # noqa: E402
 from gradual.tasks.builtin import get_task  # noqa: E402
 from gradual.tasks.evaluate import FEWSHOT_STOP, answer_text, build_prompt, choice_text, evaluate  # noqa: E402

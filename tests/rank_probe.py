@@ -117,17 +117,16 @@ class RejectEveryStage(Callback):
     tiny model happens to score."""
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.history[-1].meets_threshold = False
+        pl_module.decide(False, f"stage {pl_module.stage} rejected")
         trainer.should_stop = True
-        pl_module.stop_reason = f"stage {pl_module.stage} rejected; rolled back to stage {pl_module.chosen_stage()}"
 
 
 class RejectConsolidation(Callback):
     """Accept every removal stage and reject the consolidation stage (`schedule.final_steps`)."""
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        record = pl_module.history[-1]
-        record.meets_threshold = not record.consolidation
-        if record.consolidation:
-            trainer.should_stop = True
-            pl_module.stop_reason = f"consolidation rejected; rolled back to stage {pl_module.chosen_stage()}"
+        if not pl_module.record.consolidation:
+            pl_module.decide(True)
+            return
+        pl_module.decide(False, "consolidation rejected")
+        trainer.should_stop = True

@@ -9,19 +9,13 @@ import pytest
 import torch
 
 from gradual import models
-from gradual.data import (
-    IGNORE_INDEX,
-    Collator,
-    RecoveryDataModule,
-    StageSampler,
-    load_pairs,
-    tokenize_pair,
-)
-from gradual.datamodule import GradualDataModule
+from gradual.datamodule import GradualDataModule, RecoveryDataModule
 from gradual.errors import UsageError
+from gradual.examples import IGNORE_INDEX, load_pairs, pad_collator, tokenize_pair
 from gradual.generation import DecodingConfig, format_prompt
-from gradual.lora import LoraSettings, OptimizerSettings, attach_lora, build_optimizer
+from gradual.lora import LoraSettings, attach_lora
 from gradual.models import save_model, tiny_model, tiny_tokenizer
+from gradual.sampler import StageSampler
 from gradual.sgr import SGRConfig
 
 
@@ -76,15 +70,32 @@ def test_truncation_cuts_the_response_end_and_drops_overlong_prompts(tok):
         dm.train_dataloader()
 
 
-def test_collate_pads_to_the_longest_in_the_batch():
-    batch = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-             {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
-             {"input_ids": [4, 4], "labels": [-100, 4]}]
-    out = Collator(pad_token_id=0)(batch)
+COLLATE_BATCH = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                 {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+                 {"input_ids": [4, 4], "labels": [-100, 4]}]
+
+
+def test_collate_pads_to_the_longest_in_the_batch(tok):
+    assert tok.pad_token_id == 0
+    out = pad_collator(tok)(COLLATE_BATCH)
     assert out["input_ids"].shape == (3, 5)
     assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0], [5, 6, 7, 8, 9], [4, 4, 0, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7, -100, -100], [-100, -100, 7, 8, 9], [-100, 4, -100, -100, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert {v.dtype for v in out.values()} == {torch.long}
+
+
+def test_collate_pads_right_whatever_the_tokenizer_says_and_falls_back_to_eos():
+    """Generation pads on the left; training batches always pad on the right, without changing the tokenizer."""
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    out = pad_collator(tok)(COLLATE_BATCH)
+    assert tok.padding_side == "left"
+    assert out["input_ids"][2].tolist() == [4, 4, 0, 0, 0] and out["labels"][2].tolist() == [-100, 4, -100, -100, -100]
+    tok.pad_token = None
+    out = pad_collator(tok)(COLLATE_BATCH)
+    assert tok.pad_token_id is None
+    assert out["input_ids"][2].tolist() == [4, 4] + [tok.eos_token_id] * 3
 
 
 def test_batches_group_similar_lengths_in_shuffled_order():
@@ -186,8 +197,7 @@ class _Recorder(pl.LightningModule):
         return self.model(**batch).loss
 
     def configure_optimizers(self):
-        optimizer, scheduler = build_optimizer(self.model, OptimizerSettings(warmup_steps=2))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=2e-4)
 
 
 def test_lightning_trains_one_fixed_stage_per_epoch(tok):
@@ -200,7 +210,7 @@ def test_lightning_trains_one_fixed_stage_per_epoch(tok):
     trainer.fit(module, datamodule=dm)
     assert dm.batches_per_epoch == 4
     assert trainer.global_step == 2 * 4 // 2
-    collate, sampler = Collator(tok.pad_token_id), dm.stage_sampler()
+    collate, sampler = pad_collator(tok), dm.stage_sampler()
     for epoch in (0, 1):  # Lightning called set_epoch: each epoch trained the sampler's batches for that epoch
         expected = [collate([dm.dataset[i] for i in b])["input_ids"] for b in sampler.batches(epoch)]
         assert len(module.seen[epoch]) == 4

@@ -23,10 +23,11 @@ from transformers import AutoModelForCausalLM
 
 import gradual.datamodule
 from gradual.cli import main
-from gradual.data import tokenize_pair
+from gradual.examples import tokenize_pair
 from gradual.lightning_cli import GradualCLI
 from gradual.models import load_model
-from gradual.sgr import build_pairs, weights_digest
+from gradual.sgr import build_pairs
+from gradual.sgr.fingerprint import weights_digest
 from gradual.surgery import remove_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -364,7 +365,8 @@ def test_fsdp_gpu_config_parses_full_weight_distillation_sharded_over_every_gpu(
     strategy = printed["trainer"]["strategy"]
     assert strategy["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
     assert strategy["init_args"]["tensor_parallel_size"] == 1
-    assert strategy["init_args"]["data_parallel_size"] == printed["trainer"]["devices"] * printed["trainer"]["num_nodes"]
+    processes = printed["trainer"]["devices"] * printed["trainer"]["num_nodes"]
+    assert strategy["init_args"]["data_parallel_size"] == processes
     assert strategy["init_args"]["timeout"] == "4:00:00"
     recovery = printed["model"]["recovery"]
     assert (recovery["params"], recovery["loss"], recovery["teacher_dtype"]) == ("full", "kd", "bfloat16")

@@ -4,16 +4,17 @@ retention monitor, and values the parser itself rejects."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from gradual.callbacks import RetentionStopping, TaskEvaluation
 from test_fit import write_config
 
+from gradual.callbacks import RetentionStopping, TaskEvaluation
 from gradual.cli import main, parser_error_line
 from gradual.errors import UsageError
-from gradual.module import StageRecord
+from gradual.stages import StageHistory, StageRecord
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -135,11 +136,18 @@ def test_a_monitor_needs_an_evaluation_callback_before_it() -> None:
     stop.check_callbacks([TaskEvaluation(tasks=["successor"]), stop])
 
 
+def _stage_history(history: list[StageRecord], in_data_tasks: tuple[str, ...] | list[str] = ()) -> StageHistory:
+    """What a callback sees of the module without a Trainer: its records, and Lightning's `log` as a no-op."""
+    module = StageHistory(history=history, in_data_tasks=in_data_tasks)
+    module.log = lambda *a, **k: None
+    return module
+
+
 def test_a_missing_monitor_value_is_an_error_naming_it() -> None:
     """Before: a missing key read as retention 0.0 and rolled back with a misleading message."""
     baseline = StageRecord(stage=0, depth=4, scores={"successor": {"score": 0.5, "form": "generative"}})
     stage = StageRecord(stage=1, depth=3, scores={"mc_successor": {"score": 0.5, "form": "classification"}})
-    module = SimpleNamespace(history=[baseline, stage], log=lambda *a, **k: None, stop_reason=None)
+    module = _stage_history([baseline, stage])
     trainer = SimpleNamespace(should_stop=False)
     with pytest.raises(RuntimeError, match="retention monitor 'successor' has no value at stage 1"):
         RetentionStopping(monitor="successor").on_train_epoch_end(trainer, module)
@@ -170,7 +178,7 @@ def one_error_line_from(err: str) -> str:
 
 def test_parser_error_line_keeps_the_innermost_alternatives() -> None:
     message = ('Parser key "model.schedule":\n  Does not validate against any of the Union subtypes\n  Errors:\n'
-               "    - Problem with given class_path 'gradual.module.Schedule':\n        Parser key \"mode\":\n"
+               "    - Problem with given class_path 'gradual.stages.Schedule':\n        Parser key \"mode\":\n"
                "          Expected a typing.Literal['gradual', 'one_shot']. Got value: sideways\n"
                "    - Expected a <class 'NoneType'>\n  Given value: NestedArg(key='mode', val='sideways')")
     assert parser_error_line(message) == "model.schedule.mode='sideways' is invalid; allowed: 'gradual', 'one_shot'"
@@ -199,10 +207,51 @@ def test_a_stop_on_an_in_data_monitor_says_so() -> None:
     scores = {"successor": {"score": 0.5, "form": "generative"}, "category": {"score": 0.5, "form": "generative"}}
     baseline = StageRecord(stage=0, depth=4, scores=scores)
     stage = StageRecord(stage=1, depth=3, scores={**scores, "successor": {"score": 0.1, "form": "generative"}})
-    module = SimpleNamespace(history=[baseline, stage], log=lambda *a, **k: None, stop_reason=None,
-                             in_data_tasks=["successor"], chosen_stage=lambda: 0)
+    module = _stage_history([baseline, stage], in_data_tasks=["successor"])
     trainer = SimpleNamespace(should_stop=False)
     RetentionStopping(monitor="in_data_generative_mean", threshold=0.5).on_train_epoch_end(trainer, module)
     assert trainer.should_stop and stage.retention["held_out_generative_mean"] == 1.0
     assert module.stop_reason == ("stage 1: in_data_generative_mean (in-data: measured on tasks the recovery data "
                                   "taught) retention 0.200 < threshold 0.5; rolled back to stage 0")
+
+
+def option_descriptions(help_text: str, prefixes: tuple[str, ...]) -> dict[str, str]:
+    """Each option of an argparse help text whose name starts with one of `prefixes`, with its description (the
+    text in the help column, jsonargparse's "(type: ..., default: ...)" note removed)."""
+    lines = help_text.splitlines()
+    column = min(len(line) - len(line.lstrip()) for line in lines if line.startswith(" " * 20) and line.strip())
+    options: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in lines:
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            current = options.setdefault(name, []) if name.startswith(prefixes) else None
+            if current is not None and len(line) > column and line[:column].endswith("  "):
+                current.append(line[column:])  # the description starts on the option's own line
+        elif current is not None and line.startswith(" " * column):
+            current.append(line.strip())
+        else:
+            current = None
+    described = {}
+    for name, parts in options.items():
+        text = " ".join(parts).strip()
+        described[name] = re.sub(r"\s*\(type: .*\)\s*$", "", text, flags=re.S).strip()
+    return described
+
+
+def test_fit_help_describes_every_model_and_data_option(capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `--model.*` and `--data.*` option of `gradual fit --help` has a description, the fields of the settings
+    dataclasses (schedule, selection, lora, recovery, sgr and its decoding) included, listed one by one."""
+    monkeypatch.setenv("COLUMNS", "120")
+    try:
+        code = main(["fit", "--help"])
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, None)
+    described = option_descriptions(capsys.readouterr().out, ("--model.", "--data."))
+    for name in ("--model.schedule.mode", "--model.selection.metric", "--model.lora.r", "--model.recovery.loss",
+                 "--data.sgr.responses", "--data.sgr.decoding.temperature", "--data.sources", "--data.batch_size"):
+        assert name in described, name
+    assert len(described) > 60
+    assert [name for name, text in described.items() if not text] == []

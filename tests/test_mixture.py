@@ -17,15 +17,16 @@ from test_fit import write_config
 
 from gradual import models
 from gradual.cli import main
-from gradual.data import IGNORE_INDEX, Collator, RecoveryDataModule, StageSampler, tokenize_pair
-from gradual.datamodule import GradualDataModule
+from gradual.datamodule import GradualDataModule, RecoveryDataModule
 from gradual.distill import loss_mask
 from gradual.errors import UsageError
+from gradual.examples import IGNORE_INDEX, Part, pad_collator, tokenize_pair
 from gradual.generation import DecodingConfig
 from gradual.importance import calibration_texts
 from gradual.lightning_cli import GradualCLI
 from gradual.mixture import DataSource
 from gradual.models import tiny_tokenizer
+from gradual.sampler import StageSampler
 from gradual.sgr import SDFT_TEMPLATE, SGRConfig, accepts, build_pairs
 from gradual.tasks import TASKS, build_prompt, get_task
 from gradual.tasks.base import Task
@@ -131,8 +132,6 @@ def test_weights_and_sources_are_checked() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_texts_learn_every_token_and_pairs_only_the_response(tiny_tok) -> None:
-    from gradual.data import Part
-
     dm = RecoveryDataModule(tokenizer=tiny_tok, samples_per_epoch=4, batch_size=2, max_length=64)
     dm.set_parts([Part("pairs", 1.0, [{"prompt": "What is 2+2?", "response": "4"}]),
                   Part("texts", 1.0, [{"text": "Q: 3 + 4\nA: 7\n"}, {"text": "x" * 100}])])
@@ -142,7 +141,7 @@ def test_texts_learn_every_token_and_pairs_only_the_response(tiny_tok) -> None:
     assert text["labels"] == text["input_ids"] and text["input_ids"][0] == tiny_tok.bos_token_id
     assert tiny_tok.decode(text["input_ids"], skip_special_tokens=True) == "Q: 3 + 4\nA: 7\n", "no EOS on a text"
     assert len(long_text["input_ids"]) == 64, "a long text is cut at max_length"
-    batch = Collator(tiny_tok.pad_token_id)([pair, text])
+    batch = pad_collator(tiny_tok)([pair, text])
     mask = loss_mask(batch)
     n_text, n_response = len(text["input_ids"]), sum(x != IGNORE_INDEX for x in pair["labels"])
     assert int(mask[1].sum()) == n_text - 1, "kd/sft on a text: every token after the first is a target"

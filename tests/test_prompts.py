@@ -16,9 +16,9 @@ from transformers import GPT2Config, PretrainedConfig
 
 from gradual import importance
 from gradual.cli import main
-from gradual.data import RecoveryDataModule, tokenize_pair
-from gradual.datamodule import GradualDataModule
+from gradual.datamodule import GradualDataModule, RecoveryDataModule
 from gradual.errors import UsageError
+from gradual.examples import tokenize_pair
 from gradual.generation import DecodingConfig, encode_prompt, format_prompt, generate, max_positions
 from gradual.models import TINY_CHAT_TEMPLATE, TINY_MAX_POSITIONS, model_positions, tiny_model, tiny_tokenizer
 from gradual.sgr import PromptItem, SGRConfig, build_pairs

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gradual import ranks
-from gradual.module import GradualModule, Schedule, Selection
+from gradual.module import GradualModule
+from gradual.stages import Schedule, Selection
 
 
 def _silence_layer(module: GradualModule, index: int) -> None:

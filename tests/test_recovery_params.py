@@ -13,7 +13,7 @@ from test_fit import SMOKE, fit_in_process, write_config
 
 from gradual.cli import main
 from gradual.models import load_model
-from gradual.module import Schedule
+from gradual.stages import Schedule
 from gradual.surgery import near_cuts
 
 

@@ -14,30 +14,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import gradual.sgr as sgr
-from gradual.data import tokenize_pair
+import gradual.sgr.teacher
 from gradual.errors import UsageError
+from gradual.examples import tokenize_pair
 from gradual.generation import DecodingConfig, encode_prompt, format_prompt, generate, response_prompt
 from gradual.models import save_model, tiny_model, tiny_tokenizer
-from gradual.sgr import (
-    PromptItem,
-    ResponseCache,
-    SGRConfig,
-    accepts,
-    build_pairs,
-    cache_key,
-    disk_teacher,
-    fingerprint,
-    generation_key,
-    load_prompts,
-    merge_shards,
-    model_identity,
-    shard,
-    teacher_responses,
-    vllm_engine_kwargs,
-    vllm_sampling_kwargs,
-    weights_digest,
-)
+from gradual.ranks import gather_in_order, merge_shards, shard
+from gradual.sgr import PromptItem, SGRConfig, accepts, build_pairs, load_prompts, teacher_responses
+from gradual.sgr.cache import ResponseCache
+from gradual.sgr.fingerprint import cache_key, disk_teacher, fingerprint, generation_key, model_identity, weights_digest
+from gradual.sgr.teacher import vllm_engine_kwargs, vllm_sampling_kwargs
 from gradual.tasks.base import Task
 from gradual.tasks.builtin import TASKS, get_task
 
@@ -88,7 +74,7 @@ def spy(monkeypatch):
 
         return generate(model, tokenizer, prompts, config, batch_size, progress, desc, hook)
 
-    monkeypatch.setattr(sgr, "generate", counting)
+    monkeypatch.setattr(gradual.sgr.teacher, "generate", counting)
     return Spy
 
 
@@ -608,7 +594,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, cache_dir: str, out_dir: 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        gathered = sgr.gather_in_order(shard(list(range(7)), rank, world))
+        gathered = gather_in_order(shard(list(range(7)), rank, world))
         cfg = cfg_for(decoding=GREEDY, batch_size=2, chunk_size=4, cache_dir=cache_dir)
         pairs = build_pairs(make_model(), tiny_tokenizer(), cfg, items=ITEMS, progress=False)
         Path(out_dir, f"{rank}.json").write_text(json.dumps({"gathered": gathered, "pairs": pairs}))

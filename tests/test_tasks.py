@@ -234,7 +234,7 @@ def test_large_reference_answers_are_right():
 
 
 def test_difficulty_reaches_evaluation_and_recovery_prompts(tiny):
-    from gradual.callbacks import TaskEvaluation  # the callbacks package lives outside gradual/
+    from gradual.callbacks import TaskEvaluation
 
     model, tok = tiny
     large = evaluate(model, tok, ["copy"], n=4, forms=("classification",), difficulty="large", records=True,

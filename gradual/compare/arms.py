@@ -25,7 +25,7 @@ def removal_stages(depth: int, per_stage: int) -> int:
 def arm_budget(plan: Plan, arm: Arm, depth: int) -> Budget:
     """The arm's steps at `depth`: k × budget split into `final_share` (rounded) for the consolidation stage and
     equal removal stages, the remainder of the split going to the consolidation stage; or the arm's own steps."""
-    from gradual.module import Schedule
+    from gradual.stages import Schedule
 
     n = removal_stages(depth, layers_per_stage(plan, arm))
     if arm.explicit_steps:
@@ -57,7 +57,7 @@ def arm_runs(plan: Plan, arm: Arm) -> dict[int, int]:
 def check_budgets(plan: Plan, depth0: int) -> dict[str, dict[int, Budget]]:
     """Every arm's budget at every depth, counted by the fit's own `Schedule.total_steps` on its resolved config;
     refuse a plan in which a trained arm's total differs from k × budget_per_layer (0 = no recovery is allowed)."""
-    from gradual.module import Schedule
+    from gradual.stages import Schedule
 
     budgets: dict[str, dict[int, Budget]] = {}
     for arm in plan.arms:

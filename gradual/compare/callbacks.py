@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from gradual.data import IGNORE_INDEX
 from gradual.errors import UsageError
+from gradual.examples import IGNORE_INDEX
 from gradual.retention import retention
 
 LEDGER_FILE = "ledger.json"
@@ -35,20 +35,19 @@ class SeedBaseline(Callback):
         self.path = Path(path)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        baseline = pl_module.history[0]
-        if baseline.scores:
+        if pl_module.history[0].scores:
             return
         if not self.path.is_file():
             raise UsageError(f"SeedBaseline path={str(self.path)!r} does not exist; run `gradual compare` to write it")
-        baseline.scores.update(copy.deepcopy(json.loads(self.path.read_text())["scores"]))
+        pl_module.record_scores(copy.deepcopy(json.loads(self.path.read_text())["scores"]))
 
 
 class RecordRetention(Callback):
     """Fill each stage's retention against stage 0 and never stop: every arm must reach its target depth."""
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        record = pl_module.history[-1]
-        record.retention = retention(record.scores, pl_module.history[0].scores, pl_module.in_data_tasks)
+        pl_module.record_retention(retention(pl_module.record.scores, pl_module.history[0].scores,
+                                             pl_module.in_data_tasks))
 
 
 def prompt_digest(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> str:

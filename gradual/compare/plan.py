@@ -197,7 +197,7 @@ def select_arms(arms: list[Arm], names: str | None) -> list[Arm]:
 
 def default_budget(base: dict[str, Any]) -> int:
     """The base config's recovery steps per removed layer: its steps per stage over its layers per stage."""
-    from gradual.module import Schedule
+    from gradual.stages import Schedule
 
     schedule = (base.get("model") or {}).get("schedule") or {}
     steps = schedule.get("steps_per_stage", Schedule.steps_per_stage)

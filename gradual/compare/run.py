@@ -185,7 +185,7 @@ LEGACY_MODULE = "gradual.compare_callbacks."
 def rename_legacy_callbacks(run_dir: Path) -> None:
     """Let a run started before `gradual.compare` became a package resume (or be read back): its saved identity
     names the comparison callbacks by their old module, which would make it "a different run"."""
-    from gradual.module import STATE_FILE
+    from gradual.rundir import STATE_FILE
 
     path = run_dir / STATE_FILE
     if path.is_file() and LEGACY_MODULE in (text := path.read_text()):

@@ -15,7 +15,10 @@ from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
 
 
 class _Evaluation(Callback):
-    """Fills `scores` of the stage record: `{key: {"score", "form", "n", "failures", "truncated"}}`.
+    """Records the current model's scores, `{key: {"score", "form", "n", "failures", "truncated"}}`, through
+    `record_scores` (and its time through `record_timing`): the baseline at train start (unless stage 0 is already
+    scored: a resumed run, or `SeedBaseline`), every stage after its merge. List evaluations before the callbacks
+    that read scores (`RetentionStopping`, `Report`).
 
     Rank 0 evaluates and broadcasts, so every DDP rank takes the same stop decision.
     """
@@ -26,12 +29,11 @@ class _Evaluation(Callback):
         raise NotImplementedError
 
     def _fill(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> None:
-        record = pl_module.history[-1]
         t = time.perf_counter()
         results = self.results(pl_module) if trainer.is_global_zero else None
         results = trainer.strategy.broadcast(results, src=0)
-        record.scores.update(results)
-        record.timings[f"{self.name}_s"] = time.perf_counter() - t
+        pl_module.record_scores(results)
+        pl_module.record_timing(f"{self.name}_s", time.perf_counter() - t)
         for key, value in results.items() if log else ():
             pl_module.log(f"score/{key}", float(value["score"]), on_epoch=True)
 

@@ -9,7 +9,11 @@ from gradual.report import write_report
 
 
 class Report(Callback):
-    """Write the run's report after each stage (partial) and at the end (with the final stage)."""
+    """Write the run's report after each stage (partial) and at the end (with the final stage).
+
+    Only reads the module's records; list it after the evaluation and stop-rule callbacks so each stage's row has
+    its scores, retention and decision.
+    """
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
         if trainer.is_global_zero:

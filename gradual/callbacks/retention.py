@@ -13,7 +13,10 @@ from gradual.retention import AGGREGATES, DEFAULT_MONITOR, group_of, is_in_data_
 
 
 class RetentionStopping(Callback):
-    """Observe each stage's scores against the baseline; stop below `threshold` and roll back.
+    """The stop rule: each stage's retention against the baseline; stop below `threshold` and roll back.
+
+    Reads the scores the evaluation callbacks listed before it recorded, then records through the module's
+    `record_retention` and `decide` (which names the stage rolled back to) and stops the trainer on a miss.
 
     Args:
         threshold: the retention the final model must keep, in (0, 1] (0.9 keeps 90% of the baseline score).
@@ -78,25 +81,26 @@ class RetentionStopping(Callback):
                              "undefined; monitor another task or an aggregate")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        record = pl_module.history[-1]
+        record = pl_module.record
         in_data = getattr(pl_module, "in_data_tasks", ())
-        record.retention = retention(record.scores, pl_module.history[0].scores, in_data)
-        if self.monitor not in record.retention:
+        values = retention(record.scores, pl_module.history[0].scores, in_data)
+        pl_module.record_retention(values)
+        if self.monitor not in values:
             raise RuntimeError(f"retention monitor {self.monitor!r} has no value at stage {record.stage} (its score is "
                                f"missing or its baseline is 0); scores present: {', '.join(record.scores) or 'none'}")
-        value = record.retention[self.monitor]
-        record.meets_threshold = value >= self.threshold
+        value = values[self.monitor]
         pl_module.log("retention", value, prog_bar=True, on_epoch=True)
         for group in ("held_out", "in_data"):  # both on the progress bar: only held-out shows capability returning
-            if f"{group}_generative_mean" in record.retention:
-                pl_module.log(f"{group}_gen", record.retention[f"{group}_generative_mean"], prog_bar=True,
-                              on_epoch=True)
-        if not record.meets_threshold:
-            trainer.should_stop = True
-            named = " (in-data: measured on tasks the recovery data taught)" if is_in_data_monitor(
-                self.monitor, in_data) else ""
-            pl_module.stop_reason = (f"stage {record.stage}: {self.monitor}{named} retention {value:.3f} < threshold "
-                                     f"{self.threshold}; rolled back to stage {pl_module.chosen_stage()}")
+            if f"{group}_generative_mean" in values:
+                pl_module.log(f"{group}_gen", values[f"{group}_generative_mean"], prog_bar=True, on_epoch=True)
+        if value >= self.threshold:
+            pl_module.decide(True)
+            return
+        named = " (in-data: measured on tasks the recovery data taught)" if is_in_data_monitor(
+            self.monitor, in_data) else ""
+        pl_module.decide(False, f"stage {record.stage}: {self.monitor}{named} retention {value:.3f} < threshold "
+                                f"{self.threshold}")
+        trainer.should_stop = True
 
 
 def _labelled(forms: dict[str, str | None], in_data: Collection[str]) -> str:

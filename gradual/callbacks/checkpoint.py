@@ -1,0 +1,74 @@
+"""Stage checkpoints in Hugging Face format, the resume state, and `final/` (layout: `gradual.rundir`).
+
+Each finished stage writes `stage_<k>/metrics.json`; its model (safetensors, own dtype, tokenizer) is kept for
+every stage (`keep: all`) or only for the last stage that met the threshold (`keep: last_good`, enough for
+rollback and resume — a 7-8B model is ~16 GB per stage in bf16). `state.json` is written after the model, so
+an interrupted run resumes from a stage that is complete on disk.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
+
+from gradual import models, rundir
+from gradual.errors import UsageError
+
+
+class StageCheckpoint(Checkpoint):
+    """Save each stage, keep what rollback and resume need, and write `final/` at the end.
+
+    Runs after every other callback and after the module's own `on_train_epoch_end` (Lightning moves checkpoint
+    callbacks last), so it saves the stage with its scores, retention and stop decision. It only reads the
+    module's records, besides `record_timing("checkpoint_s", ...)`.
+
+    Args:
+        keep: `last_good` (default) keeps only the model of the last stage that met the threshold;
+            `all` keeps every stage's model.
+    """
+
+    def __init__(self, keep: str = "last_good") -> None:
+        if keep not in ("all", "last_good"):
+            raise UsageError(f"StageCheckpoint keep={keep!r} is unknown; allowed: all, last_good")
+        self.keep = keep
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            pl_module.run_dir.mkdir(parents=True, exist_ok=True)
+            rundir.write_stage(pl_module.run_dir, pl_module.history[0], export=None)
+            self._write_state(pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        record = pl_module.record
+        t = time.perf_counter()
+        save = self.keep == "all" or record.meets_threshold is not False
+        rundir.write_stage(pl_module.run_dir, record, export=pl_module.export if save else None)
+        pl_module.record_timing("checkpoint_s", time.perf_counter() - t)
+        rundir.write_metrics(pl_module.run_dir, record)
+        self._write_state(pl_module)
+        if self.keep == "last_good" and save:
+            for old in pl_module.history[1:-1]:
+                rundir.drop_model(pl_module.run_dir, old.stage)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        chosen = pl_module.chosen_stage()
+
+        def baseline(path: Path) -> None:
+            """Stage 0 keeps no model on disk: write the unpruned model as it was evaluated."""
+            models.save_model(pl_module.baseline_model(), pl_module.tokenizer, path)
+
+        rundir.write_final(pl_module.run_dir, pl_module.history[chosen], pl_module.stop_reason,
+                            export=baseline if chosen == 0 else None)
+        self._write_state(pl_module, final_stage=chosen)
+
+    @staticmethod
+    def _write_state(pl_module: L.LightningModule, final_stage: int | None = None) -> None:
+        rundir.write_state(pl_module.run_dir, pl_module.run_config(), pl_module.history, pl_module.stop_reason,
+                            final_stage)
