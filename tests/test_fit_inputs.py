@@ -219,7 +219,8 @@ def option_descriptions(help_text: str, prefixes: tuple[str, ...]) -> dict[str, 
     """Each option of an argparse help text whose name starts with one of `prefixes`, with its description (the
     text in the help column, jsonargparse's "(type: ..., default: ...)" note removed)."""
     lines = help_text.splitlines()
-    column = min(len(line) - len(line.lstrip()) for line in lines if line.startswith(" " * 20) and line.strip())
+    column = min(len(line) - len(line.lstrip()) for line in lines  # the help column (not the usage's "[--x X]" lines)
+                 if line.startswith(" " * 20) and line.strip() and not line.lstrip().startswith("["))
     options: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in lines:
