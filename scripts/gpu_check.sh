@@ -25,6 +25,7 @@ mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
 LOG="$DIR/gpu-check.log"
 RUNS="$(mktemp -d "${TMPDIR:-/tmp}/gradual-gpu-check.XXXXXX")"  # stage checkpoints stay out of DIR (large)
+trap 'rm -rf "$RUNS"' EXIT
 : > "$LOG"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -70,7 +71,6 @@ if (( DRY )); then
     "${FIT[@]}" --print_config > "$DIR/fit-config.yaml" || { say "fit arguments do not parse"; exit 1; }
     "${FIT_VLLM[@]}" --print_config > "$DIR/fit-vllm-config.yaml" || { say "vLLM fit arguments do not parse"; exit 1; }
     say "dry run ok: commands parse; resolved fit configs in $DIR/fit-config.yaml and $DIR/fit-vllm-config.yaml"
-    rm -rf "$RUNS"
     exit 0
 fi
 
@@ -95,7 +95,6 @@ else
     STATUS[fit-vllm]="skipped: import vllm failed (vLLM not installed here)"
     say "[fit-vllm] ${STATUS[fit-vllm]}"
 fi
-rm -rf "$RUNS"
 
 {
     for name in bench fit fit-vllm; do echo "$name: ${STATUS[$name]:-not run}"; done
