@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-slow test-all demo bench lint clean
+.PHONY: install test test-slow test-all demo bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -34,8 +34,16 @@ test-all: install
 demo: install
 	$(VENV)/bin/gradual fit --config configs/demo.yaml
 
-bench: install  # make bench BENCH_ARGS="--quick --out /tmp/bench.json"
+# gradual vs what a user would run instead (docs/bench.md): bench.json + bench.details.json, ~12 min on 2 CPU cores;
+# make bench BENCH_ARGS="--quick --out /tmp/bench.json" for a fast look
+bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# on a CUDA machine: quick bench in bf16, a short demo-recipe fit, the vLLM SGR path (under 8 min) into GPU_CHECK_DIR;
+# make gpu-check GPU_CHECK_ARGS=--dry-run checks the commands anywhere
+GPU_CHECK_DIR ?= gpu-check
+gpu-check: install
+	scripts/gpu_check.sh $(GPU_CHECK_ARGS) $(GPU_CHECK_DIR)
 
 lint: install
 	$(VENV)/bin/ruff check .
