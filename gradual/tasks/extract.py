@@ -97,29 +97,30 @@ def normalize_reference(kind: str, answer: str) -> str:
     return answer.strip()
 
 
-def is_balanced(seq: str) -> bool:
-    """Whether a bracket string (other characters ignored) closes every bracket it opens, in order."""
+def _still_open(seq: str) -> list[str] | None:
+    """The brackets `seq` leaves open, innermost last (other characters ignored); None if it closes one it never
+    opened, or closes it out of order."""
     stack: list[str] = []
     for ch in seq:
         if ch in OPENERS:
             stack.append(ch)
         elif ch in CLOSERS:
             if not stack or stack[-1] != CLOSERS[ch]:
-                return False
+                return None
             stack.pop()
-    return not stack
+    return stack
+
+
+def is_balanced(seq: str) -> bool:
+    """Whether a bracket string (other characters ignored) closes every bracket it opens, in order."""
+    return _still_open(seq) == []
 
 
 def closing_sequence(prefix: str) -> str:
     """The unique shortest closing of a bracket prefix, e.g. "( [ {" -> "}])"."""
-    stack: list[str] = []
-    for ch in prefix:
-        if ch in OPENERS:
-            stack.append(ch)
-        elif ch in CLOSERS:
-            if not stack or stack[-1] != CLOSERS[ch]:
-                raise ValueError(f"bracket prefix {prefix!r} closes a bracket it never opened")
-            stack.pop()
+    stack = _still_open(prefix)
+    if stack is None:
+        raise ValueError(f"bracket prefix {prefix!r} closes a bracket it never opened")
     return "".join(OPENERS[c] for c in reversed(stack))
 
 
