@@ -168,7 +168,8 @@ def end_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[i
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
              config: DecodingConfig | None = None, batch_size: int = 16, progress: bool = True,
              desc: str = "generate",
-             on_batch: Callable[[list[int], list[list[str]]], None] | None = None) -> PromptOutputs:
+             on_batch: Callable[[list[int], list[list[str]]], None] | None = None,
+             seed_ids: Sequence[int] | None = None) -> PromptOutputs:
     """Complete every prompt `config.num_samples` times; returns one list of completions per prompt, in order.
 
     Prompts are full strings (apply `format_prompt` first), encoded by `encode_prompt` (one BOS where the model
@@ -176,12 +177,16 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     `config.max_new_tokens` keeps its last tokens (lm-eval's left truncation), is marked in the result's `truncated`
     and logged; a budget that fills the positions is refused. `on_batch(indices, completions)` is called after each
     batch with the caller's prompt indices, so a caller can persist results before the whole call ends. Sampling
-    draws from one generator per (prompt, sample), seeded from `config.seed` and the prompt's index, so the answers
-    do not depend on the batch size.
+    draws from one generator per (prompt, sample), seeded from `config.seed` and the prompt's id — `seed_ids[i]`
+    (e.g. its index in a larger list), else its position here — so the answers depend neither on the batch size nor,
+    with `seed_ids`, on which other prompts share the call (a resumed or sharded caller draws the same answers).
     """
     config = config or DecodingConfig()
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size} is invalid; it must be >= 1")
+    if seed_ids is not None and len(seed_ids) != len(prompts):
+        raise ValueError(f"seed_ids has {len(seed_ids)} entries for {len(prompts)} prompts")
+    ids_for_seed = list(seed_ids) if seed_ids is not None else list(range(len(prompts)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ends = torch.tensor(sorted(end_ids(model, tokenizer)))
     room = prompt_room(model, config.max_new_tokens, "max_new_tokens")
@@ -204,7 +209,8 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
             idx = order[lo:lo + batch_size]
             rows = [(i, s) for i in idx for s in range(config.num_samples)]
             outputs = _decode(model, [encoded[i] for i, _ in rows], config, pad_id, ends,
-                              [config.seed * 1_000_003 + i * config.num_samples + s for i, s in rows], tokenizer)
+                              [config.seed * 1_000_003 + ids_for_seed[i] * config.num_samples + s for i, s in rows],
+                              tokenizer)
             for (i, _), tokens in zip(rows, outputs, strict=True):
                 new_tokens += len(tokens)
                 text = tokenizer.decode(tokens, skip_special_tokens=True)

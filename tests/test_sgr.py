@@ -60,7 +60,8 @@ def spy(monkeypatch):
 
     Spy.prompts, Spy.Interrupted = [], Interrupted
 
-    def counting(model, tokenizer, prompts, config, batch_size=16, progress=True, desc="", on_batch=None):
+    def counting(model, tokenizer, prompts, config, batch_size=16, progress=True, desc="", on_batch=None,
+                 seed_ids=None):
         Spy.calls += 1
         batches = 0
 
@@ -72,7 +73,7 @@ def spy(monkeypatch):
             if Spy.stop_after is not None and batches >= Spy.stop_after:
                 raise Interrupted
 
-        return generate(model, tokenizer, prompts, config, batch_size, progress, desc, hook)
+        return generate(model, tokenizer, prompts, config, batch_size, progress, desc, hook, seed_ids)
 
     monkeypatch.setattr(gradual.sgr.teacher, "generate", counting)
     return Spy
@@ -210,6 +211,22 @@ def test_resume_after_interruption(model, tok, spy, base, tmp_path):
     resumed = build_pairs(model, tok, cfg, items=ITEMS, progress=False)
     assert len(spy.prompts) == len(ITEMS), "only the missing prompts are generated"
     assert resumed == base[1]
+
+
+def test_sampled_resume_draws_what_an_uninterrupted_run_draws(model, tok, spy, tmp_path):
+    """Sampled SGR: each prompt draws from its own generator seeded by its index in the whole list, so prompts
+    answered after an interruption get the answers an uninterrupted run gives them (and the batch size does not
+    matter either)."""
+    sampled = DecodingConfig(do_sample=True, temperature=1.5, top_p=1.0, max_new_tokens=8, seed=3)
+    whole = build_pairs(model, tok, cfg_for(tmp_path / "whole", decoding=sampled), items=ITEMS, progress=False)
+    cfg = cfg_for(tmp_path / "resumed", decoding=sampled, batch_size=2)
+    spy.stop_after = 1
+    with pytest.raises(spy.Interrupted):
+        build_pairs(model, tok, cfg, items=ITEMS, progress=False)
+    spy.stop_after = None
+    assert build_pairs(model, tok, cfg, items=ITEMS, progress=False) == whole
+    greedy = build_pairs(model, tok, cfg_for(tmp_path / "greedy"), items=ITEMS, progress=False)
+    assert whole != greedy, "the sampled answers differ from greedy ones: sampling is on"
 
 
 def test_truncated_last_line_and_garbage_tolerated(model, tok, spy, base, cached):

@@ -34,9 +34,12 @@ class _TransformersBackend:
                  progress: bool) -> None:
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
 
-    def __call__(self, inputs: list[str], decoding: DecodingConfig, on_batch: OnBatch | None) -> list[list[str]]:
+    def __call__(self, inputs: list[str], decoding: DecodingConfig, on_batch: OnBatch | None,
+                 seed_ids: list[int]) -> list[list[str]]:
+        """Each prompt samples from its own generator seeded by its index in the whole prompt list (`seed_ids`), so
+        a resumed or sharded run draws the same answers as one uninterrupted process."""
         return generate(self.model, self.tokenizer, inputs, decoding, batch_size=self.batch_size,
-                        progress=self.progress, desc="sgr", on_batch=on_batch)
+                        progress=self.progress, desc="sgr", on_batch=on_batch, seed_ids=seed_ids)
 
 
 def vllm_sampling_kwargs(decoding: DecodingConfig, stop_ids: set[int] | None = None) -> dict[str, Any]:
@@ -134,7 +137,6 @@ def teacher_responses(model: PreTrainedModel | None, tokenizer: PreTrainedTokeni
     try:
         for c, lo in enumerate(range(0, len(todo), cfg.chunk_size)):
             mine = shard(todo[lo:lo + cfg.chunk_size], rank, world)
-            decoding = replace(cfg.decoding, seed=_chunk_seed(cfg.decoding.seed, c, rank))
 
             def write(idx: list[int], outs: list[list[str]], mine: list[int] = mine) -> None:
                 """Single process: persist each batch as soon as it is generated."""
@@ -143,7 +145,11 @@ def teacher_responses(model: PreTrainedModel | None, tokenizer: PreTrainedTokeni
                 bar.update(len(idx))
 
             per_batch = world == 1 and cfg.backend == "transformers"
-            outs = backend([inputs[i] for i in mine], decoding, write if per_batch else None)
+            if isinstance(backend, _VLLMBackend):  # one engine seed per (chunk, rank): vLLM draws per request
+                outs = backend([inputs[i] for i in mine], replace(cfg.decoding, seed=_chunk_seed(cfg.decoding.seed, c,
+                                                                                                 rank)), None)
+            else:
+                outs = backend([inputs[i] for i in mine], cfg.decoding, write if per_batch else None, mine)
             gathered = gather_in_order(list(zip(mine, outs, strict=True)))
             if not per_batch:
                 if cache:
