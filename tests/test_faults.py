@@ -405,7 +405,7 @@ def fault_lm_eval_config(tmp_path: Path, on_error: str, lm_eval_tasks: Path) -> 
     return write_config(tmp_path, trainer__callbacks=callbacks, data__sgr__cache_dir=str(tmp_path / "sgr"))
 
 
-@pytest.mark.slow  # two in-process runs with lm-eval at every stage (~1.5 min); CI runs it
+@pytest.mark.slow  # in-process runs with lm-eval at every stage (15-30 s each with its import); CI runs it
 @pytest.mark.parametrize("on_error", ["skip", "stop"])
 def test_an_lm_eval_task_breaking_mid_run_continues_or_stops_as_configured(tmp_path: Path, on_error: str) -> None:
     """A full run: the broken task raises from stage 1 on, the zero-baseline task scores 0 throughout. `skip`
