@@ -503,8 +503,8 @@ def tiny_disk(tmp_path: Path) -> Any:
         return point
 
     yield mount
-    for point in mounted:
-        subprocess.run(["umount", str(point)], check=False)
+    for point in mounted:  # lazily: the in-process run may still hold a file of it open (its CSV logger)
+        subprocess.run(["umount", "--lazy", str(point)], check=False)
 
 
 class FillDisk(Callback):
