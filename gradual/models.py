@@ -365,14 +365,56 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers holding a NaN or an infinity (4-bit packed weights are
+    integers and cannot)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, path: str | os.PathLike) -> Path:
-    """Save weights as safetensors in the model's own dtype, plus the tokenizer (chat template included)."""
+    """Save weights as safetensors in the model's own dtype, plus the tokenizer (chat template included).
+
+    A model with NaN or infinite weights is refused before anything is written: such a file would load and run,
+    silently producing garbage.
+    """
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise ValueError(f"refusing to save a model with non-finite weights to {path}: {', '.join(bad[:5])}"
+                         f"{', ...' if len(bad) > 5 else ''}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def weight_bytes(name: str, dtype: str = "float32", trust_remote_code: bool = False) -> int | None:
+    """About the bytes `save_model` writes for this model in `dtype` (one stage's folder): its parameter count,
+    read from its config on the meta device (no weights loaded), times the dtype's size. None when the config
+    cannot be read offline: the estimate only serves a free-space check before a run, which it must never block."""
+    try:
+        if name == SMOLLM2_ALIAS and not _is_complete(cache_dir() / "models" / f"{SMOLLM2_ALIAS}-{_smollm2_gguf()[1]}"):
+            from gguf import GGUFReader
+
+            count = sum(int(t.n_elements) for t in GGUFReader(_smollm2_gguf()[0]).tensors)
+            config = None
+        else:
+            if name.startswith(TINY_PREFIX):
+                config = tiny_config(*parse_tiny(name))
+            else:
+                config = AutoConfig.from_pretrained(_check_source(name), trust_remote_code=trust_remote_code)
+            with torch.device("meta"):
+                meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            count = sum(p.numel() for p in meta.parameters())
+    except Exception:  # noqa: BLE001 - an estimate: any failure to read the config means "unknown", not an error
+        return None
+    torch_dtype = DTYPES.get(dtype, torch.float32)
+    if torch_dtype == "auto":
+        torch_dtype = getattr(config, "torch_dtype", None) if config is not None else None
+        torch_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
+    return count * torch_dtype.itemsize
 
 
 def model_depth(name: str, trust_remote_code: bool = False) -> int:

@@ -13,6 +13,7 @@ Elsewhere: the plan and the records in `gradual.stages`, the run directory and r
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from gradual.distill import Recovery, RecoveryObjective, Teacher
 from gradual.errors import UsageError
 from gradual.lora import LoraSettings, attach_lora, dequantize, has_4bit, merge_lora, quantize_nf4
 from gradual.repair import apply_repairs, check_settings, plan_repairs
-from gradual.stages import Schedule, Selection, StageHistory, StageRecord
+from gradual.stages import TRAINING, Schedule, Selection, StageHistory, StageRecord
 
 
 class GradualModule(StageHistory, L.LightningModule):
@@ -289,24 +290,42 @@ class GradualModule(StageHistory, L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         """`steps_per_stage: 0` prunes without recovery: the stage ends before its first (placeholder) batch. A
-        stage never trains more than its own steps."""
+        stage never trains more than its own steps, and none after it was abandoned."""
+        if self.record.abandoned:
+            return -1
         if batch_idx >= self._stage_batches():
             if self._stage_batches() == 0:
                 self.end_stage()
             return -1
         return None
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """One recovery step. A non-finite loss (on any rank) abandons the stage before its backward pass: no
+        optimizer step is taken on it, and the stage is rolled back (`abandon`)."""
         loss, parts = self.objective(self.model, batch, surgery.original_indices(self.model))
-        self._losses.append(float(loss.detach()))
+        value = float(loss.detach())
+        if self.trainer.strategy.reduce_boolean_decision(not math.isfinite(value), all=False):
+            self.abandon(f"loss is {value if not math.isfinite(value) else 'non-finite on another rank'} at "
+                         f"step {batch_idx // self.trainer.accumulate_grad_batches + 1}")
+            return None
+        self._losses.append(value)
         self.log("loss", loss, prog_bar=True, on_step=True)
         if len(parts) > 1:
             self.log_dict({f"loss/{k}": v for k, v in parts.items()}, on_step=True)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx + 1 == min(self._stage_batches(), self.trainer.num_training_batches):
+        if self.record.abandoned or batch_idx + 1 == min(self._stage_batches(), self.trainer.num_training_batches):
             self.end_stage()
+
+    def abandon(self, why: str) -> None:
+        """Give up the current stage because its training broke down (a non-finite loss or weights): record it
+        (`record_error`), roll back to the last good stage (`decide`) and stop. The evaluations skip the stage and
+        `StageCheckpoint` never saves its model; `final/` is the stage rolled back to."""
+        stage = self.record.stage
+        self.record_error(TRAINING, why)
+        self.decide(False, f"stage {stage} abandoned: {why}")
+        self.trainer.should_stop = True
 
     def end_stage(self) -> None:
         """Merge the stage's adapters (if any) so callbacks see (and save) a plain HF model."""
@@ -326,6 +345,11 @@ class GradualModule(StageHistory, L.LightningModule):
         record.loss = sum(self._losses) / len(self._losses) if self._losses else None
         record.timings.update(train_s=train_s, merge_s=time.perf_counter() - t)
         self.model.eval()
+        if not record.abandoned:  # e.g. the last step's update overflowed: its loss was finite, the weights are not
+            bad = models.nonfinite_parameters(self.model)
+            if bad:
+                self.abandon(f"non-finite weights after the stage's training ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''})")
 
     def on_train_epoch_end(self) -> None:
         """After the evaluating and deciding callbacks, before `StageCheckpoint` (Lightning calls the module's hook

@@ -1,15 +1,18 @@
-"""Run reports: `results.json`, `report.md` (a table per stage) and `retention.png`."""
+"""Run reports: `results.json`, `report.md` (a table per stage) and `retention.png`, each written atomically (a
+crash or a full disk leaves the previous version, never a torn file)."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from matplotlib.figure import Figure
 
 from gradual.retention import group_of, task_of
+from gradual.rundir import atomic_write_bytes
 
 FAILURES = ("wrong_value", "no_answer", "unbalanced_brackets", "repetition")
 
@@ -51,17 +54,35 @@ def failure_table(history: Sequence[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def plot_retention(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Retention of every score vs layers removed; solid = generative, dashed = classification.
+def undefined_retention(history: Sequence[dict[str, Any]]) -> list[str]:
+    """Score keys whose retention is undefined: a baseline score of 0, or no baseline score (its evaluation failed
+    there). Reported as null and left out of the means."""
+    baseline = history[0]["scores"]
+    keys = {k for r in history for k in r["scores"]}
+    return sorted(k for k in keys if k not in baseline or baseline[k]["score"] <= 0)
+
+
+def error_table(history: Sequence[dict[str, Any]]) -> str:
+    """What could not be measured or trained, per stage: evaluations that raised, stages abandoned."""
+    rows = ["| stage | what | error |", "|---|---|---|"]
+    for r in history:
+        for key, message in (r.get("errors") or {}).items():
+            rows.append(f"| {r['stage']} | {key} | {message.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def plot_retention(history: Sequence[dict[str, Any]], path: Path | BinaryIO, title: str = "") -> None:
+    """Retention of every score vs layers removed; solid = generative, dashed = classification. A key with an
+    undefined retention (baseline 0) has no line.
 
     A bare `Figure` renders through Agg when saved as PNG, so no global matplotlib backend is chosen."""
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
-    keys = list(history[0]["scores"])
+    keys = [k for k, v in history[0]["scores"].items() if v["score"] > 0]
     for key in keys:
-        xs = [len(r["removed_total"]) for r in history if key in r.get("retention", {}) or r["stage"] == 0]
-        ys = [1.0 if r["stage"] == 0 else r["retention"][key] for r in history
-              if key in r.get("retention", {}) or r["stage"] == 0]
+        points = [(0, 1.0)] + [(len(r["removed_total"]), r["retention"][key]) for r in history[1:]
+                               if (r.get("retention") or {}).get(key) is not None]
+        xs, ys = [x for x, _ in points], [y for _, y in points]
         form = history[0]["scores"][key].get("form")
         ax.plot(xs, ys, marker="o", linestyle="-" if form == "generative" else "--", label=key)
     ax.axhline(1.0, color="grey", linewidth=0.5)
@@ -70,7 +91,7 @@ def plot_retention(history: Sequence[dict[str, Any]], path: Path, title: str = "
     ax.set_title(title or "retention vs layers removed")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
 
 
 def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: int | None,
@@ -84,11 +105,18 @@ def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: 
     run_dir = Path(run_dir)
     tasks = sorted({task_of(k) for r in history for k in r["scores"]})
     held_out = [t for t in tasks if t not in in_data]
+    undefined = undefined_retention(history)
+    notes = [f"retention of {k} is undefined (baseline score {'0' if k in history[0]['scores'] else 'missing'}): "
+             "null in every stage and left out of the means" for k in undefined]
+    errors = [f"stage {r['stage']}: {key}: {message}" for r in history
+              for key, message in (r.get("errors") or {}).items()]
     results = {"config": config, "final_stage": final_stage, "stop_reason": stop_reason,
                "in_data_tasks": sorted(in_data), "held_out_tasks": held_out, "recovery_data": recovery_data,
-               "stages": list(history)}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    plot_retention(history, run_dir / "retention.png", title=str(config.get("model", "")))
+               "undefined_retention": undefined, "errors": errors, "notes": notes, "stages": list(history)}
+    atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2).encode())
+    plot = io.BytesIO()
+    plot_retention(history, plot, title=str(config.get("model", "")))
+    atomic_write_bytes(run_dir / "retention.png", plot.getvalue())
     final = history[final_stage] if final_stage is not None else history[-1]
     lines = [f"# gradual run: {config.get('model')}", "",
              f"- final model: stage {final['stage']} ({final['depth']} layers, removed original layers "
@@ -102,6 +130,9 @@ def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: 
              "Scores per stage, retention against stage 0 in brackets; group columns are mean retentions. Only "
              "held-out retention shows capability coming back rather than being taught:", "",
              stage_table(history, in_data), "",
+             *[f"- {note}" for note in notes], *([""] if notes else []),
+             *(["Errors (what could not be measured or trained; other scores are kept):", "", error_table(history),
+                ""] if errors else []),
              "Failure categories of generative answers:", "", failure_table(history), "",
              "![retention](retention.png)", ""]
-    (run_dir / "report.md").write_text("\n".join(lines))
+    atomic_write_bytes(run_dir / "report.md", "\n".join(lines).encode())

@@ -34,15 +34,17 @@ def is_in_data_monitor(monitor: str, in_data: Collection[str]) -> bool:
 
 
 def retention(scores: dict[str, dict[str, Any]], baseline: dict[str, dict[str, Any]],
-              in_data: Collection[str] = ()) -> dict[str, float]:
+              in_data: Collection[str] = ()) -> dict[str, float | None]:
     """Per-key retention (score / baseline score) and the aggregates over keys with a non-zero baseline.
 
-    Aggregates: `<form>_mean` over all keys of a form, `<group>_<form>_mean` over the keys of one group
-    (`in_data` tasks are those named in `in_data`), `min` over all keys. An aggregate with no key is absent.
+    A key whose baseline score is 0 (or that has no baseline: its evaluation failed there) has no defined
+    retention: it is None, and left out of every aggregate, never divided by zero. Aggregates: `<form>_mean` over
+    all keys of a form, `<group>_<form>_mean` over the keys of one group (`in_data` tasks are those named in
+    `in_data`), `min` over all keys. An aggregate with no key is absent.
     """
     per_key = {k: v["score"] / baseline[k]["score"] for k, v in scores.items()
                if k in baseline and baseline[k]["score"] > 0}
-    out = dict(per_key)
+    out: dict[str, float | None] = dict(per_key)
     for form in FORMS:
         keys = [k for k in per_key if scores[k]["form"] == form]
         if keys:
@@ -53,4 +55,10 @@ def retention(scores: dict[str, dict[str, Any]], baseline: dict[str, dict[str, A
                 out[f"{group}_{form}_mean"] = sum(per_key[k] for k in in_group) / len(in_group)
     if per_key:
         out["min"] = min(per_key.values())
+    out.update({k: None for k in scores if k not in per_key})
     return out
+
+
+def undefined(baseline: dict[str, dict[str, Any]]) -> list[str]:
+    """Score keys whose baseline is 0: their retention is undefined, reported as null and left out of the means."""
+    return [k for k, v in baseline.items() if v["score"] <= 0]

@@ -171,11 +171,20 @@ class Selection:
             raise UsageError("selection.protect_first/protect_last must be >= 0")
 
 
+TRAINING = "training"
+"""The `StageRecord.errors` key of a stage whose training broke down (a non-finite loss or weights)."""
+
+
 @dataclass
 class StageRecord:
     """What happened in one stage (`stage_<k>/metrics.json`). The module fills the first fields when the stage
-    starts and `loss` when it ends; callbacks add `scores`, `retention`, `meets_threshold` and timings through
-    `StageHistory`'s methods, never by writing here."""
+    starts and `loss` when it ends; callbacks add `scores`, `retention`, `meets_threshold`, timings and `errors`
+    through `StageHistory`'s methods, never by writing here.
+
+    `errors` names what could not be measured or trained, with the error: a score key whose evaluation raised, or
+    `training` for a stage abandoned on a non-finite loss or weights (`TRAINING`). A retention value of None means
+    undefined: the key's baseline score is 0 or missing.
+    """
 
     stage: int
     depth: int
@@ -187,9 +196,16 @@ class StageRecord:
     consolidation: bool = False
     loss: float | None = None
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
-    retention: dict[str, float] = field(default_factory=dict)
+    retention: dict[str, float | None] = field(default_factory=dict)
     meets_threshold: bool | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether training broke down in this stage (non-finite loss or weights): its model is not evaluated or
+        saved."""
+        return TRAINING in self.errors
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,8 +220,11 @@ class StageHistory:
 
     `GradualModule` is a `StageHistory`. Callbacks read `history`, `record`, `in_data_tasks` and `stop_reason`
     freely, and write only through the `record_*` methods and `decide`, in the hook order that
-    `gradual.callbacks` documents: evaluations `record_scores` first, then the stop rule reads them, computes
-    `record_retention` and `decide`s; reports and checkpoints only read (and `record_timing`).
+    `gradual.callbacks` documents: evaluations `record_scores` first (and `record_error` for a task that raised;
+    with `on_error: stop` they also `decide` the stage failed), then the stop rule reads them, computes
+    `record_retention` and `decide`s unless the stage is already decided; reports and checkpoints only read (and
+    `record_timing`). The module itself records a stage whose loss or weights became non-finite
+    (`record_error(TRAINING, ...)` and `decide(False, ...)`) before any callback sees it.
     """
 
     def __init__(self, *args: Any, history: Sequence[StageRecord] = (), in_data_tasks: Sequence[str] = (),
@@ -226,10 +245,15 @@ class StageHistory:
         to the current record (at train start that is stage 0, the baseline every retention divides by)."""
         self.record.scores.update(scores)
 
-    def record_retention(self, retention: Mapping[str, float]) -> None:
+    def record_retention(self, retention: Mapping[str, float | None]) -> None:
         """The current record's retention against stage 0, per score key and its group means
         (`gradual.retention.retention`)."""
         self.record.retention = dict(retention)
+
+    def record_error(self, key: str, message: str) -> None:
+        """What could not be measured or trained in the current stage: a score key whose evaluation raised (the
+        other keys' scores are kept), or `TRAINING` for a stage whose loss or weights became non-finite."""
+        self.record.errors[key] = message
 
     def record_timing(self, name: str, seconds: float) -> None:
         """Wall-clock seconds a callback spent on the current stage (`timings` of its record)."""

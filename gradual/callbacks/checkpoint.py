@@ -3,11 +3,14 @@
 Each finished stage writes `stage_<k>/metrics.json`; its model (safetensors, own dtype, tokenizer) is kept for
 every stage (`keep: all`) or only for the last stage that met the threshold (`keep: last_good`, enough for
 rollback and resume — a 7-8B model is ~16 GB per stage in bf16). `state.json` is written after the model, so
-an interrupted run resumes from a stage that is complete on disk.
+an interrupted run resumes from a stage that is complete on disk; every folder is written under a temporary name
+and renamed into place, and what an interrupted run left half-way is removed when it resumes. A stage abandoned on
+a non-finite loss or weights is never saved (and `gradual.models.save_model` refuses non-finite weights anyway).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from gradual import models, rundir
 from gradual.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 class StageCheckpoint(Checkpoint):
@@ -36,8 +41,12 @@ class StageCheckpoint(Checkpoint):
         self.keep = keep
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Before this run writes: remove what an interrupted one left half-way (`*.tmp` folders, stages after the
+        one it resumes from), then record stage 0."""
         if trainer.is_global_zero:
             pl_module.run_dir.mkdir(parents=True, exist_ok=True)
+            for path in rundir.clean_incomplete(pl_module.run_dir, pl_module.stage):
+                log.info("removed %s, left incomplete by an interrupted run", path)
             rundir.write_stage(pl_module.run_dir, pl_module.history[0], export=None)
             self._write_state(pl_module)
 
@@ -46,7 +55,7 @@ class StageCheckpoint(Checkpoint):
             return
         record = pl_module.record
         t = time.perf_counter()
-        save = self.keep == "all" or record.meets_threshold is not False
+        save = not record.abandoned and (self.keep == "all" or record.meets_threshold is not False)
         rundir.write_stage(pl_module.run_dir, record, export=pl_module.export if save else None)
         pl_module.record_timing("checkpoint_s", time.perf_counter() - t)
         rundir.write_metrics(pl_module.run_dir, record)

@@ -73,6 +73,10 @@ class RetentionStopping(Callback):
             if self.monitor not in retention(baseline, baseline, in_data):
                 raise UsageError(f"retention monitor={self.monitor!r} has no task with a non-zero baseline score")
             return
+        errors = pl_module.history[0].errors
+        if self.monitor not in baseline and self.monitor in errors:
+            raise RuntimeError(f"retention monitor {self.monitor!r} could not be evaluated on the baseline: "
+                               f"{errors[self.monitor]}")
         if self.monitor not in baseline:
             raise UsageError(f"retention monitor={self.monitor!r} is not a score; allowed: "
                              f"{', '.join(AGGREGATES + tuple(baseline))}")
@@ -81,17 +85,32 @@ class RetentionStopping(Callback):
                              "undefined; monitor another task or an aggregate")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the stage's retention and decide. A stage already decided before this rule ran (abandoned on a
+        non-finite loss, or stopped by an evaluation that failed with `on_error: stop`) keeps that decision; a
+        monitor whose evaluation failed this stage (`on_error: skip`) cannot show retention, so the stage is
+        rolled back rather than judged on the other scores."""
         record = pl_module.record
         in_data = getattr(pl_module, "in_data_tasks", ())
         values = retention(record.scores, pl_module.history[0].scores, in_data)
         pl_module.record_retention(values)
-        if self.monitor not in values:
-            raise RuntimeError(f"retention monitor {self.monitor!r} has no value at stage {record.stage} (its score is "
-                               f"missing or its baseline is 0); scores present: {', '.join(record.scores) or 'none'}")
-        value = values[self.monitor]
+        if record.meets_threshold is not None:
+            trainer.should_stop = trainer.should_stop or record.meets_threshold is False
+            return
+        value = values.get(self.monitor)
+        if value is None:
+            failed = [self.monitor] if self.monitor in record.errors else \
+                [k for k in record.errors if self.monitor in AGGREGATES]
+            if not failed:
+                raise RuntimeError(f"retention monitor {self.monitor!r} has no value at stage {record.stage} (its "
+                                   "score is missing or its baseline is 0); scores present: "
+                                   f"{', '.join(record.scores) or 'none'}")
+            pl_module.decide(False, f"stage {record.stage}: retention monitor {self.monitor} has no value (evaluation "
+                                    f"of {', '.join(failed)} failed: {record.errors[failed[0]]})")
+            trainer.should_stop = True
+            return
         pl_module.log("retention", value, prog_bar=True, on_epoch=True)
         for group in ("held_out", "in_data"):  # both on the progress bar: only held-out shows capability returning
-            if f"{group}_generative_mean" in values:
+            if values.get(f"{group}_generative_mean") is not None:
                 pl_module.log(f"{group}_gen", values[f"{group}_generative_mean"], prog_bar=True, on_epoch=True)
         if value >= self.threshold:
             pl_module.decide(True)
