@@ -168,6 +168,9 @@ def fit_run(plan: Plan, arm: Arm, depth: int, layers: list[int] | None) -> dict[
     results = json.loads((run_dir / "results.json").read_text())
     history = results["stages"]
     reached = len(history[-1]["removed_total"])
+    stop = results.get("stop_reason")
+    if stop and stop != "schedule complete":  # an abandoned stage (non-finite loss) or a failed evaluation
+        raise UsageError(f"run {name} ended early: {stop}; see {run_dir / 'report.md'}")
     if reached != depth:
         raise UsageError(f"run {name} stopped at {reached} layers removed instead of {depth}; remove callbacks that "
                          "stop training early from the config")
