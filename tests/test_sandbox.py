@@ -50,6 +50,17 @@ def test_a_fork_bomb_hits_the_process_limit_and_the_next_program_runs() -> None:
     assert run_sandboxed("import os\nassert os.getpid() > 0\n", timeout=3.0).category == "passed"
 
 
+@pytest.mark.skipif("no seccomp" in LAYERS.get("processes", ""), reason=LAYERS.get("processes"))
+def test_a_program_cannot_take_back_root_to_escape_the_process_limit() -> None:
+    """As root the program keeps effective uid 0, which would let it set its real uid back to 0 (exempt from the
+    limit) without any capability: seccomp refuses every uid change."""
+    code = ("import os\ntry:\n    os.setresuid(0, 0, 0)\nexcept OSError:\n    pass\n"
+            "assert os.getresuid()[0] != 0 or os.geteuid() != 0, 'real uid 0 again'\n"
+            "while True:\n    os.fork()\n")
+    result = run_sandboxed(code, timeout=3.0, processes=16)
+    assert result.category == "process_limit", (result.category, result.stderr[-500:])
+
+
 def test_a_thread_bomb_hits_the_process_limit() -> None:
     code = "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(9,)).start()\n"
     assert run_sandboxed(code, timeout=3.0, processes=16).category == "process_limit"

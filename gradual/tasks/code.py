@@ -9,7 +9,8 @@ variables (no tokens or secrets). Its layers, each checked by tests/test_sandbox
 - CPU time, address space, file size, core dumps: RLIMIT_CPU (`timeout`), RLIMIT_AS (`memory`), RLIMIT_FSIZE
   (`file_size`), RLIMIT_CORE = 0;
 - processes: RLIMIT_NPROC (`process_limit`); Linux exempts root from it, so as root the program runs with real
-  uid 65534 and no capabilities but CAP_DAC_READ_SEARCH, which makes the limit hold;
+  uid 65534, no capabilities but CAP_DAC_READ_SEARCH and a seccomp filter refusing uid changes, which makes the
+  limit hold;
 - network (`network`): a new network namespace (no interface up) where the OS allows one (root, or unprivileged
   user namespaces), which holds for anything the program starts; always also an audit hook in the sandboxed
   interpreter refusing connect, bind, sendto and name lookups. Where no namespace can be made the hook is the only
@@ -18,9 +19,9 @@ variables (no tokens or secrets). Its layers, each checked by tests/test_sandbox
   for root too; always also the audit hook, refusing any write or path change outside the directory.
 
 `sandbox_layers()` says which layers are in effect on this machine (on the development machine, root on Linux
-6.18: network namespace + read-only mounts + RLIMIT_NPROC under uid 65534). Failures are sorted the way the seed
-paper sorts them: syntax (unclosed brackets land here), name not defined, assertion, timeout, other runtime error;
-plus the sandbox's own refusals above. The task is off unless the caller passes `enable_code=True`.
+6.18: network namespace + read-only mounts + RLIMIT_NPROC under real uid 65534 with seccomp). Failures are sorted
+the way the seed paper sorts them: syntax (unclosed brackets land here), name not defined, assertion, timeout,
+other runtime error; plus the sandbox's own refusals above. The task is off unless the caller passes `enable_code=True`.
 """
 
 from __future__ import annotations

@@ -10,16 +10,18 @@ itself as stage `run`:
   program and anything it starts (ctypes, subprocesses) alike.
 - filesystem: in a new mount namespace every mount is made read-only (`mount_setattr`, recursive) except a bind
   mount of the temporary directory: no write outside it succeeds, root or not, Python or not.
-- processes: RLIMIT_NPROC. Linux never enforces it for root, so as root the real uid becomes 65534 (nobody) and
+- processes: RLIMIT_NPROC. Linux does not enforce it for root, so as root the real uid becomes 65534 (nobody),
   the capability bounding set is emptied but for CAP_DAC_READ_SEARCH (so the interpreter under a private home can
-  still be read), before the re-exec: the limit then holds and nothing can undo it.
+  still be read) and a seccomp filter refuses every uid change (the effective uid stays 0, which would otherwise
+  let the program set its real uid back to 0), before the re-exec: the limit then holds.
 - resources: CPU time, address space, file size and core dumps (RLIMIT_CPU, _AS, _FSIZE, _CORE).
 
 Stage `run` installs an audit hook (`sys.addaudithook`) that refuses, in this interpreter, opening a file for
 writing or changing a path outside the temporary directory, and every network call (connect, bind, sendto,
 name lookups); each refusal is remembered, so a program that catches the PermissionError still ends in that
 category. The hook is the only network and write guard where the OS layers are unavailable; it is weaker: code
-that escapes Python (ctypes, a spawned program) is not seen by it.
+that escapes Python (ctypes, a spawned program) is not seen by it, nor where a path relative to a directory
+descriptor (`dir_fd`) leads.
 
 Exit codes name the outcome (`EXIT_CODES`).
 """
@@ -109,6 +111,15 @@ def _read_only_mounts(libc: ctypes.CDLL, folder: str) -> bool:
             and setattr_(folder, _MountAttr(0, MOUNT_ATTR_RDONLY, 0, 0)))
 
 
+def _set_limit(kind: int, value: int) -> int:
+    """Set a resource limit (soft = hard = `value`), never above a hard limit the caller already has; the value set."""
+    hard = resource.getrlimit(kind)[1]
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(kind, (value, value))
+    return value
+
+
 def _tasks_of(uid: int) -> int:
     """Threads (what RLIMIT_NPROC counts) of every process whose real uid is `uid`, from /proc/<pid>/status."""
     count = 0
@@ -127,6 +138,43 @@ def _tasks_of(uid: int) -> int:
     return count
 
 
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+UID_SYSCALLS = {  # setuid, setgid, setreuid, setregid, setgroups, setresuid, setresgid, setfsuid, setfsgid
+    "x86_64": (0xC000003E, (105, 106, 113, 114, 116, 117, 119, 122, 123)),
+    "aarch64": (0xC00000B7, (146, 144, 145, 143, 159, 147, 149, 151, 152)),
+}
+"""Per machine: the seccomp audit arch and the numbers of the system calls that change uids, gids or groups."""
+
+
+def _forbid_uid_changes(libc: ctypes.CDLL) -> bool:
+    """A seccomp filter that fails every uid/gid/groups change with EPERM (and any system call of another ABI, the
+    way around it); False where the machine is not listed or the kernel refuses the filter."""
+    import platform
+
+    if platform.machine() not in UID_SYSCALLS:
+        return False
+    arch, numbers = UID_SYSCALLS[platform.machine()]
+    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO
+    n = len(numbers)
+    program = [(load, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, deny),  # another ABI: refused
+               (load, 0, 0, 0), (jge, n + 1, 0, 0x40000000)]  # x32 numbers: refused
+    program += [(jeq, n - i, 0, number) for i, number in enumerate(numbers)]
+    program += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    filters = (_SockFilter * len(program))(*[_SockFilter(*f) for f in program])
+    prog = _SockFprog(len(program), filters)
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    return (libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) == 0
+            and libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(prog), 0, 0) == 0)
+
+
 def _process_limit(libc: ctypes.CDLL | None, root: bool, margin: int) -> str:
     """RLIMIT_NPROC at `margin` processes more than the (real) user already runs; as root, first become real uid
     nobody without the capabilities that would exempt it."""
@@ -137,8 +185,7 @@ def _process_limit(libc: ctypes.CDLL | None, root: bool, margin: int) -> str:
             last = int(open("/proc/sys/kernel/cap_last_cap").read())
         except (OSError, ValueError):
             last = 40
-        limit = _tasks_of(NOBODY) + margin
-        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+        limit = _set_limit(resource.RLIMIT_NPROC, _tasks_of(NOBODY) + margin)
         try:
             os.setresuid(NOBODY, 0, 0)  # effective uid 0 keeps files readable; the real uid is what the limit counts
         except OSError:  # a user namespace that maps only root
@@ -146,11 +193,14 @@ def _process_limit(libc: ctypes.CDLL | None, root: bool, margin: int) -> str:
         for cap in range(last + 1):
             if cap != CAP_DAC_READ_SEARCH and libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
                 return "none (root, capabilities not dropped)"
-        return f"RLIMIT_NPROC={limit} (real uid {NOBODY}, capabilities dropped)"
+        # while its effective uid is 0 a process may set its real uid back to 0 without any capability
+        if not _forbid_uid_changes(libc):
+            return f"RLIMIT_NPROC={limit} (real uid {NOBODY}, capabilities dropped; no seccomp here: a program can " \
+                   "restore real uid 0 and escape it)"
+        return f"RLIMIT_NPROC={limit} (real uid {NOBODY}, capabilities dropped, uid changes refused by seccomp)"
     if not os.path.isdir("/proc"):
         return "none (no /proc to count the user's processes by)"
-    limit = _tasks_of(os.getuid()) + margin
-    resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+    limit = _set_limit(resource.RLIMIT_NPROC, _tasks_of(os.getuid()) + margin)
     return f"RLIMIT_NPROC={limit}"
 
 
@@ -165,9 +215,9 @@ def setup(config: dict) -> None:
         if _read_only_mounts(libc, folder):
             layers["filesystem"] = "read-only mounts + audit hook"
         os.chdir(folder)  # the working directory was the folder under the bind mount, now read-only
-    for limit, value in ((resource.RLIMIT_CPU, config["cpu_seconds"]), (resource.RLIMIT_AS, config["memory_bytes"]),
-                         (resource.RLIMIT_FSIZE, config["file_bytes"]), (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(limit, (value, value))
+    for kind, value in ((resource.RLIMIT_CPU, config["cpu_seconds"]), (resource.RLIMIT_AS, config["memory_bytes"]),
+                        (resource.RLIMIT_FSIZE, config["file_bytes"]), (resource.RLIMIT_CORE, 0)):
+        _set_limit(kind, value)
     layers["processes"] = _process_limit(libc, root, config["process_margin"])
     sys.stderr.write(MARKER + json.dumps(layers) + "\n")
     sys.stderr.flush()
