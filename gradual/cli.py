@@ -35,6 +35,25 @@ def _items(value: str | list[str] | list[int]) -> list[str]:
     return [v for v in value.split(",") if v] if isinstance(value, str) else [str(v) for v in value]
 
 
+def _check_at_least(low: int, **values: int | None) -> None:
+    """Refuse an option below `low` (None, an unset optional limit, passes), naming it as typed."""
+    for name, value in values.items():
+        if value is not None and value < low:
+            raise UsageError(f"--{name.replace('_', '-')} {value} is invalid; it must be >= {low}")
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    """Refuse a value that is not one of `allowed`, naming the option as typed."""
+    if value not in allowed:
+        raise UsageError(f"--{name.replace('_', '-')} {value!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+def _check_dtype(dtype: str) -> None:
+    from gradual.models import DTYPES
+
+    _check_choice("dtype", dtype, list(DTYPES))
+
+
 def score(model: str, metric: str = "block_influence", span: int = 1, calibration: str | None = None,
           num_calibration: int = 32, batch_size: int = 8, max_length: int = 256, dtype: str = "float32",
           seed: int = 0, trust_remote_code: bool = False) -> int:
@@ -54,10 +73,15 @@ def score(model: str, metric: str = "block_influence", span: int = 1, calibratio
         trust_remote_code: Allow the model's own code from the hub (needed by some architectures).
     """
     from gradual import importance
-    from gradual.models import load_model, load_tokenizer
+    from gradual.models import load_model, load_tokenizer, original_layers
 
     if metric not in _metrics().split(", "):
         raise UsageError(f"--metric {metric!r} is not available here; allowed: {_metrics()}")
+    _check_dtype(dtype)
+    _check_at_least(1, span=span, num_calibration=num_calibration, batch_size=batch_size, max_length=max_length)
+    depth = len(original_layers(model, trust_remote_code=trust_remote_code))  # the config alone: a bad name ends here
+    if metric in ("block_influence", "angular_distance") and span > depth:
+        raise UsageError(f"--span {span} is invalid for a model of {depth} layers; allowed: 1..{depth}")
     texts = importance.calibration_texts(calibration, n=num_calibration, seed=seed)
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -92,8 +116,8 @@ def evaluate(model: str, tasks: str | list[str] = "", forms: str | list[str] = "
         dtype: The weights' dtype: float32, bfloat16, float16 or auto.
         trust_remote_code: Allow the model's own code from the hub (needed by some architectures).
     """
-    from gradual.models import load_model, load_tokenizer
-    from gradual.tasks import CODE_TASKS, TASKS, format_results_table
+    from gradual.models import load_model, load_tokenizer, model_positions
+    from gradual.tasks import CODE_TASKS, FORMS, TASKS, format_results_table
     from gradual.tasks import evaluate as evaluate_tasks
     from gradual.tasks.builtin import check_difficulty
     from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
@@ -110,8 +134,15 @@ def evaluate(model: str, tasks: str | list[str] = "", forms: str | list[str] = "
     if fmt not in ("fewshot", "chat"):
         raise UsageError(f"--fmt {fmt!r} is unknown; allowed: fewshot, chat")
     check_difficulty(difficulty)
-    if include_path and not os.path.isdir(include_path):
+    if builtin and (not _items(forms) or any(f not in FORMS for f in _items(forms))):
+        raise UsageError(f"--forms {forms!r} is invalid; allowed: one or both of {', '.join(FORMS)}")
+    _check_at_least(1, n=n, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
+    _check_dtype(dtype)
+    if include_path is not None and not os.path.isdir(include_path):
         raise UsageError(f"--include-path {include_path!r} is not a directory")
+    model_positions(model, trust_remote_code=trust_remote_code)  # reads the config alone: a bad name ends here
+    if lm_eval:
+        check_lm_eval_tasks(lm_eval, include_path, "--lm-eval-tasks")
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     results = {}
@@ -124,6 +155,24 @@ def evaluate(model: str, tasks: str | list[str] = "", forms: str | list[str] = "
                                         batch_size=batch_size))
     print(format_results_table(results))
     return 0
+
+
+def check_lm_eval_tasks(names: Sequence[str], include_path: str | None, option: str) -> None:
+    """Refuse a missing `include_path` and unknown lm-eval task names before any model loads (`gradual eval` and
+    `LmEvalEvaluation` in `gradual fit`). lm-eval's task index is built as `evaluate_lm_eval` builds it (the local
+    directory alone when it holds every task) and cached, so the evaluation reuses it: a typo costs the index (up
+    to half a minute), not a model load as well."""
+    from gradual.tasks.lm_eval_bridge import _task_manager
+
+    if include_path is not None and not os.path.isdir(include_path):
+        raise UsageError(f"{option}: include_path {include_path!r} is not a directory of lm-eval YAML tasks")
+    manager = _task_manager(include_path, False) if include_path is not None else None
+    if manager is None or not all(manager.match_tasks([t]) for t in names):
+        manager = _task_manager(include_path, True)
+    unknown = [t for t in names if not manager.match_tasks([t])]
+    if unknown:
+        raise UsageError(f"{option}: lm-eval task(s) {', '.join(map(repr, unknown))} not found"
+                         f"{' under ' + include_path if include_path else ''}; see `lm-eval ls tasks`")
 
 
 def prune(model: str, out: str, layers: str | list[int] | None = None, num: int | None = None,
@@ -150,19 +199,27 @@ def prune(model: str, out: str, layers: str | list[int] | None = None, num: int 
         raise UsageError("gradual prune: one of the arguments --layers --num is required")
     if layers is not None and num is not None:
         raise UsageError("gradual prune: argument --num: not allowed with argument --layers")
+    if not out.strip():
+        raise UsageError("--out is empty; give a new folder")
     if os.path.exists(out):
         raise UsageError(f"--out {out!r} already exists; give a new folder")
     if num is not None and metric not in _metrics().split(", "):
         raise UsageError(f"--metric {metric!r} is not available here; allowed: {_metrics()}")
+    _check_dtype(dtype)
+    _check_at_least(0, protect_first=protect_first, protect_last=protect_last)
     original = original_layers(model, trust_remote_code=trust_remote_code)
     depth = len(original)
     if layers is not None:
         given = _items(layers)
-        if not all(v.lstrip("-").isdigit() for v in given):
+        if not given or not all(v.lstrip("-").isdigit() for v in given):
             raise UsageError(f"--layers {','.join(given)!r} is invalid; give original layer indices, e.g. 3,7")
         chosen = surgery.current_positions([int(v) for v in given], original)
     elif not 1 <= num < depth:
         raise UsageError(f"--num {num} is invalid for a model of {depth} layers; allowed: 1..{depth - 1}")
+    elif num > depth - protect_first - protect_last:
+        raise UsageError(f"--num {num} is invalid: --protect-first {protect_first} and --protect-last "
+                         f"{protect_last} leave {max(0, depth - protect_first - protect_last)} of the model's "
+                         f"{depth} layers to choose from")
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     if layers is None:
@@ -240,21 +297,21 @@ def fit_command(argv: Sequence[str]) -> int:
     """
     import shutil
 
-    from gradual.lightning_cli import GradualCLI
+    from gradual.lightning_cli import GradualCLI, held_logs
 
     saved_argv = sys.argv
     script = sys.argv[0]
     sys.argv = [f"{script} fit"]  # LightningCLI names the command after argv[0] in its help and errors
     try:
-        try:
-            cli = GradualCLI(args=list(argv), run=False, parser_kwargs={"exit_on_error": False})
-        except argparse.ArgumentError as e:  # a value the parser itself rejects (type, allowed literals, unknown key)
-            raise UsageError(parser_error_line(str(e))) from None
-        except ValueError as e:  # jsonargparse wraps errors raised while instantiating callbacks
-            raise (usage_error_in(e) or e) from None
-
-        module = cli.model
-        module.check_run_dir()
+        with held_logs():  # Lightning's start-up notices print once the run is accepted
+            try:
+                cli = GradualCLI(args=list(argv), run=False, parser_kwargs={"exit_on_error": False})
+            except argparse.ArgumentError as e:  # a value the parser rejects (type, allowed literals, unknown key)
+                raise UsageError(parser_error_line(str(e))) from None
+            except ValueError as e:  # jsonargparse wraps errors raised while instantiating callbacks
+                raise (usage_error_in(e) or e) from None
+            module = cli.model
+            module.check_run_dir()
         state = module.saved_state()
         if state and state.get("finished"):
             print(f"run in {module.run_dir} is already complete; see {module.run_dir / 'report.md'}")
@@ -293,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except UsageError as e:
-        print(f"gradual: error: {e}", file=sys.stderr)
+        print(f"gradual: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
         return 2
 
 

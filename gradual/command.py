@@ -102,10 +102,28 @@ def arguments(fn: Callable[..., Any], namespace: Namespace) -> dict[str, Any]:
     return {name: values[name] for name in inspect.signature(fn).parameters}
 
 
+def check_ints(fn: Callable[..., Any], values: Mapping[str, Any], prog: str) -> None:
+    """Refuse a YAML boolean given for an integer option: jsonargparse lets `true` through an `int | None` union
+    (a bool is an int to Python), where `--num true` would mean one layer.
+
+    Raises:
+        UsageError: in argparse's words, naming the option as typed.
+    """
+    hints = typing.get_type_hints(fn)
+    for name, value in values.items():
+        allowed = typing.get_args(hints[name]) or (hints[name],)
+        if isinstance(value, bool) and int in allowed and bool not in allowed:
+            raise UsageError(f"{prog}: argument --{name.replace('_', '-')}: invalid int value: {value!r}")
+
+
 def run(fn: Callable[..., int], argv: Sequence[str], prog: str, fill: Mapping[str, str] | None = None) -> int:
     """Parse `argv` with `fn`'s parser and call `fn` (exit code 0 after `--help` or `--print_config`)."""
     namespace = parse(function_parser(fn, prog, fill), argv)
-    return 0 if namespace is None else fn(**arguments(fn, namespace))
+    if namespace is None:
+        return 0
+    values = arguments(fn, namespace)
+    check_ints(fn, values, prog)
+    return fn(**values)
 
 
 SectionHint = Annotated[dict[str, Any] | None, Verbatim("mapping")]

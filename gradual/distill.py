@@ -17,6 +17,7 @@ forward and in the backward pass — never a second full B×T×V float32 tensor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,10 +68,11 @@ class Recovery:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise UsageError(f"recovery.loss={self.loss!r} is unknown; allowed: {', '.join(LOSSES)}")
-        if not self.temperature > 0:
-            raise UsageError(f"recovery.temperature={self.temperature} is invalid; it must be > 0")
-        if self.sft_weight < 0 or self.hidden_weight < 0:
-            raise UsageError("recovery.sft_weight and hidden_weight must be >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UsageError(f"recovery.temperature={self.temperature} is invalid; it must be finite and > 0")
+        for name in ("sft_weight", "hidden_weight"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UsageError(f"recovery.{name}={getattr(self, name)} is invalid; it must be finite and >= 0")
         if self.chunk_size < 1:
             raise UsageError(f"recovery.chunk_size={self.chunk_size} is invalid; it must be >= 1")
         if self.teacher_quantize not in (None, "nf4"):

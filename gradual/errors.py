@@ -28,7 +28,11 @@ def parser_error_line(message: str) -> str:
     keys = list(re.finditer(r'^( *).*?Parser key "([^"]+)":', message, flags=re.MULTILINE))
     if not keys:
         return " ".join(message.split())
-    key = ".".join(m.group(2) for m in keys)
+    parts: list[str] = []
+    for m in keys:  # a nested report may repeat the whole dotted key ("data.sgr.decoding" twice)
+        if not (parts and m.group(2) == ".".join(parts)):
+            parts.append(m.group(2))
+    key = ".".join(parts)
     last = keys[-1]
     inner = [line for line in message[last.end():].splitlines()[1:]
              if len(line) - len(line.lstrip()) > len(last.group(1))]

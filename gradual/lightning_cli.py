@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import math
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from gradual import sharding
+from gradual import models, sharding
 from gradual.datamodule import GradualDataModule
 from gradual.errors import UsageError
 from gradual.module import GradualModule
@@ -25,7 +35,18 @@ class GradualCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False, "num_sanity_val_steps": 0,
                                                "enable_checkpointing": True, "max_epochs": -1,
                                                "limit_val_batches": 0, "reload_dataloaders_every_n_epochs": 1})
-        super().__init__(GradualModule, GradualDataModule, **kwargs)
+        with held_logs():
+            super().__init__(GradualModule, GradualDataModule, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer; a value its constructor refuses (an unknown strategy or accelerator name, `devices: -2`)
+        is a one-line UsageError, not Lightning's traceback."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except UsageError:
+            raise
+        except (ValueError, TypeError, MisconfigurationException) as e:
+            raise UsageError(f"trainer: {' '.join(str(e).split())}{_strategy_hint(self.config)}") from None
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.model", "data.model")
@@ -38,6 +59,7 @@ class GradualCLI(LightningCLI):
         run directory is resumed only by the same run (`GradualModule.run_config`)."""
         super().instantiate_classes()
         check_strategy(self.trainer.strategy, self.model.recovery.params)
+        check_settings(self.model, self.datamodule, self.trainer)
         in_data = self.datamodule.recovery_tasks() if hasattr(self.datamodule, "recovery_tasks") else []
         self.model.in_data_tasks = in_data
         for callback in self.trainer.callbacks:
@@ -52,6 +74,10 @@ class GradualCLI(LightningCLI):
         if data.get("sources", ...) is None:  # the default (data.sgr alone): keep resuming runs started before sources
             del data["sources"]
         callbacks = [_plain(c) for c in (config.trainer.get("callbacks") or [])]
+        for c in callbacks:  # TaskEvaluation reads `forms: []` as its default, both forms: say it is empty
+            if isinstance(c, dict) and isinstance(c.get("init_args"), dict) and c["init_args"].get("forms") == []:
+                raise UsageError(f"{c.get('class_path')}.forms is empty; allowed: generative, classification or "
+                                 "both (or leave it out for both)")
         for c in callbacks:
             if isinstance(c, dict) and isinstance(c.get("init_args"), dict):
                 c["init_args"] = _drop(c["init_args"], _RESULT_NEUTRAL)
@@ -62,11 +88,125 @@ class GradualCLI(LightningCLI):
         """CSV logs in the run directory unless a logger is configured (TensorBoard, W&B, ...); the SGR teacher in the
         model's dtype unless `data.dtype` is set (a bf16 run would otherwise generate in float32)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        for key in _settings_groups():
+            if not isinstance(config.get(key), Namespace):
+                raise UsageError(f"{key}={_plain(config.get(key))!r} is invalid; give a mapping of its fields "
+                                 "(`gradual fit --help` lists them)")
         if config.data.dtype is None:
             config.data.dtype = config.model.dtype
         if config.trainer.logger in (None, True):
             config.trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                      "init_args": {"save_dir": config.model.run_dir, "name": "logs"}}
+
+
+@contextmanager
+def held_logs(replay: bool = True) -> Iterator[None]:
+    """Hold back every log record ("Seed set to 0", "GPU available: ...", tips) until the block succeeds: a config
+    the CLI refuses prints its one error line alone, a good one prints everything, in order (`replay=False`:
+    nothing; for checks that build CLIs only to validate them). Records are held where loggers hand them to their
+    handlers, so a handler added inside the block (an import that configures logging) is held too."""
+    held: list[tuple[logging.Logger, logging.LogRecord]] = []
+    call_handlers = logging.Logger.callHandlers
+
+    def hold(self: logging.Logger, record: logging.LogRecord) -> None:
+        held.append((self, record))
+
+    logging.Logger.callHandlers = hold  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        logging.Logger.callHandlers = call_handlers  # type: ignore[method-assign]
+    for logger, record in held if replay else ():
+        logger.callHandlers(record)
+
+
+def _strategy_hint(config: Namespace) -> str:
+    """A class path given as a strategy name (`--trainer.strategy lightning.pytorch.strategies.X`) is read as a
+    registry name; say how to give a class."""
+    try:
+        strategy = (config.get("fit") or config).trainer.strategy
+    except AttributeError:
+        return ""
+    if isinstance(strategy, str) and "." in strategy:
+        return (f"; to give a strategy class, write --trainer.strategy '{{class_path: {strategy}}}' or "
+                f"trainer.strategy: {{class_path: {strategy}}} in the config")
+    return ""
+
+
+def check_settings(module: GradualModule, datamodule: Any, trainer: Trainer) -> None:
+    """Values the classes accept but the run would refuse only after a model loaded (or never): checked once
+    everything is built, before anything is loaded or written.
+
+    Raises:
+        UsageError: naming the value and what is allowed.
+    """
+    from gradual.callbacks import LmEvalEvaluation, TaskEvaluation
+
+    if module.dtype_name not in models.DTYPES:
+        raise UsageError(f"model.dtype={module.dtype_name!r} is unknown; allowed: {', '.join(models.DTYPES)}")
+    teacher_dtype = getattr(datamodule, "dtype_name", None)
+    if teacher_dtype is not None and teacher_dtype not in models.DTYPES:
+        raise UsageError(f"data.dtype={teacher_dtype!r} is unknown; allowed: {', '.join(models.DTYPES)} or null")
+    if module.warmup_steps < 0:
+        raise UsageError(f"model.warmup_steps={module.warmup_steps} is invalid; it must be >= 0")
+    removals = [k for k, _ in module.plan if k] if module.schedule.layers is None else []
+    module.selection.validate(module.depth0, removals)
+    _check_optimizer(module)
+    accumulate = trainer.accumulate_grad_batches
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise UsageError(f"trainer.accumulate_grad_batches={accumulate!r} is invalid; it must be an integer >= 1")
+    clip = trainer.gradient_clip_val
+    if clip is not None and not (math.isfinite(clip) and clip >= 0):
+        raise UsageError(f"trainer.gradient_clip_val={clip!r} is invalid; it must be finite and >= 0, or null")
+    for callback in trainer.callbacks:
+        name = type(callback).__name__
+        if isinstance(callback, (TaskEvaluation, LmEvalEvaluation)) and callback.batch_size < 1:
+            raise UsageError(f"{name} batch_size={callback.batch_size} is invalid; it must be >= 1")
+        if isinstance(callback, TaskEvaluation):
+            if not callback.tasks:
+                raise UsageError("TaskEvaluation.tasks is empty; name at least one built-in task (see `gradual tasks`)")
+            if callback.max_new_tokens is not None and callback.max_new_tokens < 1:
+                raise UsageError(f"TaskEvaluation max_new_tokens={callback.max_new_tokens} is invalid; it must be "
+                                 ">= 1 or null (each task's own budget)")
+        if isinstance(callback, LmEvalEvaluation):
+            if callback.limit is not None and callback.limit < 1:
+                raise UsageError(f"LmEvalEvaluation limit={callback.limit} is invalid; it must be >= 1 or null")
+            if callback.num_fewshot is not None and callback.num_fewshot < 0:
+                raise UsageError(f"LmEvalEvaluation num_fewshot={callback.num_fewshot} is invalid; it must be >= 0 "
+                                 "or null")
+            if rank_zero_only.rank == 0:  # the rank that evaluates
+                from gradual.cli import check_lm_eval_tasks
+
+                check_lm_eval_tasks(callback.tasks, callback.include_path, "LmEvalEvaluation")
+
+
+def _check_optimizer(module: GradualModule) -> None:
+    """Build the configured optimizer and scheduler on one dummy parameter, as `configure_optimizers` builds them:
+    torch refuses a bad `lr` or `betas` only then, after the model loaded."""
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    try:
+        optimizer = module.optimizer_factory(params) if module.optimizer_factory else torch.optim.AdamW(params)
+        if module.scheduler_factory is not None:
+            module.scheduler_factory(optimizer)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"model.optimizer / model.lr_scheduler: {' '.join(str(e).split())}") from None
+
+
+def _settings_groups() -> list[str]:
+    """Dotted keys of the settings dataclasses (`model.schedule`, `data.sgr.decoding`, ...). In a config file
+    jsonargparse lets a list or a number through for one of them and fails while building it (a TypeError of its
+    own, or the defaults used silently), so they are checked to be mappings first."""
+    keys: list[str] = []
+
+    def walk(prefix: str, hints: dict[str, Any]) -> None:
+        for name, hint in hints.items():
+            if dataclasses.is_dataclass(hint):
+                keys.append(f"{prefix}.{name}")
+                walk(f"{prefix}.{name}", typing.get_type_hints(hint))
+
+    walk("model", typing.get_type_hints(GradualModule.__init__))
+    walk("data", typing.get_type_hints(GradualDataModule.__init__))
+    return keys
 
 
 def check_strategy(strategy: Any, params: str) -> None:

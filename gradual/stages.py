@@ -112,6 +112,9 @@ class Schedule:
             raise UsageError(f"schedule.min_depth={self.min_depth} is invalid; it must be >= 1")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise UsageError(f"schedule.layers={self.layers} has duplicates; list each original index once")
+        if self.layers is not None and not self.layers:
+            raise UsageError("schedule.layers=[] removes no layer; give original indices, or null to choose by "
+                             "selection.metric")
         if original is None:
             return
         depth = len(original)
@@ -126,6 +129,9 @@ class Schedule:
                 surgery.current_positions(self.layers, original)
             except UsageError as e:
                 raise UsageError(f"schedule.layers={self.layers}: {e}") from None
+        if self.total_to_remove(depth) == 0:
+            raise UsageError(f"schedule.target_ratio={self.target_ratio} removes no layer of {depth} "
+                             f"(round({self.target_ratio} × {depth}) = 0); allowed: > {0.5 / depth:.3g}")
 
 
 @dataclass
@@ -158,7 +164,9 @@ class Selection:
     calibration_batch_size: int = 8
     calibration_max_length: int = 256
 
-    def validate(self) -> None:
+    def validate(self, depth: int | None = None, removals: Sequence[int] = ()) -> None:
+        """Check the settings; with the model's depth and the layers each stage chooses by the metric (in order),
+        also that every stage finds a span and enough unprotected layers on the model it scores."""
         if self.metric not in importance.METRICS:
             raise UsageError(f"selection.metric={self.metric!r} is unknown; allowed: {', '.join(importance.METRICS)}")
         if self.metric == "task_ablation":
@@ -169,6 +177,21 @@ class Selection:
                              "or leave it empty for the built-in prompts")
         if self.protect_first < 0 or self.protect_last < 0:
             raise UsageError("selection.protect_first/protect_last must be >= 0")
+        for name in ("span", "num_calibration", "calibration_batch_size", "calibration_max_length"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"selection.{name}={getattr(self, name)} is invalid; it must be >= 1")
+        if depth is None:
+            return
+        for k in removals:
+            if self.metric in ("block_influence", "angular_distance") and self.span > depth:
+                raise UsageError(f"selection.span={self.span} is invalid: a stage scores a model of {depth} layers; "
+                                 f"allowed: 1..{depth}")
+            free = depth - self.protect_first - self.protect_last
+            if free < k:
+                raise UsageError(f"selection.protect_first={self.protect_first} and protect_last="
+                                 f"{self.protect_last} leave {max(free, 0)} of {depth} layers to choose from, but "
+                                 f"the stage removes {k}; protect fewer layers or remove fewer")
+            depth -= k
 
 
 TRAINING = "training"

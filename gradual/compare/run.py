@@ -88,15 +88,15 @@ def validate_arms(plan: Plan) -> dict[str, dict[int, Budget]]:
     every arm built once at its deepest run (values its classes refuse, e.g. recovery.loss: kdd)."""
     from gradual.models import model_depth
 
+    try:  # first: the parser refuses a model name of the wrong type before model_depth reads it
+        fit = FitParser(arm_config(plan, Arm("baseline", "one_shot"), max(plan.depths)))
+    except argparse.ArgumentError as e:
+        raise UsageError(f"--config is not a valid `gradual fit` config: {fit_error_line(str(e))}") from None
     model = plan.base.get("model") or {}
     depth0 = model_depth(model.get("model", "smollm2-135m-instruct"), bool(model.get("trust_remote_code", False)))
     if max(plan.depths) >= depth0:
         raise UsageError(f"depths={','.join(map(str, plan.depths))} is invalid for a model of {depth0} layers; "
                          f"allowed: 1..{depth0 - 1}")
-    try:
-        fit = FitParser(arm_config(plan, Arm("baseline", "one_shot"), max(plan.depths)))
-    except argparse.ArgumentError as e:
-        raise UsageError(f"--config is not a valid `gradual fit` config: {fit_error_line(str(e))}") from None
     for arm in plan.arms:
         for depth in sorted(set(arm_runs(plan, arm).values())):
             try:
@@ -237,8 +237,11 @@ def run(plan: Plan) -> dict[str, Any]:
     from gradual.compare.report import flag_below_no_recovery, write_outputs
 
     t0 = time.perf_counter()
-    clear = check_out(plan)
-    budgets = validate_arms(plan)
+    from gradual.lightning_cli import held_logs
+
+    with held_logs(replay=False):  # the arms' CLIs, built only to check them, print nothing
+        clear = check_out(plan)
+        budgets = validate_arms(plan)
     if clear:
         shutil.rmtree(plan.out)
     save_plan(plan)

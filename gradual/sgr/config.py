@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,4 +111,8 @@ class SGRConfig:
             raise UsageError(f"sgr responses='dataset' with source={self.source!r} needs `response_field`")
         if isinstance(self.decoding, dict):
             self.decoding = DecodingConfig(**self.decoding)
+        temperature, top_p = self.decoding.temperature, self.decoding.top_p
+        if not (math.isfinite(temperature) and temperature > 0 and 0 < top_p <= 1):  # NaN fails every comparison
+            raise UsageError(f"sgr decoding temperature={temperature}, top_p={top_p} are invalid; need a finite "
+                             "temperature > 0 and 0 < top_p <= 1 (also under do_sample: false, which ignores them)")
 

@@ -1,14 +1,33 @@
 """Optional code task (HumanEval) and the sandbox that runs model-written code.
 
-Model-written code never runs in this process. Each program runs in a fresh `python -I` subprocess, in its own
-session (so a timeout kills everything it spawned), in an empty temporary directory, with an environment that
-holds no inherited variables (no tokens or secrets), and under address-space, CPU-time, file-size and core-dump
-limits. Failures are sorted the way the seed paper sorts them: syntax (unclosed brackets land here), name not
-defined, assertion, timeout, other runtime error. The task is off unless the caller passes `enable_code=True`.
+Model-written code never runs in this process. Each program runs in a fresh `python -I -B` subprocess
+(`gradual.tasks.sandbox_runner`), in its own session (so a timeout kills everything it spawned), in an empty
+temporary directory that is its working directory, HOME and TMPDIR, with an environment that holds no inherited
+variables (no tokens or secrets). Its layers, each checked by tests/test_sandbox.py:
+
+- wall time: the caller waits `timeout` seconds, then kills the whole session (category `timeout`);
+- CPU time, address space, file size, core dumps: RLIMIT_CPU (`timeout`), RLIMIT_AS (`memory`), RLIMIT_FSIZE
+  (`file_size`), RLIMIT_CORE = 0;
+- processes: RLIMIT_NPROC (`process_limit`); Linux exempts root from it, so as root the program runs with real
+  uid 65534, no capabilities but CAP_DAC_READ_SEARCH and a seccomp filter refusing uid changes, which makes the
+  limit hold;
+- network (`network`): a new network namespace (no interface up) where the OS allows one (root, or unprivileged
+  user namespaces), which holds for anything the program starts; always also an audit hook in the sandboxed
+  interpreter refusing connect, bind, sendto and name lookups. Where no namespace can be made the hook is the only
+  guard, and a weaker one: ctypes or a spawned program are not seen by it;
+- files (`forbidden_write`): in a new mount namespace every mount is read-only except the temporary directory,
+  for root too; always also the audit hook, refusing any write or path change outside the directory.
+
+`sandbox_layers()` says which layers are in effect on this machine (on the development machine, root on Linux
+6.18: network namespace + read-only mounts + RLIMIT_NPROC under real uid 65534 with seccomp). Failures are sorted
+the way the seed paper sorts them: syntax (unclosed brackets land here), name not defined, assertion, timeout,
+other runtime error; plus the sandbox's own refusals above. The task is off unless the caller passes `enable_code=True`.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +35,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torchmetrics.aggregation import MeanMetric
@@ -24,82 +44,86 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradual.errors import UsageError
 from gradual.generation import DecodingConfig, generate
+from gradual.tasks import sandbox_runner
 from gradual.tasks.result import TaskResult
 
-CODE_FAILURES = ("passed", "syntax", "name_error", "assertion", "timeout", "runtime_error")
+CODE_FAILURES = ("passed", "syntax", "name_error", "assertion", "timeout", "runtime_error", "memory",
+                 "process_limit", "file_size", "forbidden_write", "network")
 CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```"]
-_EXIT_CATEGORY = {0: "passed", 3: "syntax", 4: "assertion", 5: "name_error"}
-
-# Runs inside the sandbox: compile first so syntax errors are told apart from errors raised while running.
-_RUNNER = """\
-import sys, traceback
-source = open("solution.py", encoding="utf-8").read()
-try:
-    code = compile(source, "solution.py", "exec")
-except SyntaxError:
-    traceback.print_exc()
-    sys.exit(3)
-try:
-    exec(code, {"__name__": "__main__"})
-except AssertionError:
-    traceback.print_exc()
-    sys.exit(4)
-except NameError:
-    traceback.print_exc()
-    sys.exit(5)
-except Exception:
-    traceback.print_exc()
-    sys.exit(6)
-"""
+_EXIT_CATEGORY = {code: name for name, code in sandbox_runner.EXIT_CODES.items()}
 
 
 @dataclass
 class SandboxResult:
-    """How one program ended: a category from CODE_FAILURES, the exit code, and the tail of its stderr."""
+    """How one program ended: a category from CODE_FAILURES, the exit code, the tail of its stderr, and the
+    sandbox's layers in effect (`sandbox_layers`)."""
 
     category: str
     returncode: int | None
     stderr: str
     seconds: float
+    layers: dict[str, str] = field(default_factory=dict)
 
 
-def _limits(memory_bytes: int, cpu_seconds: int) -> None:
-    import resource
+def run_sandboxed(code: str, timeout: float = 5.0, memory_mb: int = 1024, processes: int = 32, file_mb: int = 16,
+                  namespaces: bool = True) -> SandboxResult:
+    """Run `code` as a program in the sandbox and categorise how it ended.
 
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    `processes`: how many more processes (threads count) the program may start; `namespaces=False` leaves the
+    network and mount namespaces out (the audit hook alone, as on a system that allows neither).
 
-
-def run_sandboxed(code: str, timeout: float = 5.0, memory_mb: int = 1024) -> SandboxResult:
-    """Run `code` as a program in the sandbox and categorise how it ended."""
+    Raises:
+        RuntimeError: the sandbox itself could not start (not the program's failure).
+    """
     if sys.platform == "win32":
         raise UsageError("the code sandbox needs a POSIX system (resource limits, process sessions)")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gradual-sandbox-") as tmp:
-        with open(os.path.join(tmp, "solution.py"), "w", encoding="utf-8") as f:
-            f.write(code)
-        with open(os.path.join(tmp, "runner.py"), "w", encoding="utf-8") as f:
-            f.write(_RUNNER)
+        Path(tmp, "solution.py").write_text(code, encoding="utf-8")
+        Path(tmp, "sandbox_runner.py").write_text(Path(sandbox_runner.__file__).read_text(encoding="utf-8"),
+                                                  encoding="utf-8")
+        config = {"folder": tmp, "cpu_seconds": max(1, int(timeout) + 1), "memory_bytes": memory_mb << 20,
+                  "file_bytes": file_mb << 20, "process_margin": processes, "namespaces": namespaces}
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp}
         proc = subprocess.Popen(
-            [sys.executable, "-I", "runner.py"], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-            preexec_fn=lambda: _limits(memory_mb << 20, max(1, int(timeout) + 1)))
+            [sys.executable, "-I", "-B", "sandbox_runner.py", "setup", json.dumps(config)], cwd=tmp, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
             _, err = proc.communicate(timeout=timeout)
             timed_out = False
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_session(proc.pid)
             _, err = proc.communicate()
             timed_out = True
+        _kill_session(proc.pid)  # what the program left running (a finished program's children)
+    text = err.decode("utf-8", "replace")
+    layers: dict[str, str] = {}
+    if text.startswith(sandbox_runner.MARKER):
+        line, _, text = text.partition("\n")
+        layers = json.loads(line[len(sandbox_runner.MARKER):])
     rc = proc.returncode
+    if rc == sandbox_runner.SETUP_FAILED:
+        raise RuntimeError(f"the code sandbox failed to start: {text[-1000:]}")
     if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL):
         category = "timeout"
+    elif rc == -signal.SIGXFSZ:
+        category = "file_size"
     else:
         category = _EXIT_CATEGORY.get(rc, "runtime_error")
-    return SandboxResult(category, rc, err.decode("utf-8", "replace")[-2000:], time.perf_counter() - start)
+    return SandboxResult(category, rc, text[-2000:], time.perf_counter() - start, layers)
+
+
+def _kill_session(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@functools.cache
+def sandbox_layers() -> dict[str, str]:
+    """The sandbox's layers in effect on this machine (network, filesystem, processes), from one empty program."""
+    return run_sandboxed("pass\n").layers
 
 
 def load_humaneval() -> list[dict]:
