@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from rank_probe import write_successor_rows
 
 from gradual import surgery
 
@@ -91,11 +92,7 @@ def write_fault_lm_eval_tasks(root: Path) -> Path:
     """Two local lm-eval tasks on 8 "what comes after n" questions: `BROKEN_TASK` (multiple choice, acc) whose
     `process_results` raises once a `broken` file exists next to it, and `ZERO_TASK` (generation, exact match
     against a target no 4-token answer can equal: its score is always 0)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rows = [{"question": f"What number comes after {n}?", "choices": [str(n + 1), str(n + 5)], "label": 0}
-            for n in range(1, 9)]
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_successor_rows(root)
     (root / "fault_utils.py").write_text(
         "from pathlib import Path\n\n\n"
         "def process_results(doc, results):\n"

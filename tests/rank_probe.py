@@ -91,13 +91,19 @@ def probe_callback(out_dir: Path) -> dict[str, Any]:
     return {"class_path": "rank_probe.RankProbe", "init_args": {"out_dir": str(out_dir)}}
 
 
-def write_lm_eval_task(root: Path) -> Path:
-    """A tiny offline multiple-choice lm-eval task (`LM_EVAL_TASK`): 8 "what comes after n" questions, 2 choices."""
+def write_successor_rows(root: Path) -> Path:
+    """`root/data.jsonl`: 8 "what comes after n" questions with 2 choices (the right one first), for local tasks."""
     root.mkdir(parents=True, exist_ok=True)
     rows = [{"question": f"What number comes after {n}?", "choices": [str(n + 1), str(n + 5)], "label": 0}
             for n in range(1, 9)]
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def write_lm_eval_task(root: Path) -> Path:
+    """A tiny offline multiple-choice lm-eval task (`LM_EVAL_TASK`): 8 "what comes after n" questions, 2 choices."""
+    data = write_successor_rows(root)
     (root / "fit_mc.yaml").write_text(
         f"task: {LM_EVAL_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"Q: {{question}}\\nA:\"\n"
