@@ -156,9 +156,11 @@ class RecoveryDataModule(LightningDataModule):
         about to start: Lightning sizes the epoch from `len(sampler)` before it calls `set_epoch`."""
         dataset = self.dataset
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         return StageSampler(dataset.lengths, self.samples_per_epoch, self.batch_size, self.seed,
                             self.mega_batch_mult, sources=dataset.sources, weights=[p.weight for p in self.parts],
-                            stage_samples=self.stage_samples, epoch=epoch)
+                            stage_samples=self.stage_samples, epoch=epoch, targets=dataset.targets,
+                            accumulate=accumulate)
 
     @property
     def batches_per_epoch(self) -> int:

@@ -141,25 +141,33 @@ def loss_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _chunk_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Σ over rows of KL(softmax(teacher/τ) ‖ softmax(student/τ)), in float32; [n, V] inputs."""
+    """Σ over rows of KL(softmax(teacher/τ) ‖ softmax(student/τ)), in float32; [n, V] inputs.
+
+    0 · log 0 = 0: a vocabulary id where the teacher has no mass adds nothing, even where the student is −inf too
+    (masked or padded vocabulary rows); a student at −inf where the teacher has mass gives +inf, as the KL is."""
     s = F.log_softmax(student.float() / temperature, dim=-1)
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum()
+    p = t.exp()
+    return torch.where(p > 0, p * (t - s), 0.0).sum()
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-               temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
-    """Mean per-token forward KL(teacher ‖ student) over the full vocabulary, times τ².
+               temperature: float = 1.0, chunk_size: int = 1024, reduction: str = "mean") -> torch.Tensor:
+    """Per-token forward KL(teacher ‖ student) over the full vocabulary, times τ², averaged (or summed) over positions.
 
     Args:
         student_logits, teacher_logits: [B, T, V] next-token logits (any float dtype; same vocabulary size —
-            a tokenizer whose vocabulary was padded differently is cut to the common size).
+            a tokenizer whose vocabulary was padded differently is cut to the common size). −inf entries are
+            allowed (masked vocabulary): ids where the teacher is −inf add 0.
         mask: [B, T] bool, the positions that count (see `loss_mask`, aligned to the logits' first T-1 positions).
         temperature: τ > 0; the loss is multiplied by τ² (Hinton et al.) so its gradient scale does not shrink.
         chunk_size: positions per chunk; each chunk's float32 soft-max is recomputed in the backward pass
             (activation checkpointing), so memory beyond the two logits tensors is O(chunk_size × V).
+        reduction: `mean` over the counted positions, or their `sum` (for a caller that normalises a whole
+            optimizer step, `RecoveryObjective`).
 
-    Returns a scalar in nats per counted position (0 when nothing counts). Source: Minitron (arXiv 2407.14679).
+    Returns a scalar in nats (per counted position for `mean`; 0 when nothing counts), +inf where the student puts no
+    mass on an id the teacher does. Source: Minitron (arXiv 2407.14679).
     """
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
     s = student_logits[..., :vocab][mask]
@@ -171,7 +179,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     for lo in range(0, n, chunk_size):
         part = (s[lo:lo + chunk_size], t[lo:lo + chunk_size], temperature)
         total = total + (checkpoint(_chunk_kl, *part, use_reentrant=False) if s.requires_grad else _chunk_kl(*part))
-    return total / n * temperature ** 2
+    return (total if reduction == "sum" else total / n) * temperature ** 2
 
 
 def layer_pairs(student_original: list[int], teacher_original: list[int]) -> list[tuple[int, int]]:
@@ -192,16 +200,22 @@ def layer_pairs(student_original: list[int], teacher_original: list[int]) -> lis
 
 
 def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...],
-                      pairs: list[tuple[int, int]], mask: torch.Tensor) -> torch.Tensor:
-    """Mean over `pairs` of ‖h_s − h_t‖² / mean ‖h_t‖² on the counted positions ([B, T] bool `mask`).
+                      pairs: list[tuple[int, int]], mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Mean over `pairs` of the per-position relative squared error ‖h_s − h_t‖² / ‖h_t‖², averaged (`mean`) or
+    summed (`sum`) over the counted positions ([B, T] bool `mask`).
 
-    Relative, so layers whose activations differ in scale by orders of magnitude weigh alike.
+    Relative, so layers — and positions such as an attention sink — whose activations differ in scale by orders of
+    magnitude weigh alike; per position, so the sum over a step's micro-batches is the step's sum, however it is split.
+    0 when nothing counts.
     """
+    if not mask.any():
+        return student_hidden[-1].sum() * 0.0
     losses = []
     for s_idx, t_idx in pairs:
         s = student_hidden[s_idx][mask].float()
         t = teacher_hidden[t_idx][mask].detach().float()
-        losses.append((s - t).pow(2).sum(-1).mean() / t.pow(2).sum(-1).mean().clamp_min(1e-12))
+        per_position = (s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)
+        losses.append(per_position.sum() if reduction == "sum" else per_position.mean())
     return torch.stack(losses).mean()
 
 
@@ -210,10 +224,17 @@ def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: 
 # ---------------------------------------------------------------------------------------------------------------
 
 class RecoveryObjective:
-    """One recovery step's loss for the student on a batch; the module calls it from `training_step`.
+    """One recovery step's loss for the student on a (micro-)batch; the module calls it from `training_step`.
 
     `original_layers` gives the student's current layers as original indices (for the hidden-state pairs).
-    Returns (loss, parts) where parts holds the detached components (`sft`, `kd`, `hidden`) for logging.
+    Returns (loss, parts). `loss` is what to back-propagate: each term's *sum* over the batch's counted positions
+    divided by the step normaliser the batch carries (`step_targets` for the cross-entropy and the KL, `step_tokens`
+    for the hidden-state term: the mean count per micro-batch of its optimizer step over every micro-batch and rank,
+    `gradual.sampler.StepItem`), so that after Lightning divides by `accumulate_grad_batches` and DDP averages over
+    ranks, a step's gradient is the mean over *all* its positions however the step is split (the fix transformers
+    made to its Trainer in 2024). Without those keys the normalisers are the batch's own counts: per-position means.
+    `parts` holds each term's per-position mean on this batch (`sft`, `kd`, `hidden`) for logging; `mean(parts)` is
+    their weighted sum, the batch's own per-position loss.
     """
 
     def __init__(self, settings: Recovery, teacher: Teacher | None) -> None:
@@ -225,32 +246,40 @@ class RecoveryObjective:
                  original_layers: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.settings
         hidden = cfg.hidden_weight > 0
-        if cfg.loss == "sft" and not hidden:
-            loss = student(**batch).loss
-            return loss, {"sft": float(loss.detach())}
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         out = student(**inputs, output_hidden_states=hidden)
         mask = loss_mask(batch)
-        teacher = self.teacher(batch, hidden_states=hidden) if self.teacher is not None else None
-        parts: dict[str, torch.Tensor] = {}
-        loss = out.logits.new_zeros((), dtype=torch.float32)
+        tokens = batch.get("attention_mask", torch.ones_like(batch["input_ids"])) > 0
+        teacher = self.teacher(batch, hidden_states=hidden) if self.teacher is not None and cfg.needs_teacher else None
+        terms: dict[str, tuple[float, torch.Tensor, int, str]] = {}  # name: (weight, sum, count, normaliser key)
         if cfg.loss in ("sft", "kd+sft"):
             weight = 1.0 if cfg.loss == "sft" else cfg.sft_weight
-            parts["sft"] = _cross_entropy(out.logits, batch, mask)
-            loss = loss + weight * parts["sft"]
+            terms["sft"] = (weight, _cross_entropy(out.logits, batch, mask), int(mask.sum()), "step_targets")
         if cfg.loss in ("kd", "kd+sft"):
-            parts["kd"] = forward_kl(out.logits[:, :-1], teacher.logits[:, :-1], mask, cfg.temperature,
-                                     cfg.chunk_size)
-            loss = loss + parts["kd"]
+            kd = forward_kl(out.logits[:, :-1], teacher.logits[:, :-1], mask, cfg.temperature, cfg.chunk_size,
+                            reduction="sum")
+            terms["kd"] = (1.0, kd, int(mask.sum()), "step_targets")
         if hidden:
             pairs = layer_pairs(original_layers, self.teacher.original)
-            parts["hidden"] = hidden_state_loss(out.hidden_states, teacher.hidden_states, pairs,
-                                                batch.get("attention_mask", torch.ones_like(batch["input_ids"])) > 0)
-            loss = loss + cfg.hidden_weight * parts["hidden"]
-        return loss, {k: float(v.detach()) for k, v in parts.items()}
+            total = hidden_state_loss(out.hidden_states, teacher.hidden_states, pairs, tokens, reduction="sum")
+            terms["hidden"] = (cfg.hidden_weight, total, int(tokens.sum()), "step_tokens")
+        loss = out.logits.new_zeros((), dtype=torch.float32)
+        parts: dict[str, float] = {}
+        for name, (weight, total, count, key) in terms.items():
+            norm = float(batch[key]) if key in batch else float(count)
+            loss = loss + weight * total / (norm if norm > 0 else 1.0)
+            parts[name] = float(total.detach()) / max(count, 1)
+        return loss, parts
+
+    def mean(self, parts: dict[str, float]) -> float:
+        """The weighted sum of `parts`: the batch's per-position loss (what `loss` is when the batch is its step)."""
+        cfg = self.settings
+        weights = {"sft": 1.0 if cfg.loss == "sft" else cfg.sft_weight, "kd": 1.0, "hidden": cfg.hidden_weight}
+        return sum(weights[name] * value for name, value in parts.items())
 
 
 def _cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the counted positions (HF's causal-LM loss on the same labels)."""
+    """Sum of the next-token cross-entropy over the counted positions (HF's causal-LM loss on the same labels, times
+    their number)."""
     labels = batch.get("labels", batch["input_ids"])[:, 1:]
-    return F.cross_entropy(logits[:, :-1][mask].float(), labels[mask])
+    return F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="sum")

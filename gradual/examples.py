@@ -14,15 +14,19 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from gradual.errors import UsageError
 from gradual.generation import DEFAULT_SYSTEM_PROMPT, encode_prompt, response_prompt
 from gradual.jsonl import read_jsonl
+from gradual.sampler import StepItem
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF causal-LM loss) skips
+STEP_KEYS = ("step_targets", "step_tokens")  # a batch's loss normalisers (`gradual.sampler.StepItem`)
 
 
 def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str,
@@ -111,22 +115,42 @@ def check_examples(examples: Sequence[dict], where: str) -> list[dict[str, str]]
 
 
 class TokenizedPairs(Dataset):
-    """Tokenised examples in memory, with their lengths for length grouping and the part each came from."""
+    """Tokenised examples in memory, with their lengths for length grouping, their counted targets (positions whose
+    next token is a label: what the loss averages over) and the part each came from.
+
+    Indexed by an int, or by a `StepItem` of `gradual.sampler`, whose step normalisers the example then carries
+    (`STEP_KEYS`) for `pad_collator` to put into the batch."""
 
     def __init__(self, examples: list[dict[str, list[int]]], sources: Sequence[int] | None = None) -> None:
         self.examples = examples
         self.lengths = [len(e["input_ids"]) for e in examples]
+        self.targets = [sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples]
         self.sources = [0] * len(examples) if sources is None else list(sources)
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return self.examples[i]
+    def __getitem__(self, key: int | StepItem) -> dict[str, Any]:
+        if isinstance(key, StepItem):
+            return {**self.examples[key], "step_targets": key.targets, "step_tokens": key.tokens}
+        return self.examples[key]
+
+
+class StepCollator:
+    """transformers' `DataCollatorForSeq2Seq` for the token fields, plus the step normalisers (`STEP_KEYS`, equal for
+    every example of a micro-batch) as 0-d float64 tensors when the examples carry them."""
+
+    def __init__(self, collator: DataCollatorForSeq2Seq) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        step = {key: features[0][key] for key in STEP_KEYS if key in features[0]}
+        batch = self.collator([{k: v for k, v in f.items() if k not in STEP_KEYS} for f in features])
+        return {**batch, **{key: torch.tensor(v, dtype=torch.float64) for key, v in step.items()}}
 
 
 
-def pad_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+def pad_collator(tokenizer: PreTrainedTokenizerBase) -> StepCollator:
     """Batches padded on the right to their own longest example (dynamic padding), labels padded with -100 and an
     attention mask of the real tokens: transformers' collator over a copy of the tokenizer set to pad on the right
     (whatever side the shared tokenizer pads on), with its pad id, else EOS, else 0. A deep copy: a shallow one
@@ -135,4 +159,5 @@ def pad_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    return StepCollator(DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,
+                                               return_tensors="pt"))

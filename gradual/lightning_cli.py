@@ -82,7 +82,9 @@ class GradualCLI(LightningCLI):
             if isinstance(c, dict) and isinstance(c.get("init_args"), dict):
                 c["init_args"] = _drop(c["init_args"], _RESULT_NEUTRAL)
         self.model.run_context = _json({"seed_everything": config.get("seed_everything"), "data": data,
-                                        "callbacks": callbacks})
+                                        "callbacks": callbacks, "trainer": training_settings(self.trainer),
+                                        "optimizer": _plain(config.model.get("optimizer")),
+                                        "lr_scheduler": _plain(config.model.get("lr_scheduler"))})
 
     def before_instantiate_classes(self) -> None:
         """CSV logs in the run directory unless a logger is configured (TensorBoard, W&B, ...); the SGR teacher in the
@@ -178,6 +180,20 @@ def check_settings(module: GradualModule, datamodule: Any, trainer: Trainer) -> 
                 from gradual.cli import check_lm_eval_tasks
 
                 check_lm_eval_tasks(callback.tasks, callback.include_path, "LmEvalEvaluation")
+
+
+def training_settings(trainer: Trainer) -> dict[str, Any]:
+    """The Trainer settings that decide which examples a stage trains on, how many steps it takes and what one step
+    does: part of the run's identity, so a resume under other values (say `accumulate_grad_batches: 2` after 1, which
+    would train twice the examples per step, some a finished stage already used) is refused, naming them. The world
+    size (devices × nodes) splits every step across ranks; the precision and clipping change each update. Settings of
+    speed or display (progress bar, logging, the accelerator) are left out."""
+    return {"accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "world_size": trainer.num_devices * trainer.num_nodes,
+            "limit_train_batches": trainer.limit_train_batches, "overfit_batches": trainer.overfit_batches,
+            "max_steps": trainer.max_steps, "max_epochs": trainer.max_epochs, "min_epochs": trainer.min_epochs,
+            "gradient_clip_val": trainer.gradient_clip_val, "gradient_clip_algorithm": trainer.gradient_clip_algorithm,
+            "precision": str(trainer.precision)}
 
 
 def _check_optimizer(module: GradualModule) -> None:

@@ -300,16 +300,19 @@ class GradualModule(StageHistory, L.LightningModule):
         return None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        """One recovery step. A non-finite loss (on any rank) abandons the stage before its backward pass: no
-        optimizer step is taken on it, and the stage is rolled back (`abandon`)."""
+        """One recovery micro-batch. The loss back-propagated is normalised over the whole optimizer step
+        (`RecoveryObjective`); the one logged is this batch's per-position mean. A non-finite loss (on any rank)
+        abandons the stage before its backward pass: no optimizer step is taken on it, and the stage is rolled back
+        (`abandon`)."""
         loss, parts = self.objective(self.model, batch, surgery.original_indices(self.model))
         value = float(loss.detach())
         if self.trainer.strategy.reduce_boolean_decision(not math.isfinite(value), all=False):
             self.abandon(f"loss is {value if not math.isfinite(value) else 'non-finite on another rank'} at "
                          f"step {batch_idx // self.trainer.accumulate_grad_batches + 1}")
             return None
-        self._losses.append(value)
-        self.log("loss", loss, prog_bar=True, on_step=True)
+        mean = self.objective.mean(parts)
+        self._losses.append(mean)
+        self.log("loss", mean, prog_bar=True, on_step=True)
         if len(parts) > 1:
             self.log_dict({f"loss/{k}": v for k, v in parts.items()}, on_step=True)
         return loss

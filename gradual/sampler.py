@@ -11,7 +11,7 @@ different, shorter epoch).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -29,7 +29,26 @@ def check_weights(weights: Sequence[float]) -> None:
         raise UsageError("every recovery source has weight 0; give at least one a positive weight")
 
 
-class StageSampler(Sampler[int]):
+class StepItem(int):
+    """An example index that also carries the loss normalisers of the optimizer step its micro-batch belongs to: the
+    mean number of counted targets (`targets`, positions whose next token is a label) and of real tokens (`tokens`)
+    per micro-batch of that step, over all its micro-batches and ranks. A micro-batch's loss is its *sum* over
+    positions divided by these, so every token of a step weighs the same however the step is split
+    (`gradual.distill.RecoveryObjective`). An `int`, so it indexes and compares as the plain index does."""
+
+    targets: float
+    tokens: float
+
+    def __new__(cls, index: int, targets: float, tokens: float) -> StepItem:
+        item = super().__new__(cls, index)
+        item.targets, item.tokens = targets, tokens
+        return item
+
+    def __getnewargs__(self) -> tuple[int, float, float]:  # pickled to DataLoader workers
+        return int(self), self.targets, self.tokens
+
+
+class StageSampler(Sampler[StepItem]):
     """This rank's example indices for one epoch (= one pruning stage) of exactly `samples_per_epoch` examples.
 
     Examples belong to sources (`sources[i]`, default all 0) with `weights` (default [1]). The global order is an
@@ -42,15 +61,17 @@ class StageSampler(Sampler[int]):
     `mega_batch_mult · batch_size · world_size` examples are sorted by length and cut into batches; each group of
     `world_size` neighbouring batches is one step (rank r takes the r-th), and the order of steps is shuffled by
     (seed, e). Everything depends only on (seed, epoch, sizes, weights), so every rank computes the same global order.
-    Yields flat indices: a DataLoader with the same `batch_size` re-forms the batches.
-
-    One source is sampled exactly as before sources existed: its passes are seeded by (seed, p).
+    Yields flat indices as `StepItem`s (each also carrying its step's loss normalisers): a DataLoader with the same
+    `batch_size` re-forms the batches. An optimizer step is `accumulate` consecutive batches; `targets` (per example,
+    counted targets; default: every token but the first) sizes the normalisers, which every rank computes alike from
+    the global order, so no communication is needed.
     """
 
     def __init__(self, lengths: Sequence[int], samples_per_epoch: int, batch_size: int, seed: int = 0,
                  mega_batch_mult: int = 50, rank: int | None = None, world_size: int | None = None,
                  sources: Sequence[int] | None = None, weights: Sequence[float] | None = None,
-                 stage_samples: Sequence[int] | None = None, epoch: int = 0) -> None:
+                 stage_samples: Sequence[int] | None = None, epoch: int = 0,
+                 targets: Sequence[int] | None = None, accumulate: int = 1) -> None:
         if not lengths:
             raise UsageError("no recovery examples to sample from; give at least one (prompt, response) pair")
         dist_rank, dist_world = rank_world()
@@ -61,9 +82,15 @@ class StageSampler(Sampler[int]):
             if size < per_step or size % per_step:
                 raise UsageError(f"samples_per_epoch={size} is invalid; it must be a positive multiple of "
                                  f"batch_size × world_size = {batch_size} × {self.world_size}")
+        if accumulate < 1:
+            raise UsageError(f"accumulate_grad_batches={accumulate} is invalid; it must be >= 1")
         if mega_batch_mult < 1:
             raise UsageError(f"mega_batch_mult={mega_batch_mult} is invalid; it must be >= 1")
         self.lengths = np.asarray(lengths)
+        self.targets = self.lengths - 1 if targets is None else np.asarray(targets)
+        if len(self.targets) != len(self.lengths):
+            raise ValueError(f"targets must give each of the {len(lengths)} examples a count")
+        self.accumulate = accumulate
         self.samples_per_epoch, self.batch_size, self.seed = samples_per_epoch, batch_size, seed
         self.mega_batch_mult = mega_batch_mult
         self.weights = np.asarray([1.0] if weights is None else weights, dtype=np.float64)
@@ -133,8 +160,8 @@ class StageSampler(Sampler[int]):
             order[here] = self._draws(int(k), int((mixture[:start] == k).sum()), len(here))
         return order
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of `epoch`, in training order."""
+    def _global_steps(self, epoch: int) -> list[np.ndarray]:
+        """Every rank's examples of each step of `epoch` (`world_size` neighbouring batches), in training order."""
         order = self.epoch_order(epoch)
         mega = self.mega_batch_mult * self.batch_size * self.world_size
         steps = []
@@ -144,9 +171,27 @@ class StageSampler(Sampler[int]):
             per_step = self.batch_size * self.world_size
             steps.extend(chunk[s: s + per_step] for s in range(0, len(chunk), per_step))
         shuffle = np.random.default_rng([self.seed, 1, epoch]).permutation(len(steps))
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        return [steps[i][lo:hi].tolist() for i in shuffle]
+        return [steps[i] for i in shuffle]
 
-    def __iter__(self):
-        for batch in self.batches(self.epoch):
-            yield from batch
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch`, in training order."""
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return [step[lo:hi].tolist() for step in self._global_steps(epoch)]
+
+    def normalizers(self, epoch: int) -> list[tuple[float, float]]:
+        """(targets, tokens) per micro-batch of the optimizer step each of this rank's batches of `epoch` belongs to:
+        the step's counted targets and real tokens over its `accumulate` batches on every rank, divided by
+        `accumulate × world_size`. A step cut short at the epoch's end is divided alike, as Lightning divides its
+        loss by `accumulate_grad_batches` whatever the group's size."""
+        steps, a = self._global_steps(epoch), self.accumulate
+        out = []
+        for j in range(0, len(steps), a):
+            members = np.concatenate(steps[j: j + a])
+            per_batch = a * self.world_size
+            value = (float(self.targets[members].sum()) / per_batch, float(self.lengths[members].sum()) / per_batch)
+            out.extend([value] * len(steps[j: j + a]))
+        return out
+
+    def __iter__(self) -> Iterator[StepItem]:
+        for batch, (targets, tokens) in zip(self.batches(self.epoch), self.normalizers(self.epoch), strict=True):
+            yield from (StepItem(i, targets, tokens) for i in batch)

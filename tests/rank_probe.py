@@ -136,3 +136,31 @@ class RejectConsolidation(Callback):
             return
         pl_module.decide(False, "consolidation rejected")
         trainer.should_stop = True
+
+
+class FirstStepGradients(Callback):
+    """Write the first optimizer step's accumulated (and, under DDP, all-reduced) gradients of the trainable weights,
+    before clipping, to `out_dir/grads_rank<k>.safetensors`, and the counted targets of each micro-batch of that step
+    to `out_dir/targets_rank<k>.json`."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.targets: list[int] = []
+        self.done = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self.done:
+            self.targets.append(int((batch["labels"][:, 1:] != -100).sum()))
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        from safetensors.torch import save_file
+
+        if self.done:
+            return
+        self.done = True
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        grads = {n: p.grad.detach().clone().contiguous() for n, p in pl_module.named_parameters()
+                 if p.requires_grad and p.grad is not None}
+        save_file(grads, str(self.out_dir / f"grads_rank{trainer.global_rank}.safetensors"))
+        (self.out_dir / f"targets_rank{trainer.global_rank}.json").write_text(json.dumps(self.targets))

@@ -170,3 +170,41 @@ def test_a_kd_fit_trains_the_student_against_a_frozen_original(tmp_path: Path) -
     stages = results["stages"]
     assert [len(s["removed_total"]) for s in stages] == [0, 1, 2] and all(s["loss"] > 0 for s in stages[1:])
     assert results["config"]["recovery"]["loss"] == "kd"
+
+
+def _masked_vocab(side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student and teacher logits [2, 5, 12] with ids 9-11 at −inf on `side` (student, teacher or both)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 12, generator=g)
+    t = torch.randn(2, 5, 12, generator=g)
+    if side in ("student", "both"):
+        s[..., 9:] = float("-inf")
+    if side in ("teacher", "both"):
+        t[..., 9:] = float("-inf")
+    return s.requires_grad_(), t, torch.ones(2, 5, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("chunk", [1, 1024])
+def test_kl_with_masked_vocabulary_on_both_sides_is_the_kl_over_the_other_ids(chunk: int) -> None:
+    s, t, mask = _masked_vocab("both")
+    loss = forward_kl(s, t, mask, chunk_size=chunk)
+    loss.backward()
+    direct = _direct_kl(s.detach()[..., :9], t[..., :9], mask, 1.0)  # 0 · log 0 = 0: the masked ids add nothing
+    torch.testing.assert_close(loss.detach(), direct, rtol=1e-5, atol=1e-7)
+    assert torch.isfinite(s.grad).all() and (s.grad[..., 9:] == 0).all() and s.grad[..., :9].abs().sum() > 0
+
+
+def test_kl_with_masked_teacher_ids_ignores_them() -> None:
+    s, t, mask = _masked_vocab("teacher")
+    loss = forward_kl(s, t, mask)
+    loss.backward()
+    p = F.softmax(t, -1)
+    direct = (p * (F.log_softmax(t, -1).clamp_min(-1e30) - F.log_softmax(s.detach(), -1)))[..., :9].sum(-1).mean()
+    torch.testing.assert_close(loss.detach(), direct, rtol=1e-5, atol=1e-7)
+    assert torch.isfinite(s.grad).all()
+
+
+def test_a_student_at_minus_inf_where_the_teacher_has_mass_is_plus_inf() -> None:
+    s, t, mask = _masked_vocab("student")
+    assert forward_kl(s, t, mask).item() == float("inf")
+    assert forward_kl(s, t, mask, reduction="sum").item() == float("inf")

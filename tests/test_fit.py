@@ -381,3 +381,27 @@ def test_ddp_timeout_from_yaml_reaches_the_strategy(tmp_path: Path) -> None:
     cli = GradualCLI(args=["--config", str(config)], run=False)
     assert isinstance(cli.trainer.strategy, DDPStrategy)
     assert cli.trainer.strategy._timeout == timedelta(hours=4)
+
+
+@pytest.mark.parametrize(("changes", "key"), [
+    ({"trainer__accumulate_grad_batches": 2}, "trainer.accumulate_grad_batches"),
+    ({"trainer__limit_train_batches": 0.5}, "trainer.limit_train_batches"),
+    ({"trainer__gradient_clip_val": 0.5}, "trainer.gradient_clip_val"),
+    ({"trainer__precision": "bf16-mixed"}, "trainer.precision"),
+    ({"model__optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}}, "optimizer"),
+])
+def test_resume_under_trainer_settings_that_change_the_training_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], changes: dict[str, Any], key: str) -> None:
+    """The run used accumulate_grad_batches 1: a resume with 2 would train 8 examples per stage instead of 4, some of
+    them the finished stage's. Refused in one line naming the key, and nothing in the run directory changes."""
+    config, run_dir = write_config(tmp_path, model__schedule__max_layers=2)
+    assert main(["fit", "--config", str(config)]) == 0
+    capsys.readouterr()
+    state = (run_dir / "state.json").read_bytes()
+    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    changed, _ = write_config(tmp_path, "run", model__schedule__max_layers=2, **changes)
+    assert main(["fit", "--config", str(changed)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a different run" in err[0] and key in err[0], err
+    assert (run_dir / "state.json").read_bytes() == state
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == files
