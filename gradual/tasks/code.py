@@ -16,12 +16,20 @@ variables (no tokens or secrets). Its layers, each checked by tests/test_sandbox
   interpreter refusing connect, bind, sendto and name lookups. Where no namespace can be made the hook is the only
   guard, and a weaker one: ctypes or a spawned program are not seen by it;
 - files (`forbidden_write`): in a new mount namespace every mount is read-only except the temporary directory,
-  for root too; always also the audit hook, refusing any write or path change outside the directory.
+  for root too; always also the audit hook, refusing any write or path change outside the directory;
+- the verdict (`exited_early`): the program shares its interpreter with the runner's harness, so its exit code,
+  signals and output prove nothing. Passed needs the runner's report, on a pipe of the caller's, carrying a random
+  key the caller made for this run, which the runner reads only once the program's last statement has returned;
+  any other ending is `exited_early` (the limits' categories aside). Not covered: a program that deliberately
+  targets the runner inside its own interpreter (`sandbox_runner` says how);
+- output: the caller reads stdout and stderr as they come and keeps the first and last `STREAM_BYTES` of each, so
+  a flood costs it no memory and the program never blocks on a full pipe.
 
 `sandbox_layers()` says which layers are in effect on this machine (on the development machine, root on Linux
 6.18: network namespace + read-only mounts + RLIMIT_NPROC under real uid 65534 with seccomp). Failures are sorted
 the way the seed paper sorts them: syntax (unclosed brackets land here), name not defined, assertion, timeout,
-other runtime error; plus the sandbox's own refusals above. The task is off unless the caller passes `enable_code=True`.
+other runtime error; plus the sandbox's own refusals and `exited_early` above. The task is off unless the caller
+passes `enable_code=True`.
 """
 
 from __future__ import annotations
@@ -59,7 +67,9 @@ REPORT_BYTES = 4 << 10
 DRAIN_SECONDS = 2.0
 """After the session is killed, how long the caller still reads its pipes: only a process that left the session
 (`setsid`) holds them longer, and the caller does not wait for it."""
-CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT}
+CRASH_SIGNALS = {getattr(signal, name) for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT")
+                 if hasattr(signal, name)}
+"""A program killed by one of these crashed (`runtime_error`); by another, it ended itself (`exited_early`)."""
 
 
 @dataclass
@@ -185,9 +195,12 @@ def _supervise(proc: subprocess.Popen, fds: dict[str, int], timeout: float) -> t
             if drain_until is not None and (not open_streams or now >= drain_until):
                 break
             wait = max(0.0, min((drain_until or deadline) - now, 0.05))
-            if not selector.get_map():
+            if selector.get_map():
+                events = selector.select(wait)
+            else:  # no pidfd here, and the program closed every pipe: poll its end
                 time.sleep(wait)
-            for key, _ in selector.select(wait) if selector.get_map() else ():
+                events = []
+            for key, _ in events:
                 if key.data is None:
                     selector.unregister(key.fd)
                     continue
@@ -200,6 +213,8 @@ def _supervise(proc: subprocess.Popen, fds: dict[str, int], timeout: float) -> t
             if key.data is not None:
                 _read_waiting(key.fd, captures[key.data])
     finally:
+        if drain_until is None:  # the caller was interrupted: the program must not outlive it
+            _kill_session(proc.pid)
         selector.close()
         if pidfd is not None:
             os.close(pidfd)

@@ -29,10 +29,10 @@ tests. The caller therefore decides only from a report on a pipe of its own (`re
 line, `run` writes `STARTED` just before the program and, once the program has ended, one line with a key the caller
 put in another pipe (`key_fd`, never read before the program has ended) and the category. Passed needs that line
 with the key and `passed`, which the runner writes only when the program's last statement returned; an ending that
-leaves no such line is `exited_early` (the caller's own limits aside). Covered: any way the program ends or writes by
-its own means. Not covered: a program that deliberately targets the runner inside its own interpreter (reads the
-key pipe by its descriptor, patches the runner or walks its frames): nothing in one interpreter can be hidden from
-code running in it, as under HumanEval's own harness.
+leaves no such line is `exited_early` (the caller's limits and crash signals aside). Covered: any way the program
+ends or writes by its own means. Not covered: a program that deliberately targets the runner inside its own
+interpreter (reads the key pipe by its descriptor, patches the runner or walks its frames): nothing in one
+interpreter can be hidden from code running in it, as under HumanEval's own harness.
 
 Exit codes name the outcome (`EXIT_CODES`), for a reader of the process table; the caller does not trust them.
 """
