@@ -63,22 +63,35 @@ def is_sharded(model: nn.Module) -> bool:
 
 def unshard(model: nn.Module) -> nn.Module:
     """A plain model of `model`'s architecture, config (kept-layer map included) and dtype, holding the full
-    weights on every rank (a collective: every rank calls it). Buffers (rotary tables) are not sharded and carry
-    over as they are; tied embeddings stay tied."""
+    weights on every rank (a collective: every rank calls it); tied embeddings stay tied.
+
+    Buffers (rotary tables) are not sharded: exactly those the rebuilt model declares take `model`'s tensors, each
+    persistent or not as declared. A buffer `model` holds beyond them stays behind: copied over, it would join the
+    state dict and be saved as a key that no reload of the config declares.
+
+    Raises:
+        RuntimeError: the rebuilt model and `model` disagree on a parameter, or it declares a buffer `model` lacks.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    held = dict(model.named_buffers(remove_duplicate=False))
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     device = next(iter(state.values())).device
     dtype = model.get_input_embeddings().weight.dtype
     with torch.device("meta"):
         plain = cls(model.config)
     plain = plain.to(dtype).to_empty(device=device)
-    plain.load_state_dict(state, strict=True)
-    for name, buffer in model.named_buffers():
+    loaded = plain.load_state_dict({k: v for k, v in state.items() if k not in held}, strict=False)
+    declared = [name for name, _ in plain.named_buffers(remove_duplicate=False)]
+    missing = [k for k in loaded.missing_keys if k not in declared] + [k for k in declared if k not in held]
+    if missing or loaded.unexpected_keys:
+        raise RuntimeError(f"unshard: the rebuilt {cls.__name__} and the sharded model disagree; missing: "
+                           f"{', '.join(missing) or '-'}; unexpected: {', '.join(loaded.unexpected_keys) or '-'}")
+    for name in declared:  # the name stays in (or out of) its owner's non-persistent set, as the rebuild declares
         owner, _, leaf = name.rpartition(".")
-        plain.get_submodule(owner)._buffers[leaf] = buffer
+        plain.get_submodule(owner)._buffers[leaf] = held[name]
     plain.tie_weights()
     plain.generation_config = model.generation_config
     for p in plain.parameters():

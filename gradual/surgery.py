@@ -9,6 +9,7 @@ saved model) always maps back to the unpruned model.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -150,6 +151,7 @@ def remove_layers(model: nn.Module, indices: Iterable[int] | int) -> list[int]:
     for config in _configs(hf_model):
         _prune_config(config, kept, n, [original[i] for i in kept])
     _refresh_cached_flags(hf_model)
+    _drop_undeclared_buffers(hf_model)
     tuner = _peft_tuner(model)
     if tuner is not None:
         _update_peft_bookkeeping(tuner, _LAYER_PATHS[arch] + ".", {old: new for new, old in enumerate(kept)})
@@ -305,6 +307,32 @@ def _refresh_cached_flags(hf_model: nn.Module) -> None:
     for module in hf_model.modules():
         if "has_sliding_layers" in module.__dict__:
             module.has_sliding_layers = "sliding_attention" in layer_types
+
+
+def _drop_undeclared_buffers(hf_model: nn.Module) -> None:
+    """Drop the buffers that a model built from the pruned config no longer declares, with the lists that name them.
+
+    Gemma3's rotary module holds one inverse-frequency table per layer type (and `layer_types`, `rope_type` listing
+    them); once no kept layer has a type, its tables are state a reload of the saved model would not have. They are
+    non-persistent, so saving this model skips them, but code that copies buffers by name into a model rebuilt from
+    the config (FSDP's unshard did) turns them into saved, unexpected keys. The rebuild is on the meta device (no
+    memory, about 0.1 s for a 7B config); modules absent from it (LoRA adapters) are left alone.
+    """
+    with torch.device("meta"):
+        rebuilt = type(hf_model)(copy.deepcopy(hf_model.config))
+    twins = dict(rebuilt.named_modules())
+    for name, module in hf_model.named_modules():
+        twin = twins.get(name)
+        if type(twin) is not type(module):
+            continue
+        stale = [leaf for leaf in module._buffers if leaf not in twin._buffers]
+        for leaf in stale:
+            del module._buffers[leaf]
+            module._non_persistent_buffers_set.discard(leaf)
+        if stale:
+            for attr, value in vars(twin).items():
+                if not attr.startswith("_") and attr in vars(module) and isinstance(value, list | tuple | dict | set):
+                    setattr(module, attr, copy.copy(value))
 
 
 def _peft_tuner(model: nn.Module) -> nn.Module | None:

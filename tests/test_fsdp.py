@@ -16,9 +16,11 @@ import pytest
 import torch
 import yaml
 from rank_probe import probe_callback
+from safetensors.torch import load_file
 from test_fit import SMOKE, write_config
 from transformers import AutoModelForCausalLM
 
+from gradual import models
 from gradual.lightning_cli import GradualCLI
 
 TESTS = Path(__file__).resolve().parent
@@ -107,3 +109,48 @@ def test_unshard_gives_back_the_plain_pruned_model(tmp_path: Path) -> None:
         assert out["kept"] == [0, 1, 3, 4]
         assert out["max_diff"] == 0.0
         assert any("rotary" in b for b in out["buffers"])
+
+
+# name -> (tiny arch, layers, removed positions, stale). Tiny Gemma3 layer types are [s, s, full, s] and Gemma2's
+# alternate [s, full, s, full]: each removal below empties one type; the other architectures have one type only.
+SAVED_CASES: dict[str, tuple[str, int, list[int], bool]] = {
+    **{arch: (arch, 4, [1], False) for arch in models.TINY_ARCHS if arch not in ("gemma2", "gemma3")},
+    "gemma2-no-full": ("gemma2", 4, [1, 3], False),
+    "gemma3-no-full": ("gemma3", 4, [2], False),
+    "gemma3-no-sliding": ("gemma3", 4, [0, 1, 3], False),
+    "gemma3-no-full-stale-buffers": ("gemma3", 4, [2], True),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every case of `SAVED_CASES` pruned in place and pruned then sharded → unsharded, on two gloo ranks, saved."""
+    out = tmp_path_factory.mktemp("saved_stages")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS),
+                                                                                os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(TESTS / "fsdp_saved_stage.py"), str(out), json.dumps(SAVED_CASES)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("case", list(SAVED_CASES))
+def test_fsdp_saved_stage_holds_what_the_single_process_path_saves(saved_stages: Path, case: str) -> None:
+    """After a removal that empties a layer type, the unsharded model holds exactly the buffers a model rebuilt from
+    its config declares, persistent as declared, as does the in-place pruned one; the two save the same tensors,
+    and each saved folder reloads without unexpected or missing keys."""
+    folder = saved_stages / case
+    for rank in (0, 1):
+        held = json.loads((folder / f"rank{rank}.json").read_text())
+        assert "error" not in held, held.get("error")
+        assert held["fsdp"] == held["rebuilt"] == held["single"]
+        assert held["unequal"] == []
+    single = load_file(folder / "single" / "model.safetensors")
+    fsdp = load_file(folder / "fsdp" / "model.safetensors")
+    assert sorted(fsdp) == sorted(single)
+    for key, tensor in single.items():
+        assert torch.equal(fsdp[key], tensor), key
+    for saved in ("single", "fsdp"):
+        _, info = AutoModelForCausalLM.from_pretrained(folder / saved, output_loading_info=True)
+        assert {k: list(v) for k, v in info.items() if v} == {}, saved

@@ -178,6 +178,34 @@ def test_saved_pruned_model_reloads_cleanly_with_plain_transformers(arch, ids, t
     assert torch.equal(logits(reloaded.eval(), ids), logits(model, ids))
 
 
+# Removals that leave no layer of one attention type (layer types above); a plain removal where there is one type.
+EMPTYING = {"qwen2": [[0, 1]], "qwen3": [[2, 3]], "gemma2": [[1, 3]], "gemma3_text": [[1, 3], [0, 2]]}
+
+
+def declared_buffers(model: torch.nn.Module) -> dict[str, bool]:
+    """Every buffer by name, with whether it is persistent (saved in the state dict)."""
+    return {f"{owner}.{leaf}" if owner else leaf: leaf not in module._non_persistent_buffers_set
+            for owner, module in model.named_modules() for leaf in module._buffers}
+
+
+@pytest.mark.parametrize(("arch", "removed"), [pytest.param(a, r, id=f"{a}-{'-'.join(map(str, r))}")
+                                              for a in ARCHS for r in EMPTYING.get(a, [REMOVE])])
+def test_pruned_model_holds_exactly_the_buffers_its_config_declares(arch, removed, ids):
+    """Gemma3 keeps rotary tables per layer type: those of a type no kept layer has must go (FSDP's unshard copies
+    buffers by name into a model rebuilt from the config); the kept ones stay as they were."""
+    model, reference = tiny(arch), tiny(arch)
+    before = dict(model.named_buffers())
+    remove_layers(model, removed)
+
+    assert declared_buffers(model) == declared_buffers(AutoModelForCausalLM.from_config(model.config))
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    with skip_layers(reference, removed):
+        assert torch.equal(logits(model, ids), logits(reference, ids))
+    for module in model.modules():  # re-initialising rotary tables walks the layer types the module lists
+        model._init_weights(module)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_adapters_follow_their_layers(arch, ids, tmp_path):
     base = tiny(arch)
