@@ -290,7 +290,7 @@ def compare_command(argv: Sequence[str]) -> int:
 
 
 def fit_command(argv: Sequence[str]) -> int:
-    """Parse and check everything (no model loaded yet), then run one `trainer.fit` over all stages.
+    """Parse and check everything (no model loaded yet), print the plan, then run one `trainer.fit` over all stages.
 
     A run that fails on bad input after it started (a zero baseline on the monitored task) leaves no run
     directory behind if it created it.
@@ -316,6 +316,10 @@ def fit_command(argv: Sequence[str]) -> int:
         if state and state.get("finished"):
             print(f"run in {module.run_dir} is already complete; see {module.run_dir / 'report.md'}")
             return 0
+        if cli.trainer.is_global_zero:  # what is about to happen, before the first model loads
+            from gradual.runplan import plan_lines
+
+            print("\n".join(plan_lines(module, cli.datamodule, cli.trainer, state)), flush=True)
         existed = module.run_dir.exists()
         sys.argv = [script, "fit", *argv]  # Lightning's DDP launcher starts the other ranks with this command
         try:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import typing
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -35,6 +36,7 @@ class GradualCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False, "num_sanity_val_steps": 0,
                                                "enable_checkpointing": True, "max_epochs": -1,
                                                "limit_val_batches": 0, "reload_dataloaders_every_n_epochs": 1})
+        quiet_known_noise()
         with held_logs():
             super().__init__(GradualModule, GradualDataModule, **kwargs)
 
@@ -42,11 +44,28 @@ class GradualCLI(LightningCLI):
         """The Trainer; a value its constructor refuses (an unknown strategy or accelerator name, `devices: -2`)
         is a one-line UsageError, not Lightning's traceback."""
         try:
-            return super().instantiate_trainer(**kwargs)
+            return super().instantiate_trainer(**self._progress_lines(kwargs))
         except UsageError:
             raise
         except (ValueError, TypeError, MisconfigurationException) as e:
             raise UsageError(f"trainer: {' '.join(str(e).split())}{_strategy_hint(self.config)}") from None
+
+    def _progress_lines(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`kwargs` with a `ProgressLog` appended to the callbacks when standard output is not a terminal (a log
+        file, a cluster job): Lightning's bar redraws in place and shows nothing readable there. A progress bar the
+        config lists, or `enable_progress_bar: false`, is left as configured."""
+        from lightning.pytorch.callbacks.progress import ProgressBar
+
+        from gradual.callbacks.progress import ProgressLog, stdout_is_terminal
+
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("enable_progress_bar") is False or stdout_is_terminal():
+            return kwargs
+        callbacks = kwargs.get("callbacks", config.get("callbacks"))
+        listed = list(callbacks) if isinstance(callbacks, list) else [] if callbacks is None else [callbacks]
+        if any(isinstance(c, ProgressBar) for c in listed):
+            return kwargs
+        return {**kwargs, "callbacks": [*listed, ProgressLog()]}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.model", "data.model")
@@ -74,6 +93,7 @@ class GradualCLI(LightningCLI):
         if data.get("sources", ...) is None:  # the default (data.sgr alone): keep resuming runs started before sources
             del data["sources"]
         callbacks = [_plain(c) for c in (config.trainer.get("callbacks") or [])]
+        callbacks = [c for c in callbacks if not (isinstance(c, dict) and c.get("class_path") in _DISPLAY_ONLY)]
         for c in callbacks:  # TaskEvaluation reads `forms: []` as its default, both forms: say it is empty
             if isinstance(c, dict) and isinstance(c.get("init_args"), dict) and c["init_args"].get("forms") == []:
                 raise UsageError(f"{c.get('class_path')}.forms is empty; allowed: generative, classification or "
@@ -99,6 +119,43 @@ class GradualCLI(LightningCLI):
         if config.trainer.logger in (None, True):
             config.trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                      "init_args": {"save_dir": config.model.run_dir, "name": "logs"}}
+
+
+_DISPLAY_ONLY = frozenset({"gradual.callbacks.ProgressLog", "gradual.callbacks.progress.ProgressLog"})
+"""Callbacks that only show progress: listing one (or not) does not make a run directory hold another run."""
+
+_ADVERT_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                   "lightning_utilities.core.rank_zero")
+"""The loggers Lightning's `rank_zero_info` writes through (the last module imported decides which one)."""
+
+PEFT_DEPRECATED_READ = "`is_gradient_checkpointing` is deprecated"
+"""The start of transformers 5's FutureWarning each time peft (0.21) builds an adapter, i.e. every LoRA stage:
+`PeftModel.__init__` reads the model's `is_gradient_checkpointing`, an alias transformers deprecated for
+`is_activation_checkpointing`. peft's access, not gradual's (gradual reads neither)."""
+
+
+class _NoLightningAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip" advertisements for its cloud services (litlogger, litmodels), printed at every
+    `fit`; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("💡 Tip:") and ("litlogger" in message or "litmodels" in message))
+
+
+def quiet_known_noise() -> None:
+    """Silence the two messages every `gradual fit` printed that the user did not cause, and nothing else:
+    Lightning's advertisements (a filter on its rank-zero loggers) and the FutureWarning peft triggers in
+    transformers (a warnings filter for that message, category and module alone). Installed once per process: a
+    warnings filter added again and again would make Python show every other warning again each time."""
+    for name in _ADVERT_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoLightningAdverts) for f in logger.filters):
+            logger.addFilter(_NoLightningAdverts())
+    module = r"transformers\.modeling_utils"
+    if not any(f[0] == "ignore" and f[1] is not None and f[1].pattern == PEFT_DEPRECATED_READ and f[2] is FutureWarning
+               and f[3] is not None and f[3].pattern == module for f in warnings.filters):
+        warnings.filterwarnings("ignore", message=PEFT_DEPRECATED_READ, category=FutureWarning, module=module)
 
 
 @contextmanager

@@ -390,23 +390,34 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     return out
 
 
+def _unconverted_smollm2(name: str) -> bool:
+    """Whether `name` is the offline SmolLM2 whose GGUF is not converted yet (its config exists only in the GGUF)."""
+    return name == SMOLLM2_ALIAS and not _is_complete(cache_dir() / "models" / f"{SMOLLM2_ALIAS}-{_smollm2_gguf()[1]}")
+
+
+def _meta_model(name: str, trust_remote_code: bool) -> PreTrainedModel:
+    """The model built from its config on the meta device: its shapes, no weights loaded."""
+    if name.startswith(TINY_PREFIX):
+        config = tiny_config(*parse_tiny(name))
+    else:
+        config = AutoConfig.from_pretrained(_check_source(name), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def weight_bytes(name: str, dtype: str = "float32", trust_remote_code: bool = False) -> int | None:
     """About the bytes `save_model` writes for this model in `dtype` (one stage's folder): its parameter count,
     read from its config on the meta device (no weights loaded), times the dtype's size. None when the config
     cannot be read offline: the estimate only serves a free-space check before a run, which it must never block."""
     try:
-        if name == SMOLLM2_ALIAS and not _is_complete(cache_dir() / "models" / f"{SMOLLM2_ALIAS}-{_smollm2_gguf()[1]}"):
+        if _unconverted_smollm2(name):
             from gguf import GGUFReader
 
             count = sum(int(t.n_elements) for t in GGUFReader(_smollm2_gguf()[0]).tensors)
             config = None
         else:
-            if name.startswith(TINY_PREFIX):
-                config = tiny_config(*parse_tiny(name))
-            else:
-                config = AutoConfig.from_pretrained(_check_source(name), trust_remote_code=trust_remote_code)
-            with torch.device("meta"):
-                meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            meta = _meta_model(name, trust_remote_code)
+            config = meta.config
             count = sum(p.numel() for p in meta.parameters())
     except Exception:  # noqa: BLE001 - an estimate: any failure to read the config means "unknown", not an error
         return None
@@ -415,6 +426,31 @@ def weight_bytes(name: str, dtype: str = "float32", trust_remote_code: bool = Fa
         torch_dtype = getattr(config, "torch_dtype", None) if config is not None else None
         torch_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
     return count * torch_dtype.itemsize
+
+
+def compute_parameters(name: str, trust_remote_code: bool = False) -> tuple[int, int] | None:
+    """(the weights a forward pass multiplies by: all but an untied input embedding, which is a lookup; those
+    inside the decoder layers), read from the config on the meta device or, before the offline SmolLM2 is
+    converted, its GGUF's tensor table: no weights loaded. What a training step costs scales with the first; each
+    removed layer takes its share of the second. None when the config cannot be read offline (a time estimate
+    must never block a run)."""
+    from gradual.surgery import decoder_layers
+
+    try:
+        if _unconverted_smollm2(name):
+            from gguf import GGUFReader
+
+            sizes = {t.name: int(t.n_elements) for t in GGUFReader(_smollm2_gguf()[0]).tensors}
+            untied = "output.weight" in sizes
+            total = sum(sizes.values()) - (sizes.get("token_embd.weight", 0) if untied else 0)
+            return total, sum(n for key, n in sizes.items() if key.startswith("blk."))
+        meta = _meta_model(name, trust_remote_code)
+        embedding, head = meta.get_input_embeddings(), meta.get_output_embeddings()
+        untied = head is None or head.weight is not embedding.weight
+        total = sum(p.numel() for p in meta.parameters()) - (embedding.weight.numel() if untied else 0)
+        return total, sum(p.numel() for p in decoder_layers(meta).parameters())
+    except Exception:  # noqa: BLE001 - an estimate: any failure to read the config means "unknown", not an error
+        return None
 
 
 def model_depth(name: str, trust_remote_code: bool = False) -> int:

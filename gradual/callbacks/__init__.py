@@ -24,11 +24,15 @@ hook; checkpoint callbacks after the module's `on_train_epoch_end`):
 `gradual compare` adds `SeedBaseline` (`on_train_start`, before the evaluations: `record_scores` of the baseline
 shared by all arms), `RecordRetention` (in place of `RetentionStopping`: `record_retention`, never stops) and
 `DataLedger` (reads the batches; writes its own ledger file).
+
+`ProgressLog` only reads: training progress as plain lines (`gradual fit` uses it in place of Lightning's progress bar
+when standard output is not a terminal).
 """
 
 from gradual.callbacks.checkpoint import StageCheckpoint
 from gradual.callbacks.evaluation import LmEvalEvaluation, TaskEvaluation
+from gradual.callbacks.progress import ProgressLog
 from gradual.callbacks.report import Report
 from gradual.callbacks.retention import RetentionStopping
 
-__all__ = ["LmEvalEvaluation", "Report", "RetentionStopping", "StageCheckpoint", "TaskEvaluation"]
+__all__ = ["LmEvalEvaluation", "ProgressLog", "Report", "RetentionStopping", "StageCheckpoint", "TaskEvaluation"]
