@@ -88,7 +88,8 @@ class GradualModule(StageHistory, L.LightningModule):
         self.depth0 = len(self.original0)
         check_settings(repair, model, quantize, trust_remote_code=trust_remote_code)
         self.schedule.validate(self.original0)
-        self.plan = self.schedule.stages(self.depth0)
+        protected = self.selection.protect_first + self.selection.protect_last if schedule.layers is None else 0
+        self.plan = self.schedule.stages(self.depth0, protected)
         if self.quantize == "nf4" and self.recovery.params != "lora":
             raise UsageError(f"recovery.params={self.recovery.params!r} trains full weights, which a 4-bit base "
                              "cannot hold; use params: lora with quantize: nf4, or quantize: null")

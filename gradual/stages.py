@@ -49,9 +49,10 @@ class Schedule:
     steps_per_stage: int = 50
     final_steps: int = 0
 
-    def total_to_remove(self, depth: int) -> int:
-        """How many layers the whole run may remove from a model of `depth` layers."""
-        limits = [depth - self.min_depth]
+    def total_to_remove(self, depth: int, protected: int = 0) -> int:
+        """How many layers the whole run may remove from a model of `depth` layers, `protected` of which the layer
+        choice never removes (`Selection.protect_first + protect_last`)."""
+        limits = [depth - self.min_depth, depth - protected]
         if self.layers is not None:
             limits.append(len(self.layers))
         if self.max_layers is not None:
@@ -60,9 +61,9 @@ class Schedule:
             limits.append(int(round(self.target_ratio * depth)))
         return max(0, min(limits))
 
-    def stage_sizes(self, depth: int) -> list[int]:
+    def stage_sizes(self, depth: int, protected: int = 0) -> list[int]:
         """Layers removed per stage. One-shot removes everything in one stage (with the same total steps)."""
-        total = self.total_to_remove(depth)
+        total = self.total_to_remove(depth, protected)
         if self.mode == "one_shot":
             return [total] if total else []
         sizes, left = [], total
@@ -77,11 +78,12 @@ class Schedule:
             return self.steps_per_stage * max(1, -(-n_removed // self.layers_per_stage))
         return self.steps_per_stage
 
-    def stages(self, depth: int) -> list[tuple[int, int]]:
-        """The run's plan, one (layers removed, recovery steps) pair per stage: the removals, then — with
-        `final_steps` — a consolidation stage that removes nothing and distils from the original model
-        (Minitron's advice: most of the budget in a final pass from the original teacher)."""
-        plan = [(k, self.steps_for_stage(k)) for k in self.stage_sizes(depth)]
+    def stages(self, depth: int, protected: int = 0) -> list[tuple[int, int]]:
+        """The run's plan, one (layers removed, recovery steps) pair per stage: the removals — never into the
+        `protected` layers, so the defaults (no limit but `min_depth`) plan down to the protected layers rather than
+        past them — then, with `final_steps`, a consolidation stage that removes nothing and distils from the
+        original model (Minitron's advice: most of the budget in a final pass from the original teacher)."""
+        plan = [(k, self.steps_for_stage(k)) for k in self.stage_sizes(depth, protected)]
         if self.final_steps and plan:
             plan.append((0, self.final_steps))
         return plan

@@ -405,3 +405,15 @@ def test_resume_under_trainer_settings_that_change_the_training_is_refused(
     assert len(err) == 1 and "already holds a different run" in err[0] and key in err[0], err
     assert (run_dir / "state.json").read_bytes() == state
     assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == files
+
+
+def test_the_default_schedule_plans_down_to_the_protected_layers_and_runs(tmp_path: Path) -> None:
+    """No `max_layers`/`target_ratio` (the defaults): the plan removes layers until only the protected first and
+    last ones are left, instead of planning stages that no layer choice can fill and refusing the run."""
+    config, run_dir = write_config(tmp_path, model__schedule__max_layers=None, model__schedule__steps_per_stage=0,
+                                   trainer__callbacks=[{"class_path": "gradual.callbacks.Report"},
+                                                       {"class_path": "gradual.callbacks.StageCheckpoint"}])
+    assert main(["fit", "--config", str(config)]) == 0
+    stages = json.loads((run_dir / "results.json").read_text())["stages"]
+    assert [s["depth"] for s in stages] == [6, 5, 4, 3, 2]
+    assert [s["kept"] for s in stages][-1] == [0, 5]
