@@ -1,0 +1,83 @@
+"""Intervals by paired bootstrap: coverage at the nominal rate on synthetic scores, capped group means that no task
+above its baseline can raise, worst tasks, and paired verdicts between recipes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradual.intervals import TIE, group_figures, paired_difference, task_figures
+
+
+def _paired_problems(rng: np.random.Generator, n: int, p_base: float, p_stage: float) -> tuple[list[int], list[int]]:
+    """n problems of varying difficulty: the baseline solves each with probability d·p_base, the stage with
+    d·p_stage (correlated, as a pruned model fails mostly where the original was weak)."""
+    difficulty = rng.uniform(0.5, 1.0, n)
+    u = rng.uniform(size=n)
+    return (u < difficulty * p_stage).astype(int).tolist(), (u < difficulty * p_base).astype(int).tolist()
+
+
+@pytest.mark.slow  # 200 bootstraps of 1000 replicates; CI runs it (make test-slow)
+def test_score_and_retention_intervals_cover_the_true_values_at_the_nominal_rate() -> None:
+    rng = np.random.default_rng(0)
+    p_base, p_stage, n, runs = 0.8, 0.5, 96, 200
+    true_score, true_retention = 0.75 * p_stage, p_stage / p_base  # E[difficulty] = 0.75
+    covered_score = covered_retention = 0
+    for run in range(runs):
+        stage, base = _paired_problems(rng, n, p_base, p_stage)
+        t = task_figures(stage, base, key="synthetic", seed=run)
+        covered_score += t.score_ci[0] <= true_score <= t.score_ci[1]
+        covered_retention += t.retention_ci[0] <= true_retention <= t.retention_ci[1]
+    assert 0.90 <= covered_score / runs <= 0.99, covered_score
+    assert 0.90 <= covered_retention / runs <= 0.99, covered_retention
+
+
+def test_pairing_narrows_the_retention_interval() -> None:
+    """The same problems solved by both: retention is exactly 1 in every replicate, however few problems."""
+    items = [1, 0, 1, 1, 0, 1, 0, 1]
+    t = task_figures(items, items, key="same")
+    assert t.retention == 1.0 and t.retention_ci == (1.0, 1.0)
+    assert t.score_ci[0] < 0.625 < t.score_ci[1]
+
+
+def test_a_task_above_its_baseline_does_not_raise_the_group() -> None:
+    base = [1] * 16 + [0] * 16
+    collapsed = task_figures([1] * 2 + [0] * 30, base, key="products")  # 2/16 of its baseline
+    above = task_figures([1] * 24 + [0] * 8, base, key="uppercase")  # 24/16 = 1.5 of its baseline
+    group = group_figures({"products": collapsed, "uppercase": above})
+    assert above.retention == 1.5 and collapsed.retention == 0.125
+    assert group.mean == pytest.approx((0.125 + 1.0) / 2)  # not (0.125 + 1.5) / 2 = 0.81
+    assert group.worst_task == "products" and group.worst == 0.125 and group.worst_ci == collapsed.retention_ci
+    assert group.mean_ci[0] < group.mean < group.mean_ci[1] <= 1.0
+    alone = group_figures({"products": collapsed})
+    assert alone.mean == 0.125 and group_figures({"uppercase": above}).mean == 1.0
+
+
+def test_undefined_retention_stays_out_of_the_group() -> None:
+    zero = task_figures([1, 0, 0, 0], [0, 0, 0, 0], key="zero")
+    kept = task_figures([1, 1, 0, 0], [1, 1, 0, 0], key="kept")
+    assert zero.retention is None and zero.retention_ci == (None, None)
+    assert group_figures({"zero": zero, "kept": kept}).tasks == 1
+    assert group_figures({"zero": zero}) is None
+
+
+def test_figures_are_reproducible_and_refuse_unpaired_series() -> None:
+    stage, base = [1, 0, 1, 0, 1, 1], [1, 1, 1, 0, 1, 1]
+    assert task_figures(stage, base, key="k").to_dict() == task_figures(stage, base, key="k").to_dict()
+    with pytest.raises(ValueError, match="one length"):
+        task_figures([1, 0], [1, 0, 1], key="k")
+
+
+def test_paired_verdicts_tell_a_real_difference_from_noise() -> None:
+    rng = np.random.default_rng(1)
+    base = {f"t{i}": [1] * 60 + [0] * 4 for i in range(3)}
+    good = {k: (rng.uniform(size=64) < 0.85).astype(int).tolist() for k in base}
+    bad = {k: (rng.uniform(size=64) < 0.35).astype(int).tolist() for k in base}
+    ahead = paired_difference(good, bad, base)
+    assert ahead.verdict == "ahead" and ahead.ci[0] > 0 and ahead.value > 0.4
+    assert paired_difference(bad, good, base).verdict == "behind"
+    flipped = {k: v[1:] + v[:1] for k, v in good.items()}  # the same skill, other problems right: noise
+    tie = paired_difference(good, flipped, base)
+    assert tie.verdict == TIE and tie.ci[0] < 0 < tie.ci[1]
+    same = paired_difference(good, good, base)
+    assert same.value == 0 and same.ci == (0.0, 0.0) and same.verdict == TIE
