@@ -120,7 +120,7 @@ def evaluate(model: str, tasks: str | list[str] = "", forms: str | list[str] = "
     from gradual.tasks import CODE_TASKS, FORMS, TASKS, format_results_table
     from gradual.tasks import evaluate as evaluate_tasks
     from gradual.tasks.builtin import check_difficulty
-    from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
+    from gradual.tasks.lm_eval_bridge import check_lm_eval_tasks, evaluate_lm_eval
 
     builtin, lm_eval = _items(tasks), _items(lm_eval_tasks)
     if not builtin and not lm_eval:
@@ -155,24 +155,6 @@ def evaluate(model: str, tasks: str | list[str] = "", forms: str | list[str] = "
                                         batch_size=batch_size))
     print(format_results_table(results))
     return 0
-
-
-def check_lm_eval_tasks(names: Sequence[str], include_path: str | None, option: str) -> None:
-    """Refuse a missing `include_path` and unknown lm-eval task names before any model loads (`gradual eval` and
-    `LmEvalEvaluation` in `gradual fit`). lm-eval's task index is built as `evaluate_lm_eval` builds it (the local
-    directory alone when it holds every task) and cached, so the evaluation reuses it: a typo costs the index (up
-    to half a minute), not a model load as well."""
-    from gradual.tasks.lm_eval_bridge import _task_manager
-
-    if include_path is not None and not os.path.isdir(include_path):
-        raise UsageError(f"{option}: include_path {include_path!r} is not a directory of lm-eval YAML tasks")
-    manager = _task_manager(include_path, False) if include_path is not None else None
-    if manager is None or not all(manager.match_tasks([t]) for t in names):
-        manager = _task_manager(include_path, True)
-    unknown = [t for t in names if not manager.match_tasks([t])]
-    if unknown:
-        raise UsageError(f"{option}: lm-eval task(s) {', '.join(map(repr, unknown))} not found"
-                         f"{' under ' + include_path if include_path else ''}; see `lm-eval ls tasks`")
 
 
 def prune(model: str, out: str, layers: str | list[int] | None = None, num: int | None = None,

@@ -177,7 +177,7 @@ def check_settings(module: GradualModule, datamodule: Any, trainer: Trainer) -> 
                 raise UsageError(f"LmEvalEvaluation num_fewshot={callback.num_fewshot} is invalid; it must be >= 0 "
                                  "or null")
             if rank_zero_only.rank == 0:  # the rank that evaluates
-                from gradual.cli import check_lm_eval_tasks
+                from gradual.tasks.lm_eval_bridge import check_lm_eval_tasks
 
                 check_lm_eval_tasks(callback.tasks, callback.include_path, "LmEvalEvaluation")
 
