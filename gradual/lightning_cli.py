@@ -9,7 +9,6 @@ import math
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -23,7 +22,6 @@ from gradual import models, sharding
 from gradual.datamodule import GradualDataModule
 from gradual.errors import UsageError
 from gradual.module import GradualModule
-from gradual.sgr import SGRConfig
 
 
 class GradualCLI(LightningCLI):
@@ -69,10 +67,6 @@ class GradualCLI(LightningCLI):
         data = _plain(config.get("data")) or {}
         if isinstance(data.get("sgr"), dict):
             data["sgr"] = _drop(data["sgr"], _RESULT_NEUTRAL)
-            if _json(data["sgr"]) == _json(_drop(asdict(SGRConfig()), _RESULT_NEUTRAL)):
-                data["sgr"] = None  # the default: null, as recorded by runs from before data.sgr's fields were listed
-        if data.get("sources", ...) is None:  # the default (data.sgr alone): keep resuming runs started before sources
-            del data["sources"]
         callbacks = [_plain(c) for c in (config.trainer.get("callbacks") or [])]
         for c in callbacks:  # TaskEvaluation reads `forms: []` as its default, both forms: say it is empty
             if isinstance(c, dict) and isinstance(c.get("init_args"), dict) and c["init_args"].get("forms") == []:

@@ -152,7 +152,6 @@ def fit_run(plan: Plan, arm: Arm, depth: int, layers: list[int] | None) -> dict[
     configs = plan.out / "configs"
     configs.mkdir(parents=True, exist_ok=True)
     (configs / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    rename_legacy_callbacks(plan.out / name)
     cli = make_cli(config)
     module = cli.model
     module.check_run_dir()
@@ -179,20 +178,6 @@ def fit_run(plan: Plan, arm: Arm, depth: int, layers: list[int] | None) -> dict[
             "responses": ((config.get("data") or {}).get("sgr") or {}).get("responses", SGRConfig.responses)
             if trained else None,
             "seconds": time.perf_counter() - t, "optimizer_steps": steps}
-
-
-LEGACY_MODULE = "gradual.compare_callbacks."
-"""Where the comparison callbacks lived before `gradual.compare` became a package; runs started then name them so."""
-
-
-def rename_legacy_callbacks(run_dir: Path) -> None:
-    """Let a run started before `gradual.compare` became a package resume (or be read back): its saved identity
-    names the comparison callbacks by their old module, which would make it "a different run"."""
-    from gradual.rundir import STATE_FILE
-
-    path = run_dir / STATE_FILE
-    if path.is_file() and LEGACY_MODULE in (text := path.read_text()):
-        path.write_text(text.replace(f'"{LEGACY_MODULE}', '"gradual.compare.callbacks.'))
 
 
 def arm_points(arm: Arm, runs_of: dict[int, int], runs: dict[str, dict[str, Any]], budgets: dict[int, Budget],
@@ -234,7 +219,7 @@ def arm_curve(arm: Arm, runs_of: dict[int, int], runs: dict[str, dict[str, Any]]
 
 def run(plan: Plan) -> dict[str, Any]:
     """Run every arm and write compare.json / compare.md / compare.png into `plan.out`."""
-    from gradual.compare.report import flag_below_no_recovery, write_outputs
+    from gradual.compare.outputs import flag_below_no_recovery, write_outputs
 
     t0 = time.perf_counter()
     from gradual.lightning_cli import held_logs
