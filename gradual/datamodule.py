@@ -205,6 +205,7 @@ class GradualDataModule(RecoveryDataModule):
     def __init__(self, model: str = "smollm2-135m-instruct", sgr: SGRConfig = SGRConfig(),
                  sources: list[DataSource] | None = None, dtype: str | None = None, batch_size: int = 8,
                  max_length: int = 512, seed: int = 0, trust_remote_code: bool = False) -> None:
+        models.check_dtype(dtype, "data.dtype", nullable=True)
         sgr = copy.deepcopy(sgr)  # set up below (`cache_dir`); the default is a shared instance
         super().__init__(batch_size=batch_size, samples_per_epoch=batch_size, max_length=max_length,
                          system_prompt=sgr.system_prompt, chat=sgr.chat, seed=seed,

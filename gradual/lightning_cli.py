@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from gradual import models, sharding
+from gradual import sharding
 from gradual.datamodule import GradualDataModule
 from gradual.errors import UsageError
 from gradual.module import GradualModule
@@ -68,10 +68,6 @@ class GradualCLI(LightningCLI):
         if isinstance(data.get("sgr"), dict):
             data["sgr"] = _drop(data["sgr"], _RESULT_NEUTRAL)
         callbacks = [_plain(c) for c in (config.trainer.get("callbacks") or [])]
-        for c in callbacks:  # TaskEvaluation reads `forms: []` as its default, both forms: say it is empty
-            if isinstance(c, dict) and isinstance(c.get("init_args"), dict) and c["init_args"].get("forms") == []:
-                raise UsageError(f"{c.get('class_path')}.forms is empty; allowed: generative, classification or "
-                                 "both (or leave it out for both)")
         for c in callbacks:
             if isinstance(c, dict) and isinstance(c.get("init_args"), dict):
                 c["init_args"] = _drop(c["init_args"], _RESULT_NEUTRAL)
@@ -136,13 +132,8 @@ def check_settings(module: GradualModule, datamodule: Any, trainer: Trainer) -> 
     Raises:
         UsageError: naming the value and what is allowed.
     """
-    from gradual.callbacks import LmEvalEvaluation, TaskEvaluation
+    from gradual.callbacks import LmEvalEvaluation
 
-    if module.dtype_name not in models.DTYPES:
-        raise UsageError(f"model.dtype={module.dtype_name!r} is unknown; allowed: {', '.join(models.DTYPES)}")
-    teacher_dtype = getattr(datamodule, "dtype_name", None)
-    if teacher_dtype is not None and teacher_dtype not in models.DTYPES:
-        raise UsageError(f"data.dtype={teacher_dtype!r} is unknown; allowed: {', '.join(models.DTYPES)} or null")
     if module.warmup_steps < 0:
         raise UsageError(f"model.warmup_steps={module.warmup_steps} is invalid; it must be >= 0")
     removals = [k for k, _ in module.plan if k] if module.schedule.layers is None else []
@@ -155,25 +146,10 @@ def check_settings(module: GradualModule, datamodule: Any, trainer: Trainer) -> 
     if clip is not None and not (math.isfinite(clip) and clip >= 0):
         raise UsageError(f"trainer.gradient_clip_val={clip!r} is invalid; it must be finite and >= 0, or null")
     for callback in trainer.callbacks:
-        name = type(callback).__name__
-        if isinstance(callback, (TaskEvaluation, LmEvalEvaluation)) and callback.batch_size < 1:
-            raise UsageError(f"{name} batch_size={callback.batch_size} is invalid; it must be >= 1")
-        if isinstance(callback, TaskEvaluation):
-            if not callback.tasks:
-                raise UsageError("TaskEvaluation.tasks is empty; name at least one built-in task (see `gradual tasks`)")
-            if callback.max_new_tokens is not None and callback.max_new_tokens < 1:
-                raise UsageError(f"TaskEvaluation max_new_tokens={callback.max_new_tokens} is invalid; it must be "
-                                 ">= 1 or null (each task's own budget)")
-        if isinstance(callback, LmEvalEvaluation):
-            if callback.limit is not None and callback.limit < 1:
-                raise UsageError(f"LmEvalEvaluation limit={callback.limit} is invalid; it must be >= 1 or null")
-            if callback.num_fewshot is not None and callback.num_fewshot < 0:
-                raise UsageError(f"LmEvalEvaluation num_fewshot={callback.num_fewshot} is invalid; it must be >= 0 "
-                                 "or null")
-            if rank_zero_only.rank == 0:  # the rank that evaluates
-                from gradual.tasks.lm_eval_bridge import check_lm_eval_tasks
+        if isinstance(callback, LmEvalEvaluation) and rank_zero_only.rank == 0:  # the rank that evaluates
+            from gradual.tasks.lm_eval_bridge import check_lm_eval_tasks
 
-                check_lm_eval_tasks(callback.tasks, callback.include_path, "LmEvalEvaluation")
+            check_lm_eval_tasks(callback.tasks, callback.include_path, "LmEvalEvaluation")
 
 
 def training_settings(trainer: Trainer) -> dict[str, Any]:

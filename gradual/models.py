@@ -182,11 +182,35 @@ def _nf4_config() -> object:
                               bnb_4bit_compute_dtype=compute)
 
 
-def _check_options(dtype: str, quantize: str | None) -> None:
-    if dtype not in DTYPES:
-        raise UsageError(f"dtype {dtype!r} is invalid; choose one of {', '.join(DTYPES)}")
+def _named(setting: str, value: object) -> str:
+    """A setting and its value as the user wrote them: `--dtype 'x'` for a command-line option, `model.dtype='x'`
+    for a config key."""
+    return f"{setting} {value!r}" if setting.startswith("--") else f"{setting}={value!r}"
+
+
+def check_dtype(dtype: str | None, setting: str = "dtype", nullable: bool = False) -> str | None:
+    """`dtype` itself when it names one of `DTYPES` (or is None where `nullable`): the one check of every dtype
+    setting (`--dtype`, `model.dtype`, `data.dtype`, `recovery.teacher_dtype`, `load_model`).
+
+    Raises:
+        UsageError: naming `setting` (an option `--x` or a config key) and what is allowed.
+    """
+    if dtype in DTYPES or (dtype is None and nullable):
+        return dtype
+    raise UsageError(f"{_named(setting, dtype)} is unknown; allowed: {', '.join(DTYPES)}"
+                     f"{' or null' if nullable else ''}")
+
+
+def check_quantize(quantize: str | None, setting: str = "quantize") -> str | None:
+    """`quantize` itself when it is None or `nf4`: the one check of `model.quantize`, `recovery.teacher_quantize`
+    and `load_model`'s.
+
+    Raises:
+        UsageError: naming `setting` and what is allowed.
+    """
     if quantize not in QUANTIZE:
-        raise UsageError(f"quantize {quantize!r} is invalid; choose none or nf4")
+        raise UsageError(f"{_named(setting, quantize)} is unknown; allowed: nf4 or null")
+    return quantize
 
 
 def load_model(name: str, dtype: str = "float32", quantize: str | None = None, trust_remote_code: bool = False,
@@ -196,7 +220,8 @@ def load_model(name: str, dtype: str = "float32", quantize: str | None = None, t
     `quantize="nf4"` loads 4-bit NF4 with double quantisation (QLoRA), computing in bf16 on GPU, fp32 on CPU;
     no later forward changes those 4-bit weights, so a de-quantisation of them is the model that was run.
     """
-    _check_options(dtype, quantize)
+    check_dtype(dtype)
+    check_quantize(quantize)
     torch_dtype = torch.float32 if dtype == "auto" and name.startswith(tiny.TINY_PREFIX) else DTYPES[dtype]
     if name.startswith(tiny.TINY_PREFIX):
         arch, layers = tiny.parse_tiny(name)
