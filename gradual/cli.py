@@ -259,8 +259,6 @@ def fit_command(argv: Sequence[str]) -> int:
     from gradual.lightning_cli import GradualCLI, held_logs
 
     saved_argv = sys.argv
-    script = sys.argv[0]
-    sys.argv = [f"{script} fit"]  # LightningCLI names the command after argv[0] in its help and errors
     try:
         with held_logs():  # Lightning's start-up notices print once the run is accepted
             try:
@@ -276,7 +274,7 @@ def fit_command(argv: Sequence[str]) -> int:
             print(f"run in {module.run_dir} is already complete; see {module.run_dir / 'report.md'}")
             return 0
         existed = module.run_dir.exists()
-        sys.argv = [script, "fit", *argv]  # Lightning's DDP launcher starts the other ranks with this command
+        sys.argv = [saved_argv[0], "fit", *argv]  # Lightning's DDP launcher starts the other ranks with sys.argv
         try:
             cli.trainer.fit(module, datamodule=cli.datamodule)
         except UsageError:

@@ -29,12 +29,18 @@ class GradualCLI(LightningCLI):
     follows the model's dtype unless `data.dtype` is set."""
 
     def __init__(self, **kwargs: Any) -> None:
+        kwargs["parser_kwargs"] = {"prog": "gradual fit", **(kwargs.get("parser_kwargs") or {})}
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False, "num_sanity_val_steps": 0,
                                                "enable_checkpointing": True, "max_epochs": -1,
                                                "limit_val_batches": 0, "reload_dataloaders_every_n_epochs": 1})
         with held_logs():
             super().__init__(GradualModule, GradualDataModule, **kwargs)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse `args`, or the command line when None. Lightning's version warns when `args` comes with a command
+        line of its own, which is how every gradual command and test builds this CLI (from `main(argv)`)."""
+        self.config = parser.parse_object(args) if isinstance(args, dict | Namespace) else parser.parse_args(args)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer; a value its constructor refuses (an unknown strategy or accelerator name, `devices: -2`)
@@ -91,25 +97,52 @@ class GradualCLI(LightningCLI):
                                      "init_args": {"save_dir": config.model.run_dir, "name": "logs"}}
 
 
+class _Held(logging.Handler):
+    """Keeps every record handed to it, once (a propagating record reaches it from each logger it passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not any(r is record for r in self.records):
+            self.records.append(record)
+
+
 @contextmanager
 def held_logs(replay: bool = True) -> Iterator[None]:
     """Hold back every log record ("Seed set to 0", "GPU available: ...", tips) until the block succeeds: a config
     the CLI refuses prints its one error line alone, a good one prints everything, in order (`replay=False`:
-    nothing; for checks that build CLIs only to validate them). Records are held where loggers hand them to their
-    handlers, so a handler added inside the block (an import that configures logging) is held too."""
-    held: list[tuple[logging.Logger, logging.LogRecord]] = []
-    call_handlers = logging.Logger.callHandlers
+    nothing; for checks that build CLIs only to validate them).
 
-    def hold(self: logging.Logger, record: logging.LogRecord) -> None:
-        held.append((self, record))
-
-    logging.Logger.callHandlers = hold  # type: ignore[method-assign]
+    While the block runs, every logger that would print a record (the root, any logger with handlers or that does
+    not propagate) hands its records to one holding handler instead of its own; afterwards they are replayed through
+    the loggers' own handlers. A handler first added inside the block prints at once and is kept (Lightning's and
+    transformers' handlers exist once this module is imported)."""
+    hold = _Held()
+    root = logging.getLogger()
+    loggers = [root, *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    saved = {lg: lg.handlers for lg in loggers if lg is root or lg.handlers or not lg.propagate}
+    for logger in saved:
+        logger.handlers = [hold]
     try:
         yield
-    finally:
-        logging.Logger.callHandlers = call_handlers  # type: ignore[method-assign]
-    for logger, record in held if replay else ():
-        logger.callHandlers(record)
+    except BaseException:
+        _release(saved, hold, replay=False)
+        raise
+    _release(saved, hold, replay)
+
+
+def _release(saved: dict[logging.Logger, list[logging.Handler]], hold: _Held, replay: bool) -> None:
+    """Give the loggers their own handlers back, replay the held records through them (not through handlers added
+    inside the block, which printed them already), then keep the added handlers."""
+    added = {lg: [h for h in lg.handlers if h is not hold and h not in handlers] for lg, handlers in saved.items()}
+    for logger, handlers in saved.items():
+        logger.handlers = handlers
+    for record in hold.records if replay else ():
+        logging.getLogger(None if record.name == "root" else record.name).handle(record)
+    for logger, handlers in added.items():
+        logger.handlers.extend(handlers)
 
 
 def _strategy_hint(config: Namespace) -> str:

@@ -10,7 +10,6 @@ import gc
 import json
 import re
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -25,22 +24,13 @@ from gradual.errors import UsageError, parser_error_line, usage_error_in
 from gradual.sgr import SGRConfig
 
 
-def _argv_free(build: Any) -> Any:
-    """Run `build()` with this process's command line hidden: LightningCLI would otherwise read it."""
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        return build()
-    finally:
-        sys.argv = argv
-
-
 def make_cli(config: dict[str, Any]) -> Any:
     """A `gradual fit` LightningCLI of this config, not run; bad options raise a one-line UsageError."""
     from gradual.lightning_cli import GradualCLI
 
     try:
-        return _argv_free(lambda: GradualCLI(args=["--config", yaml.safe_dump(config, sort_keys=False)], run=False,
-                                             parser_kwargs={"exit_on_error": False}))
+        return GradualCLI(args=["--config", yaml.safe_dump(config, sort_keys=False)], run=False,
+                          parser_kwargs={"exit_on_error": False})
     except argparse.ArgumentError as e:
         raise UsageError(f"--config is not a valid `gradual fit` config: {fit_error_line(str(e))}") from None
     except ValueError as e:  # jsonargparse wraps errors raised while instantiating classes
@@ -64,8 +54,8 @@ class FitParser:
             def after_instantiate_classes(self) -> None:
                 pass
 
-        self.parser = self.check(config, lambda c: _argv_free(lambda: ParseOnly(
-            args=copy.deepcopy(c), run=False, parser_kwargs={"exit_on_error": False})).parser)
+        self.parser = self.check(config, lambda c: ParseOnly(args=copy.deepcopy(c), run=False,
+                                                              parser_kwargs={"exit_on_error": False}).parser)
 
     def check(self, config: dict[str, Any], parse: Any = None) -> Any:
         """Parse `config`; a rejection raises argparse.ArgumentError."""
