@@ -29,6 +29,7 @@ def stream() -> Iterator[io.StringIO]:
     finally:
         logger.removeHandler(own)
         logger.propagate = True
+        logger.setLevel(logging.NOTSET)
         logging.getLogger().removeHandler(root)
 
 
