@@ -42,18 +42,6 @@ def _check_at_least(low: int, **values: int | None) -> None:
             raise UsageError(f"--{name.replace('_', '-')} {value} is invalid; it must be >= {low}")
 
 
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    """Refuse a value that is not one of `allowed`, naming the option as typed."""
-    if value not in allowed:
-        raise UsageError(f"--{name.replace('_', '-')} {value!r} is unknown; allowed: {', '.join(allowed)}")
-
-
-def _check_dtype(dtype: str) -> None:
-    from gradual.models import DTYPES
-
-    _check_choice("dtype", dtype, list(DTYPES))
-
-
 def score(model: str, metric: str = "block_influence", span: int = 1, calibration: str | None = None,
           num_calibration: int = 32, batch_size: int = 8, max_length: int = 256, dtype: str = "float32",
           seed: int = 0, trust_remote_code: bool = False) -> int:
@@ -73,11 +61,11 @@ def score(model: str, metric: str = "block_influence", span: int = 1, calibratio
         trust_remote_code: Allow the model's own code from the hub (needed by some architectures).
     """
     from gradual import importance
-    from gradual.models import load_model, load_tokenizer, original_layers
+    from gradual.models import check_dtype, load_model, load_tokenizer, original_layers
 
     if metric not in _metrics().split(", "):
         raise UsageError(f"--metric {metric!r} is not available here; allowed: {_metrics()}")
-    _check_dtype(dtype)
+    check_dtype(dtype, "--dtype")
     _check_at_least(1, span=span, num_calibration=num_calibration, batch_size=batch_size, max_length=max_length)
     depth = len(original_layers(model, trust_remote_code=trust_remote_code))  # the config alone: a bad name ends here
     if metric in ("block_influence", "angular_distance") and span > depth:
@@ -116,28 +104,17 @@ def evaluate(model: str, tasks: str | list[str] = "", forms: str | list[str] = "
         dtype: The weights' dtype: float32, bfloat16, float16 or auto.
         trust_remote_code: Allow the model's own code from the hub (needed by some architectures).
     """
-    from gradual.models import load_model, load_tokenizer, model_positions
-    from gradual.tasks import CODE_TASKS, FORMS, TASKS, format_results_table
+    from gradual.models import check_dtype, load_model, load_tokenizer, model_positions
+    from gradual.tasks import check_task_settings, format_results_table
     from gradual.tasks import evaluate as evaluate_tasks
-    from gradual.tasks.builtin import check_difficulty
-    from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
+    from gradual.tasks.lm_eval_bridge import check_lm_eval_tasks, evaluate_lm_eval
 
     builtin, lm_eval = _items(tasks), _items(lm_eval_tasks)
     if not builtin and not lm_eval:
         raise UsageError("nothing to evaluate; give --tasks and/or --lm-eval-tasks")
-    unknown = [t for t in builtin if t not in TASKS and t not in CODE_TASKS]
-    if unknown:
-        allowed = ", ".join([*TASKS, *CODE_TASKS])
-        raise UsageError(f"unknown task(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
-    if any(t in CODE_TASKS for t in builtin) and not enable_code:
-        raise UsageError("task 'humaneval' runs model-written code; add --enable-code to allow it")
-    if fmt not in ("fewshot", "chat"):
-        raise UsageError(f"--fmt {fmt!r} is unknown; allowed: fewshot, chat")
-    check_difficulty(difficulty)
-    if builtin and (not _items(forms) or any(f not in FORMS for f in _items(forms))):
-        raise UsageError(f"--forms {forms!r} is invalid; allowed: one or both of {', '.join(FORMS)}")
+    check_task_settings(builtin, _items(forms), fmt, enable_code, difficulty, options=True)
     _check_at_least(1, n=n, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit)
-    _check_dtype(dtype)
+    check_dtype(dtype, "--dtype")
     if include_path is not None and not os.path.isdir(include_path):
         raise UsageError(f"--include-path {include_path!r} is not a directory")
     model_positions(model, trust_remote_code=trust_remote_code)  # reads the config alone: a bad name ends here
@@ -155,24 +132,6 @@ def evaluate(model: str, tasks: str | list[str] = "", forms: str | list[str] = "
                                         batch_size=batch_size))
     print(format_results_table(results))
     return 0
-
-
-def check_lm_eval_tasks(names: Sequence[str], include_path: str | None, option: str) -> None:
-    """Refuse a missing `include_path` and unknown lm-eval task names before any model loads (`gradual eval` and
-    `LmEvalEvaluation` in `gradual fit`). lm-eval's task index is built as `evaluate_lm_eval` builds it (the local
-    directory alone when it holds every task) and cached, so the evaluation reuses it: a typo costs the index (up
-    to half a minute), not a model load as well."""
-    from gradual.tasks.lm_eval_bridge import _task_manager
-
-    if include_path is not None and not os.path.isdir(include_path):
-        raise UsageError(f"{option}: include_path {include_path!r} is not a directory of lm-eval YAML tasks")
-    manager = _task_manager(include_path, False) if include_path is not None else None
-    if manager is None or not all(manager.match_tasks([t]) for t in names):
-        manager = _task_manager(include_path, True)
-    unknown = [t for t in names if not manager.match_tasks([t])]
-    if unknown:
-        raise UsageError(f"{option}: lm-eval task(s) {', '.join(map(repr, unknown))} not found"
-                         f"{' under ' + include_path if include_path else ''}; see `lm-eval ls tasks`")
 
 
 def prune(model: str, out: str, layers: str | list[int] | None = None, num: int | None = None,
@@ -193,7 +152,7 @@ def prune(model: str, out: str, layers: str | list[int] | None = None, num: int 
         trust_remote_code: Allow the model's own code from the hub (needed by some architectures).
     """
     from gradual import importance, surgery
-    from gradual.models import load_model, load_tokenizer, original_layers, save_model
+    from gradual.models import check_dtype, load_model, load_tokenizer, original_layers, save_model
 
     if layers is None and num is None:
         raise UsageError("gradual prune: one of the arguments --layers --num is required")
@@ -205,7 +164,7 @@ def prune(model: str, out: str, layers: str | list[int] | None = None, num: int 
         raise UsageError(f"--out {out!r} already exists; give a new folder")
     if num is not None and metric not in _metrics().split(", "):
         raise UsageError(f"--metric {metric!r} is not available here; allowed: {_metrics()}")
-    _check_dtype(dtype)
+    check_dtype(dtype, "--dtype")
     _check_at_least(0, protect_first=protect_first, protect_last=protect_last)
     original = original_layers(model, trust_remote_code=trust_remote_code)
     depth = len(original)
@@ -300,8 +259,6 @@ def fit_command(argv: Sequence[str]) -> int:
     from gradual.lightning_cli import GradualCLI, held_logs
 
     saved_argv = sys.argv
-    script = sys.argv[0]
-    sys.argv = [f"{script} fit"]  # LightningCLI names the command after argv[0] in its help and errors
     try:
         with held_logs():  # Lightning's start-up notices print once the run is accepted
             try:
@@ -321,7 +278,7 @@ def fit_command(argv: Sequence[str]) -> int:
 
             print("\n".join(plan_lines(module, cli.datamodule, cli.trainer, state)), flush=True)
         existed = module.run_dir.exists()
-        sys.argv = [script, "fit", *argv]  # Lightning's DDP launcher starts the other ranks with this command
+        sys.argv = [saved_argv[0], "fit", *argv]  # Lightning's DDP launcher starts the other ranks with sys.argv
         try:
             cli.trainer.fit(module, datamodule=cli.datamodule)
         except UsageError:

@@ -75,11 +75,8 @@ class Recovery:
                 raise UsageError(f"recovery.{name}={getattr(self, name)} is invalid; it must be finite and >= 0")
         if self.chunk_size < 1:
             raise UsageError(f"recovery.chunk_size={self.chunk_size} is invalid; it must be >= 1")
-        if self.teacher_quantize not in (None, "nf4"):
-            raise UsageError(f"recovery.teacher_quantize={self.teacher_quantize!r} is unknown; allowed: nf4 or null")
-        if self.teacher_dtype is not None and self.teacher_dtype not in models.DTYPES:
-            raise UsageError(f"recovery.teacher_dtype={self.teacher_dtype!r} is unknown; allowed: "
-                             f"{', '.join(models.DTYPES)} or null")
+        models.check_quantize(self.teacher_quantize, "recovery.teacher_quantize")
+        models.check_dtype(self.teacher_dtype, "recovery.teacher_dtype", nullable=True)
         if self.params not in PARAMS:
             raise UsageError(f"recovery.params={self.params!r} is unknown; allowed: {', '.join(PARAMS)}")
         if self.near_cut_layers < 1:

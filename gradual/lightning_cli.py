@@ -10,7 +10,6 @@ import typing
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -20,11 +19,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from gradual import models, sharding
+from gradual import sharding
 from gradual.datamodule import GradualDataModule
 from gradual.errors import UsageError
 from gradual.module import GradualModule
-from gradual.sgr import SGRConfig
 
 
 class GradualCLI(LightningCLI):
@@ -32,6 +30,7 @@ class GradualCLI(LightningCLI):
     follows the model's dtype unless `data.dtype` is set."""
 
     def __init__(self, **kwargs: Any) -> None:
+        kwargs["parser_kwargs"] = {"prog": "gradual fit", **(kwargs.get("parser_kwargs") or {})}
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False, "num_sanity_val_steps": 0,
                                                "enable_checkpointing": True, "max_epochs": -1,
@@ -39,6 +38,11 @@ class GradualCLI(LightningCLI):
         quiet_known_noise()
         with held_logs():
             super().__init__(GradualModule, GradualDataModule, **kwargs)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse `args`, or the command line when None. Lightning's version warns when `args` comes with a command
+        line of its own, which is how every gradual command and test builds this CLI (from `main(argv)`)."""
+        self.config = parser.parse_object(args) if isinstance(args, dict | Namespace) else parser.parse_args(args)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer; a value its constructor refuses (an unknown strategy or accelerator name, `devices: -2`)
@@ -88,16 +92,8 @@ class GradualCLI(LightningCLI):
         data = _plain(config.get("data")) or {}
         if isinstance(data.get("sgr"), dict):
             data["sgr"] = _drop(data["sgr"], _RESULT_NEUTRAL)
-            if _json(data["sgr"]) == _json(_drop(asdict(SGRConfig()), _RESULT_NEUTRAL)):
-                data["sgr"] = None  # the default: null, as recorded by runs from before data.sgr's fields were listed
-        if data.get("sources", ...) is None:  # the default (data.sgr alone): keep resuming runs started before sources
-            del data["sources"]
         callbacks = [_plain(c) for c in (config.trainer.get("callbacks") or [])]
         callbacks = [c for c in callbacks if not (isinstance(c, dict) and c.get("class_path") in _DISPLAY_ONLY)]
-        for c in callbacks:  # TaskEvaluation reads `forms: []` as its default, both forms: say it is empty
-            if isinstance(c, dict) and isinstance(c.get("init_args"), dict) and c["init_args"].get("forms") == []:
-                raise UsageError(f"{c.get('class_path')}.forms is empty; allowed: generative, classification or "
-                                 "both (or leave it out for both)")
         for c in callbacks:
             if isinstance(c, dict) and isinstance(c.get("init_args"), dict):
                 c["init_args"] = _drop(c["init_args"], _RESULT_NEUTRAL)
@@ -158,25 +154,52 @@ def quiet_known_noise() -> None:
         warnings.filterwarnings("ignore", message=PEFT_DEPRECATED_READ, category=FutureWarning, module=module)
 
 
+class _Held(logging.Handler):
+    """Keeps every record handed to it, once (a propagating record reaches it from each logger it passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not any(r is record for r in self.records):
+            self.records.append(record)
+
+
 @contextmanager
 def held_logs(replay: bool = True) -> Iterator[None]:
     """Hold back every log record ("Seed set to 0", "GPU available: ...", tips) until the block succeeds: a config
     the CLI refuses prints its one error line alone, a good one prints everything, in order (`replay=False`:
-    nothing; for checks that build CLIs only to validate them). Records are held where loggers hand them to their
-    handlers, so a handler added inside the block (an import that configures logging) is held too."""
-    held: list[tuple[logging.Logger, logging.LogRecord]] = []
-    call_handlers = logging.Logger.callHandlers
+    nothing; for checks that build CLIs only to validate them).
 
-    def hold(self: logging.Logger, record: logging.LogRecord) -> None:
-        held.append((self, record))
-
-    logging.Logger.callHandlers = hold  # type: ignore[method-assign]
+    While the block runs, every logger that would print a record (the root, any logger with handlers or that does
+    not propagate) hands its records to one holding handler instead of its own; afterwards they are replayed through
+    the loggers' own handlers. A handler first added inside the block prints at once and is kept (Lightning's and
+    transformers' handlers exist once this module is imported)."""
+    hold = _Held()
+    root = logging.getLogger()
+    loggers = [root, *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    saved = {lg: lg.handlers for lg in loggers if lg is root or lg.handlers or not lg.propagate}
+    for logger in saved:
+        logger.handlers = [hold]
     try:
         yield
-    finally:
-        logging.Logger.callHandlers = call_handlers  # type: ignore[method-assign]
-    for logger, record in held if replay else ():
-        logger.callHandlers(record)
+    except BaseException:
+        _release(saved, hold, replay=False)
+        raise
+    _release(saved, hold, replay)
+
+
+def _release(saved: dict[logging.Logger, list[logging.Handler]], hold: _Held, replay: bool) -> None:
+    """Give the loggers their own handlers back, replay the held records through them (not through handlers added
+    inside the block, which printed them already), then keep the added handlers."""
+    added = {lg: [h for h in lg.handlers if h is not hold and h not in handlers] for lg, handlers in saved.items()}
+    for logger, handlers in saved.items():
+        logger.handlers = handlers
+    for record in hold.records if replay else ():
+        logging.getLogger(None if record.name == "root" else record.name).handle(record)
+    for logger, handlers in added.items():
+        logger.handlers.extend(handlers)
 
 
 def _strategy_hint(config: Namespace) -> str:
@@ -199,13 +222,8 @@ def check_settings(module: GradualModule, datamodule: Any, trainer: Trainer) -> 
     Raises:
         UsageError: naming the value and what is allowed.
     """
-    from gradual.callbacks import LmEvalEvaluation, TaskEvaluation
+    from gradual.callbacks import LmEvalEvaluation
 
-    if module.dtype_name not in models.DTYPES:
-        raise UsageError(f"model.dtype={module.dtype_name!r} is unknown; allowed: {', '.join(models.DTYPES)}")
-    teacher_dtype = getattr(datamodule, "dtype_name", None)
-    if teacher_dtype is not None and teacher_dtype not in models.DTYPES:
-        raise UsageError(f"data.dtype={teacher_dtype!r} is unknown; allowed: {', '.join(models.DTYPES)} or null")
     if module.warmup_steps < 0:
         raise UsageError(f"model.warmup_steps={module.warmup_steps} is invalid; it must be >= 0")
     removals = [k for k, _ in module.plan if k] if module.schedule.layers is None else []
@@ -218,25 +236,10 @@ def check_settings(module: GradualModule, datamodule: Any, trainer: Trainer) -> 
     if clip is not None and not (math.isfinite(clip) and clip >= 0):
         raise UsageError(f"trainer.gradient_clip_val={clip!r} is invalid; it must be finite and >= 0, or null")
     for callback in trainer.callbacks:
-        name = type(callback).__name__
-        if isinstance(callback, (TaskEvaluation, LmEvalEvaluation)) and callback.batch_size < 1:
-            raise UsageError(f"{name} batch_size={callback.batch_size} is invalid; it must be >= 1")
-        if isinstance(callback, TaskEvaluation):
-            if not callback.tasks:
-                raise UsageError("TaskEvaluation.tasks is empty; name at least one built-in task (see `gradual tasks`)")
-            if callback.max_new_tokens is not None and callback.max_new_tokens < 1:
-                raise UsageError(f"TaskEvaluation max_new_tokens={callback.max_new_tokens} is invalid; it must be "
-                                 ">= 1 or null (each task's own budget)")
-        if isinstance(callback, LmEvalEvaluation):
-            if callback.limit is not None and callback.limit < 1:
-                raise UsageError(f"LmEvalEvaluation limit={callback.limit} is invalid; it must be >= 1 or null")
-            if callback.num_fewshot is not None and callback.num_fewshot < 0:
-                raise UsageError(f"LmEvalEvaluation num_fewshot={callback.num_fewshot} is invalid; it must be >= 0 "
-                                 "or null")
-            if rank_zero_only.rank == 0:  # the rank that evaluates
-                from gradual.cli import check_lm_eval_tasks
+        if isinstance(callback, LmEvalEvaluation) and rank_zero_only.rank == 0:  # the rank that evaluates
+            from gradual.tasks.lm_eval_bridge import check_lm_eval_tasks
 
-                check_lm_eval_tasks(callback.tasks, callback.include_path, "LmEvalEvaluation")
+            check_lm_eval_tasks(callback.tasks, callback.include_path, "LmEvalEvaluation")
 
 
 def training_settings(trainer: Trainer) -> dict[str, Any]:

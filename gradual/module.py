@@ -65,7 +65,7 @@ class GradualModule(StageHistory, L.LightningModule):
                  seed: int = 0, repair: str | None = None) -> None:
         super().__init__()
         self.model_name = model
-        self.dtype_name = dtype
+        self.dtype_name = models.check_dtype(dtype, "model.dtype")
         self.quantize = quantize
         self.trust_remote_code = trust_remote_code
         # copies: the defaults are shared instances (dataclass defaults make `gradual fit --help` list every field)
@@ -81,9 +81,7 @@ class GradualModule(StageHistory, L.LightningModule):
         self.seed = seed
         self.repair = repair
         self.schedule.validate()
-        self.selection.validate()
-        if quantize not in (None, "nf4"):
-            raise UsageError(f"quantize={quantize!r} is unknown; allowed: nf4 or null")
+        models.check_quantize(quantize, "model.quantize")
         self.original0 = models.original_layers(model, trust_remote_code=trust_remote_code)
         self.depth0 = len(self.original0)
         check_settings(repair, model, quantize, trust_remote_code=trust_remote_code)

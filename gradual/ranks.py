@@ -48,13 +48,13 @@ def decide_on_rank0(decide: Callable[[], T]) -> T:
     return broadcast_from_rank0(decide() if rank == 0 else None)
 
 
-def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
+def split_for_rank(items: Sequence[T], rank: int, world: int) -> list[T]:
     """This rank's share: items rank, rank + world, ... (balanced to within one item)."""
     return list(items[rank::world])
 
 
 def merge_shards(shards: Sequence[Sequence[T]]) -> list[T]:
-    """Inverse of `shard` over all ranks: the full list in its original order."""
+    """Inverse of `split_for_rank` over all ranks: the full list in its original order."""
     world, n = len(shards), sum(len(s) for s in shards)
     out: list[Any] = [None] * n
     for rank, part in enumerate(shards):
@@ -66,7 +66,8 @@ def merge_shards(shards: Sequence[Sequence[T]]) -> list[T]:
 
 
 def gather_in_order(local: Sequence[T]) -> list[T]:
-    """All ranks' shards (from `shard`) merged in the original order, on every rank; `local` as-is without DDP."""
+    """All ranks' shards (from `split_for_rank`) merged in the original order, on every rank; `local` as-is without
+    DDP."""
     _, world = rank_world()
     if world == 1:
         return list(local)

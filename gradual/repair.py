@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig
 
-from gradual import models, surgery
+from gradual import models, surgery, tiny
 from gradual.errors import UsageError
 from gradual.importance import eval_mode, layer_output
 
@@ -147,8 +147,8 @@ def check_architecture(arch: str) -> None:
 
 def config_architecture(name: str, trust_remote_code: bool = False) -> str:
     """`config.model_type` of a model name (as `models.load_model` takes it), from its config alone."""
-    if name.startswith(models.TINY_PREFIX):
-        return models.tiny_config(models.parse_tiny(name)[0], 1).model_type
+    if name.startswith(tiny.TINY_PREFIX):
+        return tiny.tiny_config(tiny.parse_tiny(name)[0], 1).model_type
     if name == models.SMOLLM2_ALIAS:
         return "llama"  # SmolLM2 is a Llama; its config.json exists only after the one-minute GGUF conversion
     return AutoConfig.from_pretrained(models.resolve_model(name), trust_remote_code=trust_remote_code).model_type

@@ -6,7 +6,7 @@ and leaves the wrapping to the module) every rank holds only its shard of the st
 optimizer state while a stage trains, and runs the whole teacher on its own batch.
 
 The loop changes the model's structure between stages, and scoring, evaluation and saving need the whole model.
-So, like the DDP wrapper today, the sharding lives for one stage: `shard` right before the stage's optimizer is
+So, like the DDP wrapper, the sharding lives for one stage: `shard` right before the stage's optimizer is
 built (each decoder layer one unit, then the rest), `unshard` at its end gathers the full weights on every rank
 into a plain model of the same architecture, which the callbacks score and save as usual.
 """

@@ -166,9 +166,8 @@ class Selection:
     calibration_batch_size: int = 8
     calibration_max_length: int = 256
 
-    def validate(self, depth: int | None = None, removals: Sequence[int] = ()) -> None:
-        """Check the settings; with the model's depth and the layers each stage chooses by the metric (in order),
-        also that every stage finds a span and enough unprotected layers on the model it scores."""
+    def __post_init__(self) -> None:
+        """Each setting on its own, checked once, when the selection is built."""
         if self.metric not in importance.METRICS:
             raise UsageError(f"selection.metric={self.metric!r} is unknown; allowed: {', '.join(importance.METRICS)}")
         if self.metric == "task_ablation":
@@ -182,8 +181,10 @@ class Selection:
         for name in ("span", "num_calibration", "calibration_batch_size", "calibration_max_length"):
             if getattr(self, name) < 1:
                 raise UsageError(f"selection.{name}={getattr(self, name)} is invalid; it must be >= 1")
-        if depth is None:
-            return
+
+    def validate(self, depth: int, removals: Sequence[int] = ()) -> None:
+        """With the model's depth and the layers each stage chooses by the metric (in order): that every stage finds
+        a span and enough unprotected layers on the model it scores."""
         for k in removals:
             if self.metric in ("block_influence", "angular_distance") and self.span > depth:
                 raise UsageError(f"selection.span={self.span} is invalid: a stage scores a model of {depth} layers; "

@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from gradual.models import tiny_model, tiny_tokenizer  # noqa: E402
+from gradual.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from gradual import models, sharding, surgery
+from gradual import sharding, surgery, tiny
 
 dist.init_process_group("gloo")
-config = models.tiny_config("llama", num_layers=5)
+config = tiny.tiny_config("llama", num_layers=5)
 config.tie_word_embeddings = True
 torch.manual_seed(0)  # the same weights on every rank, as a loaded model has
-model = type(models.tiny_model("llama", num_layers=5))(config)
+model = type(tiny.tiny_model("llama", num_layers=5))(config)
 surgery.remove_layers(model, [2])
 ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from gradual import models, sharding, surgery
+from gradual import models, sharding, surgery, tiny
 
 
 def buffers(model: nn.Module) -> dict[str, bool]:
@@ -27,7 +27,7 @@ def buffers(model: nn.Module) -> dict[str, bool]:
 
 
 def pruned(arch: str, layers: int, removed: list[int]) -> nn.Module:
-    model = models.tiny_model(arch, layers)  # seeded: the same weights on every rank, as a loaded model has
+    model = tiny.tiny_model(arch, layers)  # seeded: the same weights on every rank, as a loaded model has
     surgery.remove_layers(model, removed)
     return model
 

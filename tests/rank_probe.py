@@ -16,6 +16,7 @@ from typing import Any
 import bitsandbytes as bnb
 import lightning as L
 import torch
+from helpers import pairs_of
 from lightning.pytorch.callbacks import Callback
 
 LM_EVAL_TASK = "gradual_fit_mc"
@@ -77,7 +78,7 @@ class RankProbe(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        pairs = trainer.datamodule.pairs
+        pairs = pairs_of(trainer.datamodule)
         data = {"rank": trainer.global_rank, "world_size": trainer.world_size, "steps": self.steps,
                 "stages": self.stages, "num_pairs": len(pairs),
                 "pairs": hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest(),

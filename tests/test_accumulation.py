@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from test_fit import fit_in_process, write_config
 
 from gradual.distill import Recovery, RecoveryObjective, Teacher
-from gradual.examples import TokenizedPairs, pad_collator, tokenize_text
-from gradual.models import load_model, tiny_model, tiny_tokenizer
+from gradual.models import load_model
 from gradual.sampler import StageSampler
+from gradual.tiny import tiny_model, tiny_tokenizer
+from gradual.training_examples import TokenizedPairs, pad_collator, tokenize_text
 
 TESTS = Path(__file__).resolve().parent
 LOSSES = {"sft": {"loss": "sft"}, "kd": {"loss": "kd"}, "kd+sft": {"loss": "kd+sft", "sft_weight": 0.5},

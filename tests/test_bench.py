@@ -20,7 +20,7 @@ import yaml
 
 from gradual.generation import DecodingConfig, encode_prompt, generate
 from gradual.importance import calibration_batches, calibration_texts
-from gradual.models import tiny_model, tiny_tokenizer
+from gradual.tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny:llama:4"

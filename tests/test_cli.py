@@ -142,7 +142,7 @@ def test_argparse_rejections_are_one_line_exit_2(argv: list[str], needle: str,
 # One parser per command (jsonargparse from a typed function): help, --config / --print_config, one-line errors
 # ----------------------------------------------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONS = {  # the option names users have typed since the argparse days, plus --config and --print_config
+OPTIONS = {  # every command's option names, kept stable (users type them), plus --config and --print_config
     "score": ["--model", "--metric", "--span", "--calibration", "--num-calibration", "--batch-size", "--max-length",
               "--dtype", "--seed", "--trust-remote-code"],
     "eval": ["--model", "--tasks", "--forms", "--fmt", "--n", "--batch-size", "--max-new-tokens", "--seed",
@@ -288,7 +288,7 @@ def test_importing_the_cli_changes_nothing_outside_it() -> None:
             "def use(*args, **kwargs): raise AssertionError('matplotlib.use() at import')\n"
             "matplotlib.use = use\n"
             "os.environ.pop('TOKENIZERS_PARALLELISM', None); argv = list(sys.argv)\n"
-            "import gradual.compare, gradual.compare.report, gradual.report\n"
+            "import gradual.compare, gradual.compare.outputs, gradual.run_report\n"
             "assert 'gradual.cli' not in sys.modules, 'gradual.compare imports the CLI'\n"
             "import gradual.cli\n"
             "assert 'TOKENIZERS_PARALLELISM' not in os.environ and sys.argv == argv\n")

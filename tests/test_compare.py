@@ -14,7 +14,7 @@ import yaml
 from gradual import compare
 from gradual.cli import main
 from gradual.compare import Arm, FitParser, arm_budget, arm_config, arm_runs, load_plan, run
-from gradual.compare.report import flag_below_no_recovery, write_outputs
+from gradual.compare.outputs import flag_below_no_recovery, write_outputs
 from gradual.lightning_cli import GradualCLI
 from gradual.tasks import evaluate
 
@@ -227,20 +227,6 @@ def test_rerun_reads_finished_runs_back(comparison: tuple[dict[str, Any], Path, 
     again = run(load_plan(["--config", str(tmp / "compare.yaml"), "--arms", "no_recovery,gradual_kd_final"]))
     assert all(r["optimizer_steps"] is None for r in again["timings"]["runs"].values())
     assert point(again, "gradual_kd_final", 2)["scores"] == point(result, "gradual_kd_final", 2)["scores"]
-
-
-def test_runs_started_before_the_package_move_are_read_back(comparison: tuple[dict[str, Any], Path, int]) -> None:
-    """A run whose saved identity names the comparison callbacks by their old module (`gradual.compare_callbacks`)
-    is the same run: it is read back, not refused as "a different run"."""
-    result, tmp, _ = comparison
-    state = tmp / "out" / "no_recovery-2" / "state.json"
-    text = state.read_text()
-    assert '"gradual.compare.callbacks.SeedBaseline"' in text
-    state.write_text(text.replace('"gradual.compare.callbacks.', '"gradual.compare_callbacks.'))
-    again = run(load_plan(["--config", str(tmp / "compare.yaml"), "--arms", "no_recovery"]))
-    assert again["timings"]["runs"]["no_recovery-2"]["optimizer_steps"] is None
-    assert point(again, "no_recovery", 2)["scores"] == point(result, "no_recovery", 2)["scores"]
-    assert state.read_text() == text
 
 
 BAD = {

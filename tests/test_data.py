@@ -7,16 +7,18 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import batches_per_epoch, pairs_of, set_pairs
 
 from gradual import models
 from gradual.datamodule import GradualDataModule, RecoveryDataModule
 from gradual.errors import UsageError
-from gradual.examples import IGNORE_INDEX, load_pairs, pad_collator, tokenize_pair
 from gradual.generation import DecodingConfig, format_prompt
 from gradual.lora import LoraSettings, attach_lora
-from gradual.models import save_model, tiny_model, tiny_tokenizer
+from gradual.models import save_model
 from gradual.sampler import StageSampler
 from gradual.sgr import SGRConfig
+from gradual.tiny import tiny_model, tiny_tokenizer
+from gradual.training_examples import IGNORE_INDEX, load_pairs, pad_collator, tokenize_pair
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +166,7 @@ def test_pairs_from_jsonl_list_or_set_later(tmp_path, tok):
     path.write_text('{"prompt": "a", "response": "b", "source": "x"}\n\n{"prompt": "c", "response": "d"}\n')
     dm = RecoveryDataModule(str(path), tokenizer=tok, samples_per_epoch=4, batch_size=2)
     assert len(dm.dataset) == 2
-    dm.set_pairs([{"prompt": "only", "response": "one"}])
+    set_pairs(dm, [{"prompt": "only", "response": "one"}])
     assert len(dm.dataset) == 1
     assert load_pairs(path) == [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
     path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
@@ -208,7 +210,7 @@ def test_lightning_trains_one_fixed_stage_per_epoch(tok):
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer.fit(module, datamodule=dm)
-    assert dm.batches_per_epoch == 4
+    assert batches_per_epoch(dm) == 4
     assert trainer.global_step == 2 * 4 // 2
     collate, sampler = pad_collator(tok), dm.stage_sampler()
     for epoch in (0, 1):  # Lightning called set_epoch: each epoch trained the sampler's batches for that epoch
@@ -243,7 +245,7 @@ def test_vllm_teacher_loads_no_transformers_copy(backend, tmp_path, monkeypatch)
     dm = GradualDataModule(model=str(folder), sgr=sgr, dtype="float32", batch_size=2)
     if backend == "transformers":
         dm.setup("fit")
-        assert loads == [str(folder)] and len(dm.pairs) == 3
+        assert loads == [str(folder)] and len(pairs_of(dm)) == 3
         return
     with pytest.raises(UsageError, match="needs the vllm package") as err:
         dm.setup("fit")

@@ -22,7 +22,8 @@ from gradual.distill import (
 )
 from gradual.errors import UsageError
 from gradual.lora import LoraSettings, attach_lora
-from gradual.models import load_model, tiny_model
+from gradual.models import load_model
+from gradual.tiny import tiny_model
 
 
 def _batch(seed: int = 0, rows: int = 3, width: int = 10) -> dict[str, torch.Tensor]:

@@ -37,8 +37,9 @@ from gradual.callbacks import LmEvalEvaluation, RetentionStopping
 from gradual.cli import main
 from gradual.errors import UsageError
 from gradual.lightning_cli import GradualCLI
-from gradual.models import load_model, load_tokenizer, nonfinite_parameters, save_model, tiny_model, weight_bytes
+from gradual.models import load_model, load_tokenizer, nonfinite_parameters, save_model, weight_bytes
 from gradual.stages import StageHistory, StageRecord
+from gradual.tiny import tiny_model
 
 TESTS = Path(__file__).resolve().parent
 

@@ -23,12 +23,12 @@ from transformers import AutoModelForCausalLM
 
 import gradual.datamodule
 from gradual.cli import main
-from gradual.examples import tokenize_pair
 from gradual.lightning_cli import GradualCLI
 from gradual.models import load_model
 from gradual.sgr import build_pairs
 from gradual.sgr.fingerprint import weights_digest
 from gradual.surgery import remove_layers
+from gradual.training_examples import tokenize_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"

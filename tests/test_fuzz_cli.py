@@ -631,8 +631,8 @@ for argv in {cases!r}:
 @pytest.mark.slow  # a fresh process imports Lightning: ~15 s
 def test_a_real_process_prints_one_line_for_values_rejected_late(tmp_path: Path) -> None:
     """Rejections after the Trainer is built (an FSDP strategy with LoRA, a strategy class given as a name, a
-    callback value) used to follow Lightning's start-up notices ("Seed set to 0", "GPU available: ...") on
-    stderr, or a traceback: one line now, and no run directory."""
+    callback value) print one line on stderr, without Lightning's start-up notices ("Seed set to 0", "GPU
+    available: ...") or a traceback, and leave no run directory."""
     config = _write(tmp_path / "smoke.yaml", {**SMOKE, "model": {**SMOKE["model"], "run_dir": str(tmp_path / "r")}})
     fit = ["fit", "--config", config]
     cases = [[*fit, "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy"],

@@ -19,7 +19,7 @@ from gradual.generation import (
     truncate_at_stop,
 )
 from gradual.kvcache import common_prefix, prefill
-from gradual.models import tiny_model, tiny_tokenizer
+from gradual.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["a", "hello world", "what is 2+2?", "x" * 40, "Tell me a story about cats", "q", "12 + 30 =", "Hi!"]
 GREEDY = DecodingConfig(do_sample=False, max_new_tokens=16)

@@ -18,7 +18,7 @@ from gradual.importance import (
     format_table,
     score_layers,
 )
-from gradual.models import tiny_model, tiny_tokenizer
+from gradual.tiny import tiny_model, tiny_tokenizer
 
 NUM_LAYERS = 6
 IDENTITY = 3

@@ -29,8 +29,9 @@ from gradual.lora import (
     merge_lora,
     quantize_nf4,
 )
-from gradual.models import load_model, save_model, tiny_model
+from gradual.models import load_model, save_model
 from gradual.surgery import ORIGINAL_LAYERS_KEY, decoder_layers, remove_layers
+from gradual.tiny import tiny_model
 
 EXPECTED_TARGETS = {
     "llama": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
@@ -334,7 +335,8 @@ if sys.argv[1] == "plain":
     import bitsandbytes
 else:
     from gradual.lora import attach_lora, merge_lora
-    from gradual.models import load_model, tiny_model
+    from gradual.models import load_model
+    from gradual.tiny import tiny_model
     merge_lora(attach_lora(tiny_model("llama", num_layers=1)))
     load_model("tiny:llama:1", quantize="nf4")
 """

@@ -1,6 +1,6 @@
 """The recovery mixture: weighted sources (sgr, tasks, text, sdft), their shares of every stage, resumption and the
 DDP split, the kinds of examples (pairs learn the response, texts every token), the in-data tasks, SDFT, bad input,
-today's `data.sgr` data unchanged, and a `gradual fit` on a mixture under `kd`."""
+`data.sgr` alone pinned to recorded pairs, order and cache, and a `gradual fit` on a mixture under `kd`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import pytest
+from helpers import pairs_of
 from test_fit import write_config
 
 from gradual import models
@@ -20,16 +21,16 @@ from gradual.cli import main
 from gradual.datamodule import GradualDataModule, RecoveryDataModule
 from gradual.distill import loss_mask
 from gradual.errors import UsageError
-from gradual.examples import IGNORE_INDEX, Part, pad_collator, tokenize_pair
 from gradual.generation import DecodingConfig
 from gradual.importance import calibration_texts
 from gradual.lightning_cli import GradualCLI
 from gradual.mixture import DataSource
-from gradual.models import tiny_tokenizer
 from gradual.sampler import StageSampler
 from gradual.sgr import SDFT_TEMPLATE, SGRConfig, accepts, build_pairs
 from gradual.tasks import TASKS, build_prompt, get_task
 from gradual.tasks.base import Task
+from gradual.tiny import tiny_tokenizer
+from gradual.training_examples import IGNORE_INDEX, Part, pad_collator, tokenize_pair
 
 TINY = "tiny:llama:6"
 GREEDY = DecodingConfig(do_sample=False, max_new_tokens=8)
@@ -81,7 +82,7 @@ def test_every_stage_holds_each_source_by_weight_and_each_example_by_weight_over
 
 
 def test_one_source_keeps_the_order_it_always_had() -> None:
-    """Batches recorded with the sampler before sources existed (a 13-example pool, 2 ranks, 3 stages)."""
+    """Batches pinned from a recording of the single-source sampler (a 13-example pool, 2 ranks, 3 stages)."""
     lengths = np.random.default_rng(4).integers(1, 60, size=13).tolist()
     before = {0: [[[1, 4], [9, 3]], [[0, 8], [6, 5]], [[6, 5], [9, 3]]],
               1: [[[2, 12], [10, 7]], [[11, 11], [2, 0]], [[4, 12], [8, 10]]]}
@@ -265,16 +266,16 @@ def test_bad_sources_end_in_one_line_before_any_model_loads(case: str, tmp_path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Today's data.sgr, unchanged; SDFT
+# data.sgr alone (pinned); SDFT
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_data_sgr_alone_gives_the_same_pairs_order_and_cache_as_before(tmp_path: Path) -> None:
-    """Digests and batches recorded before sources existed (dataset answers: no model involved); with the teacher,
-    the pairs and the one cache file are those of `build_pairs` on the same settings, as `setup` used to build them."""
+    """Digests and batches pinned from a recording (dataset answers: no model involved); with the teacher, the pairs
+    and the one cache file are those of `build_pairs` on the same settings."""
     dm = data_module(tmp_path, None, responses="dataset")
     dm.setup("fit")
     dm.samples_per_epoch = 6
-    digest = hashlib.sha256(json.dumps(dm.pairs).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(pairs_of(dm)).encode()).hexdigest()
     assert digest == "4b7d8a8a26eb193b87a5f27b15c148786c49ef022931e34431ebe6ef6366f0a1"
     tokens = hashlib.sha256(json.dumps(dm.dataset.examples).encode()).hexdigest()
     assert tokens == "0d15420cbd7f89611cc01295a00774010e1dbe2512ff5bfe5101d576ade88c46"
@@ -285,7 +286,7 @@ def test_data_sgr_alone_gives_the_same_pairs_order_and_cache_as_before(tmp_path:
     dm.setup("fit")
     cache = sorted((tmp_path / "cache").glob("*.jsonl"))
     direct = build_pairs(models.load_model(TINY), tiny_tokenizer(), dm.sgr, model_id=TINY, progress=False)
-    assert dm.pairs == [{"prompt": p["prompt"], "response": p["response"]} for p in direct]
+    assert pairs_of(dm) == [{"prompt": p["prompt"], "response": p["response"]} for p in direct]
     assert sorted((tmp_path / "cache").glob("*.jsonl")) == cache and len(cache) == 1, "one cache, hit by both"
     assert dm.describe() == [{"name": "sgr", "kind": "sgr", "weight": 1.0, "share": 1.0,
                               "tasks": ["copy", "successor"], "prompts": 8, "examples": 8}]
@@ -304,9 +305,9 @@ def test_sdft_keeps_accepted_rewrites_and_falls_back_to_the_reference(tmp_path: 
     assert [r["prompt"] for r in records] == [SDFT_TEMPLATE.format(prompt=it.prompt, reference=it.reference)
                                               for it in items], "the teacher saw prompt and reference"
     replies = [r["responses"][0] for r in records]
-    assert [p["response"] for p in dm.pairs] == [r if accepts(it, r) else it.reference
+    assert [p["response"] for p in pairs_of(dm)] == [r if accepts(it, r) else it.reference
                                                  for it, r in zip(items, replies, strict=True)]
-    assert [p["prompt"] for p in dm.pairs] == [it.prompt for it in items], "the student sees the plain prompt"
+    assert [p["prompt"] for p in pairs_of(dm)] == [it.prompt for it in items], "the student sees the plain prompt"
 
     rewrites = {r["i"]: f"After {items[r['i']].reference}... no: the answer is {items[r['i']].reference}."
                 if r["i"] % 2 == 0 else "I would rather not say." for r in records}
@@ -314,7 +315,7 @@ def test_sdft_keeps_accepted_rewrites_and_falls_back_to_the_reference(tmp_path: 
                     + "\n")
     again = data_module(tmp_path, sources, eval_n=50)
     again.setup("fit")
-    assert [p["response"] for p in again.pairs] == [rewrites[i] if i % 2 == 0 else it.reference
+    assert [p["response"] for p in pairs_of(again)] == [rewrites[i] if i % 2 == 0 else it.reference
                                                     for i, it in enumerate(items)]
     [row] = again.describe()
     assert row["rewrites"] == 2 and row["examples"] == 4 and row["tasks"] == ["successor"]

@@ -14,19 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gradual import models
 from gradual.errors import UsageError
 from gradual.generation import DecodingConfig, format_prompt, generate
-from gradual.models import (
-    ALIASES,
-    SMOLLM2_ALIAS,
-    TINY_ARCHS,
-    load_model,
-    load_tokenizer,
-    model_depth,
-    resolve_model,
-    save_model,
-    tiny_config,
-    tiny_model,
-    tiny_tokenizer,
-)
+from gradual.models import ALIASES, SMOLLM2_ALIAS, load_model, load_tokenizer, model_depth, resolve_model, save_model
+from gradual.tiny import TINY_ARCHS, tiny_config, tiny_model, tiny_tokenizer
 
 TEXTS = ["Hello (world) [1+23]={x}; ok?", "abc 0123456789"]
 

@@ -18,13 +18,14 @@ from gradual import importance
 from gradual.cli import main
 from gradual.datamodule import GradualDataModule, RecoveryDataModule
 from gradual.errors import UsageError
-from gradual.examples import tokenize_pair
 from gradual.generation import DecodingConfig, encode_prompt, format_prompt, generate, max_positions
-from gradual.models import TINY_CHAT_TEMPLATE, TINY_MAX_POSITIONS, model_positions, tiny_model, tiny_tokenizer
+from gradual.models import model_positions
 from gradual.sgr import PromptItem, SGRConfig, build_pairs
 from gradual.tasks import build_prompt, evaluate, get_task
 from gradual.tasks.evaluate import choice_text
 from gradual.tasks.scoring import continuation_logprobs, encode_pair
+from gradual.tiny import TINY_CHAT_TEMPLATE, TINY_MAX_POSITIONS, tiny_model, tiny_tokenizer
+from gradual.training_examples import tokenize_pair
 
 POSITIONS = TINY_MAX_POSITIONS
 LONG = "".join(f"Q: what is {i} plus {i + 1}?\nA: {2 * i + 1}\n" for i in range(12))  # ~380 byte tokens

@@ -18,16 +18,16 @@ from rank_probe import probe_callback
 from test_fit import SMOKE, fit_in_process, write_config
 from transformers import AutoModelForCausalLM
 
-from gradual import models
+from gradual import models, tiny
 from gradual import repair as repair_lib
 from gradual.cli import main
 from gradual.errors import UsageError
-from gradual.models import TINY_ARCHS, tiny_model
 from gradual.repair import SUPPORTED_ARCHITECTURES, apply_repairs, fold_transform, lstsq_repair, plan_repairs
 from gradual.surgery import decoder_layers, remove_layers
+from gradual.tiny import TINY_ARCHS, tiny_model
 
 ARCHS = [a for a in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3") if a in TINY_ARCHS]
-VOCAB = models.tiny_config("llama").vocab_size
+VOCAB = tiny.tiny_config("llama").vocab_size
 
 
 def random_batches(seed: int = 0, n: int = 4, rows: int = 4, width: int = 24) -> list[dict[str, torch.Tensor]]:
@@ -264,7 +264,7 @@ def test_fit_refuses_bad_repair_settings_in_one_line_before_any_model_loads(
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(models, "tiny_model", no_loading)
+    monkeypatch.setattr(tiny, "tiny_model", no_loading)
     monkeypatch.setattr(models, "load_model", no_loading)
     monkeypatch.chdir(tmp_path)
     code = main(["fit", "--config", str(SMOKE), "--model.repair", "lstsq", *extra])

@@ -16,16 +16,17 @@ import torch.multiprocessing as mp
 
 import gradual.sgr.teacher
 from gradual.errors import UsageError
-from gradual.examples import tokenize_pair
 from gradual.generation import DecodingConfig, encode_prompt, format_prompt, generate, response_prompt
-from gradual.models import save_model, tiny_model, tiny_tokenizer
-from gradual.ranks import gather_in_order, merge_shards, shard
+from gradual.models import save_model
+from gradual.ranks import gather_in_order, merge_shards, split_for_rank
 from gradual.sgr import PromptItem, SGRConfig, accepts, build_pairs, load_prompts, teacher_responses
 from gradual.sgr.cache import ResponseCache
 from gradual.sgr.fingerprint import cache_key, disk_teacher, fingerprint, generation_key, model_identity, weights_digest
 from gradual.sgr.teacher import vllm_engine_kwargs, vllm_sampling_kwargs
 from gradual.tasks.base import Task
 from gradual.tasks.builtin import TASKS, get_task
+from gradual.tiny import tiny_model, tiny_tokenizer
+from gradual.training_examples import tokenize_pair
 
 ITEMS = [PromptItem(p, None, "file") for p in
          ["hi", "What is 2+2?", "Tell me about cats and dogs", "x", "Repeat: a, b, c", "Name a color.", "7 * 6 ="]]
@@ -596,7 +597,7 @@ def test_vllm_sampling_kwargs():
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_shard_and_merge_round_trip(n, world):
     items = list(range(n))
-    shards = [shard(items, r, world) for r in range(world)]
+    shards = [split_for_rank(items, r, world) for r in range(world)]
     assert sorted(x for s in shards for x in s) == items
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
     assert merge_shards(shards) == items
@@ -611,7 +612,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, cache_dir: str, out_dir: 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        gathered = gather_in_order(shard(list(range(7)), rank, world))
+        gathered = gather_in_order(split_for_rank(list(range(7)), rank, world))
         cfg = cfg_for(decoding=GREEDY, batch_size=2, chunk_size=4, cache_dir=cache_dir)
         pairs = build_pairs(make_model(), tiny_tokenizer(), cfg, items=ITEMS, progress=False)
         Path(out_dir, f"{rank}.json").write_text(json.dumps({"gathered": gathered, "pairs": pairs}))

@@ -21,7 +21,6 @@ import torch
 
 from gradual.errors import UsageError
 from gradual.generation import PromptOutputs
-from gradual.models import tiny_model, tiny_tokenizer
 from gradual.sgr import SGRConfig, load_prompts
 from gradual.tasks import (
     FAILURES,
@@ -45,6 +44,7 @@ from gradual.tasks.evaluate import choice_text
 from gradual.tasks.extract import closing_sequence, is_balanced
 from gradual.tasks.scoring import continuation_logprobs, encode_pair
 from gradual.tasks.words import CATEGORY_OF
+from gradual.tiny import tiny_model, tiny_tokenizer
 
 NAMES = ["successor", "copy", "uppercase", "category", "chain_sum", "products", "basic_arithmetic", "gsm_symbolic",
          "brackets"]
@@ -150,8 +150,8 @@ def test_problem_arguments_are_checked():
 
 # --- difficulty -------------------------------------------------------------------------------------------------------
 
-# sha256 (first 16 hex) of the first 50 eval and 50 train problems (seed 0) of each task, recorded from the code
-# before difficulties existed: `small` must keep producing exactly these (docs/baselines.md and the demo depend on it)
+# sha256 (first 16 hex) of the first 50 eval and 50 train problems (seed 0) of each task, pinned: `small` must keep
+# producing exactly these (docs/baselines.md and the demo depend on it)
 SMALL_PROBLEMS = {
     "successor": "c78163af3c16c276",
     "copy": "87855eab677b6664",

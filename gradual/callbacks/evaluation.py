@@ -10,8 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from gradual.errors import UsageError
-from gradual.tasks import CODE_TASKS, TASKS, evaluate
-from gradual.tasks.builtin import check_difficulty
+from gradual.tasks import FORMS, TASKS, check_task_settings, evaluate
 from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
 
 log = logging.getLogger(__name__)
@@ -162,21 +161,20 @@ class TaskEvaluation(_Evaluation):
                  enable_code: bool = False, progress: bool = True, difficulty: str = "small",
                  on_error: str = "stop") -> None:
         super().__init__(on_error)
-        unknown = [t for t in tasks if t not in TASKS and t not in CODE_TASKS]
-        if unknown:
-            raise UsageError(f"unknown task(s) {', '.join(map(repr, unknown))}; allowed: "
-                             f"{', '.join([*TASKS, *CODE_TASKS])}")
-        if any(t in CODE_TASKS for t in tasks) and not enable_code:
-            raise UsageError("task 'humaneval' runs model-written code; set enable_code: true to allow it")
-        self.forms = list(forms or ["generative", "classification"])
-        bad = [f for f in self.forms if f not in ("generative", "classification")]
-        if bad:
-            raise UsageError(f"forms={bad} are unknown; allowed: generative, classification")
-        if fmt not in ("fewshot", "chat"):
-            raise UsageError(f"fmt={fmt!r} is unknown; allowed: fewshot, chat")
+        # -- settings checks (the task settings in one place: gradual.tasks.check_task_settings) --
+        if not tasks:
+            raise UsageError("TaskEvaluation.tasks is empty; name at least one built-in task (see `gradual tasks`)")
+        self.forms = list(FORMS if forms is None else forms)
+        check_task_settings(tasks, self.forms, fmt, enable_code, difficulty)
         if n < 1:
             raise UsageError(f"n={n} is invalid; it must be >= 1")
-        self.difficulty = check_difficulty(difficulty)
+        if batch_size < 1:
+            raise UsageError(f"TaskEvaluation batch_size={batch_size} is invalid; it must be >= 1")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise UsageError(f"TaskEvaluation max_new_tokens={max_new_tokens} is invalid; it must be >= 1 or null "
+                             "(each task's own budget)")
+        # -- end of settings checks --
+        self.difficulty = difficulty
         self.tasks, self.n, self.fmt = list(tasks), n, fmt
         self.batch_size, self.max_new_tokens, self.seed = batch_size, max_new_tokens, seed
         self.enable_code, self.progress = enable_code, progress
@@ -223,8 +221,16 @@ class LmEvalEvaluation(_Evaluation):
     def __init__(self, tasks: list[str], include_path: str | None = None, limit: int | None = None,
                  num_fewshot: int | None = None, batch_size: int = 16, on_error: str = "stop") -> None:
         super().__init__(on_error)
+        # -- settings checks (the task names and include_path: `check_lm_eval_tasks`, run by `gradual fit`) --
         if not tasks:
             raise UsageError("LmEvalEvaluation.tasks is empty; name at least one lm-eval task")
+        if batch_size < 1:
+            raise UsageError(f"LmEvalEvaluation batch_size={batch_size} is invalid; it must be >= 1")
+        if limit is not None and limit < 1:
+            raise UsageError(f"LmEvalEvaluation limit={limit} is invalid; it must be >= 1 or null")
+        if num_fewshot is not None and num_fewshot < 0:
+            raise UsageError(f"LmEvalEvaluation num_fewshot={num_fewshot} is invalid; it must be >= 0 or null")
+        # -- end of settings checks --
         self.tasks, self.include_path, self.limit = list(tasks), include_path, limit
         self.num_fewshot, self.batch_size = num_fewshot, batch_size
         self._keys: list[str] | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from gradual.report import write_report
+from gradual.run_report import write_report
 
 
 class Report(Callback):

@@ -16,8 +16,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from gradual.errors import UsageError
-from gradual.examples import IGNORE_INDEX
 from gradual.retention import retention
+from gradual.training_examples import IGNORE_INDEX
 
 LEDGER_FILE = "ledger.json"
 

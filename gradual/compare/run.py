@@ -10,7 +10,6 @@ import gc
 import json
 import re
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -25,22 +24,13 @@ from gradual.errors import UsageError, parser_error_line, usage_error_in
 from gradual.sgr import SGRConfig
 
 
-def _argv_free(build: Any) -> Any:
-    """Run `build()` with this process's command line hidden: LightningCLI would otherwise read it."""
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        return build()
-    finally:
-        sys.argv = argv
-
-
 def make_cli(config: dict[str, Any]) -> Any:
     """A `gradual fit` LightningCLI of this config, not run; bad options raise a one-line UsageError."""
     from gradual.lightning_cli import GradualCLI
 
     try:
-        return _argv_free(lambda: GradualCLI(args=["--config", yaml.safe_dump(config, sort_keys=False)], run=False,
-                                             parser_kwargs={"exit_on_error": False}))
+        return GradualCLI(args=["--config", yaml.safe_dump(config, sort_keys=False)], run=False,
+                          parser_kwargs={"exit_on_error": False})
     except argparse.ArgumentError as e:
         raise UsageError(f"--config is not a valid `gradual fit` config: {fit_error_line(str(e))}") from None
     except ValueError as e:  # jsonargparse wraps errors raised while instantiating classes
@@ -64,8 +54,8 @@ class FitParser:
             def after_instantiate_classes(self) -> None:
                 pass
 
-        self.parser = self.check(config, lambda c: _argv_free(lambda: ParseOnly(
-            args=copy.deepcopy(c), run=False, parser_kwargs={"exit_on_error": False})).parser)
+        self.parser = self.check(config, lambda c: ParseOnly(args=copy.deepcopy(c), run=False,
+                                                              parser_kwargs={"exit_on_error": False}).parser)
 
     def check(self, config: dict[str, Any], parse: Any = None) -> Any:
         """Parse `config`; a rejection raises argparse.ArgumentError."""
@@ -152,7 +142,6 @@ def fit_run(plan: Plan, arm: Arm, depth: int, layers: list[int] | None) -> dict[
     configs = plan.out / "configs"
     configs.mkdir(parents=True, exist_ok=True)
     (configs / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    rename_legacy_callbacks(plan.out / name)
     cli = make_cli(config)
     module = cli.model
     module.check_run_dir()
@@ -179,20 +168,6 @@ def fit_run(plan: Plan, arm: Arm, depth: int, layers: list[int] | None) -> dict[
             "responses": ((config.get("data") or {}).get("sgr") or {}).get("responses", SGRConfig.responses)
             if trained else None,
             "seconds": time.perf_counter() - t, "optimizer_steps": steps}
-
-
-LEGACY_MODULE = "gradual.compare_callbacks."
-"""Where the comparison callbacks lived before `gradual.compare` became a package; runs started then name them so."""
-
-
-def rename_legacy_callbacks(run_dir: Path) -> None:
-    """Let a run started before `gradual.compare` became a package resume (or be read back): its saved identity
-    names the comparison callbacks by their old module, which would make it "a different run"."""
-    from gradual.rundir import STATE_FILE
-
-    path = run_dir / STATE_FILE
-    if path.is_file() and LEGACY_MODULE in (text := path.read_text()):
-        path.write_text(text.replace(f'"{LEGACY_MODULE}', '"gradual.compare.callbacks.'))
 
 
 def arm_points(arm: Arm, runs_of: dict[int, int], runs: dict[str, dict[str, Any]], budgets: dict[int, Budget],
@@ -234,7 +209,7 @@ def arm_curve(arm: Arm, runs_of: dict[int, int], runs: dict[str, dict[str, Any]]
 
 def run(plan: Plan) -> dict[str, Any]:
     """Run every arm and write compare.json / compare.md / compare.png into `plan.out`."""
-    from gradual.compare.report import flag_below_no_recovery, write_outputs
+    from gradual.compare.outputs import flag_below_no_recovery, write_outputs
 
     t0 = time.perf_counter()
     from gradual.lightning_cli import held_logs

@@ -10,7 +10,7 @@ The seed paper heals a pruned model by finetuning it on what the *unpruned* mode
 - `teacher`: the teacher answers each prompt through its chat template (plain text plus a newline without one: the
   same prompt text the data module trains on, `generation.response_prompt`) with the paper's sampling defaults,
   batched (`gradual.generation.generate`) or through vLLM when asked; under DDP the prompts are split across ranks
-  (`gradual.ranks.shard`) and the answers gathered back in order;
+  (`gradual.ranks.split_for_rank`) and the answers gathered back in order;
 - `fingerprint` and `cache`: answers are cached as JSONL under `<cache_dir>/<fingerprint>.jsonl`, one record per
   prompt flushed as soon as its batch finishes, so an interrupted run resumes where it stopped and later stages
   reuse the original model's answers without generating again. The fingerprint covers everything that changes the

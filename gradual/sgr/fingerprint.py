@@ -158,7 +158,8 @@ def disk_teacher(model_id: str | None) -> DiskTeacher:
 
     A folder is identified by the content of its files; a hub id is pinned to the commit it resolves to now, and
     vLLM is told to load exactly that commit, so the cache key always describes the weights that answer."""
-    from gradual.models import TINY_PREFIX, resolve_model
+    from gradual.models import resolve_model
+    from gradual.tiny import TINY_PREFIX
 
     if not model_id or model_id.startswith(TINY_PREFIX):
         raise UsageError(f"sgr backend='vllm' needs the teacher saved on disk or a hub id; got {model_id!r}")

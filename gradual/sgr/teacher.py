@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gradual.errors import UsageError
 from gradual.generation import DecodingConfig, encode_prompt, generate, response_prompt
-from gradual.ranks import broadcast_from_rank0, gather_in_order, rank_world, shard
+from gradual.ranks import broadcast_from_rank0, gather_in_order, rank_world, split_for_rank
 from gradual.sgr.cache import ResponseCache
 from gradual.sgr.config import PromptItem, SGRConfig
 from gradual.sgr.fingerprint import CACHE_VERSION, DiskTeacher, cache_key
@@ -136,7 +136,7 @@ def teacher_responses(model: PreTrainedModel | None, tokenizer: PreTrainedTokeni
                disable=not progress or rank != 0)
     try:
         for c, lo in enumerate(range(0, len(todo), cfg.chunk_size)):
-            mine = shard(todo[lo:lo + cfg.chunk_size], rank, world)
+            mine = split_for_rank(todo[lo:lo + cfg.chunk_size], rank, world)
 
             def write(idx: list[int], outs: list[list[str]], mine: list[int] = mine) -> None:
                 """Single process: persist each batch as soon as it is generated."""

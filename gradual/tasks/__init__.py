@@ -10,6 +10,7 @@ from gradual.tasks.evaluate import (
     FORMATS,
     FORMS,
     build_prompt,
+    check_task_settings,
     evaluate,
     evaluate_classification,
     evaluate_generative,
@@ -19,6 +20,7 @@ from gradual.tasks.result import TaskResult, format_results_table
 
 __all__ = [
     "CODE_TASKS", "FAILURES", "FORMATS", "FORMS", "TASKS", "Problem", "Task", "TaskResult", "assert_disjoint",
-    "build_prompt", "classify_failure", "evaluate", "evaluate_classification", "evaluate_generative",
-    "extract_answer", "fewshot_examples", "format_results_table", "get_task", "is_repetitive", "task_names",
+    "build_prompt", "check_task_settings", "classify_failure", "evaluate", "evaluate_classification",
+    "evaluate_generative", "extract_answer", "fewshot_examples", "format_results_table", "get_task", "is_repetitive",
+    "task_names",
 ]

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from gradual.errors import UsageError
 from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig, format_prompt, generate, prompt_room
 from gradual.tasks.base import Problem, Task, fewshot_examples
-from gradual.tasks.builtin import check_difficulty, get_task
+from gradual.tasks.builtin import TASKS, check_difficulty, get_task
 from gradual.tasks.extract import FAILURES, classify_failure, extract_answer
 from gradual.tasks.result import TaskResult
 from gradual.tasks.scoring import continuation_logprobs
@@ -127,6 +127,34 @@ def evaluate_classification(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
                       {"correct": correct, "wrong_choice": len(problems) - correct}, fmt, items, sum(cut))
 
 
+def check_task_settings(tasks: Sequence[str], forms: Sequence[str] = FORMS, fmt: str = "fewshot",
+                        enable_code: bool = False, difficulty: str = "small", options: bool = False) -> None:
+    """The one check of the built-in task settings `gradual eval`, `TaskEvaluation` and `evaluate` share, so each
+    refuses them before any model loads. The forms matter only when there are tasks. `options` names the settings
+    as command-line options (`--fmt 'x'`) rather than as keys (`fmt='x'`).
+
+    Raises:
+        UsageError: an unknown task, humaneval without `enable_code`, unknown or no forms, an unknown format or
+            difficulty.
+    """
+    def named(key: str, value: object) -> str:
+        return f"--{key.replace('_', '-')} {value!r}" if options else f"{key}={value!r}"
+
+    unknown = [t for t in tasks if t not in TASKS and t not in CODE_TASKS]
+    if unknown:
+        allowed = ", ".join([*TASKS, *CODE_TASKS])
+        raise UsageError(f"unknown task(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
+    if any(t in CODE_TASKS for t in tasks) and not enable_code:
+        allow = "add --enable-code" if options else "set enable_code=True"
+        raise UsageError(f"task 'humaneval' runs model-written code; {allow} to allow it")
+    if tasks and (not forms or any(f not in FORMS for f in forms)):
+        shown = ",".join(forms) if options else list(forms)
+        raise UsageError(f"{named('forms', shown)} is invalid; allowed: one or both of {', '.join(FORMS)}")
+    if fmt not in FORMATS:
+        raise UsageError(f"{named('fmt', fmt)} is unknown; allowed: {', '.join(FORMATS)}")
+    check_difficulty(difficulty)
+
+
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], n: int = 100,
              forms: Sequence[str] = FORMS, fmt: str = "fewshot", batch_size: int = 16,
              max_new_tokens: int | None = None, seed: int = 0, progress: bool = True, records: bool = False,
@@ -141,15 +169,10 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: 
     keeps its last tokens and is counted in its result's `truncated`; a budget the positions cannot hold is refused
     before any work.
     """
-    bad_forms = [f for f in forms if f not in FORMS]
-    if bad_forms or not forms:
-        raise UsageError(f"forms={list(forms)} is invalid; allowed: {', '.join(FORMS)}")
-    if fmt not in FORMATS:
-        raise UsageError(f"fmt={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
+    check_task_settings(tasks, forms, fmt, enable_code, difficulty)
     if n < 1 or batch_size < 1 or shots < 0:
         raise UsageError(f"n={n}, batch_size={batch_size}, shots={shots} are invalid; need n, batch_size >= 1, "
                          "shots >= 0")
-    check_difficulty(difficulty)
     code = [t for t in tasks if t in CODE_TASKS]
     builtin = [get_task(t, difficulty) for t in tasks if t not in CODE_TASKS]
     code_tokens = max_new_tokens or 256

@@ -45,6 +45,36 @@ def _task_manager(include_path: str | None, include_defaults: bool):
     return _MANAGERS[key]
 
 
+def _manager_for(tasks: Sequence[str], include_path: str | None, include_defaults: bool | None):
+    """The TaskManager that knows every one of `tasks`: the local directory's alone when it holds them all (or
+    `include_defaults=False`), else one with lm-eval's stock tasks too (`include_defaults` None or True).
+
+    Raises:
+        UsageError: `include_path` is not a directory, or a task is found in neither.
+    """
+    if include_path is not None and not os.path.isdir(include_path):
+        raise UsageError(f"include_path {include_path!r} is not a directory of lm-eval YAML tasks")
+    manager = _task_manager(include_path, False) if include_path is not None and include_defaults is not True else None
+    if manager is None or (include_defaults is None and not all(manager.match_tasks([t]) for t in tasks)):
+        manager = _task_manager(include_path, True)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise UsageError(f"lm-eval task(s) {', '.join(map(repr, unknown))} not found"
+                         f"{' under ' + include_path if include_path else ''}; see `lm-eval ls tasks`")
+    return manager
+
+
+def check_lm_eval_tasks(names: Sequence[str], include_path: str | None, option: str) -> None:
+    """Refuse a missing `include_path` and unknown lm-eval task names before any model loads (`gradual eval` and
+    `LmEvalEvaluation` in `gradual fit`), naming `option`. The task index is built as `evaluate_lm_eval` builds it
+    and cached, so the evaluation reuses it: a typo costs the index (up to half a minute), not a model load as well.
+    """
+    try:
+        _manager_for(names, include_path, None)
+    except UsageError as e:
+        raise UsageError(f"{option}: {e}") from None
+
+
 def evaluate_lm_eval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str],
                      limit: int | float | None = None, num_fewshot: int | None = None,
                      include_path: str | None = None, batch_size: int = 16, seed: int = 0,
@@ -60,17 +90,9 @@ def evaluate_lm_eval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
     if not tasks:
         raise UsageError("no lm-eval tasks given; name at least one (a stock task or one under include_path)")
-    if include_path is not None and not os.path.isdir(include_path):
-        raise UsageError(f"include_path {include_path!r} is not a directory of lm-eval YAML tasks")
     if include_path is None and include_defaults is False:
         raise UsageError("include_defaults=False needs include_path (a directory of local lm-eval YAML tasks)")
-    manager = _task_manager(include_path, False) if include_path is not None and include_defaults is not True else None
-    if manager is None or (include_defaults is None and not all(manager.match_tasks([t]) for t in tasks)):
-        manager = _task_manager(include_path, True)
-    unknown = [t for t in tasks if not manager.match_tasks([t])]
-    if unknown:
-        raise UsageError(f"lm-eval task(s) {', '.join(map(repr, unknown))} not found"
-                         f"{' under ' + include_path if include_path else ''}; see `lm-eval ls tasks`")
+    manager = _manager_for(tasks, include_path, include_defaults)
     was_training = model.training
     model.eval()
     try:

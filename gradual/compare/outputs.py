@@ -20,8 +20,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from gradual.report import GROUP_COLUMNS
 from gradual.retention import group_of, task_of
+from gradual.run_report import GROUP_COLUMNS
 
 BELOW = "▼"
 """Marks a held-out score below the no-recovery arm's at the same depth."""
