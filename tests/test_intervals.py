@@ -81,3 +81,44 @@ def test_paired_verdicts_tell_a_real_difference_from_noise() -> None:
     assert tie.verdict == TIE and tie.ci[0] < 0 < tie.ci[1]
     same = paired_difference(good, good, base)
     assert same.value == 0 and same.ci == (0.0, 0.0) and same.verdict == TIE
+
+
+def _scores(score_items: dict[str, list[int]], forms: dict[str, str] | None = None) -> dict[str, dict]:
+    return {k: {"score": sum(v) / len(v), "form": (forms or {}).get(k, "generative"), "n": len(v), "items": v}
+            for k, v in score_items.items()}
+
+
+def test_group_retention_is_the_capped_mean_beside_the_worst_task() -> None:
+    """The demo's case: uppercase went past the original (1.50), products collapsed (0.13): uncapped they average
+    to 0.81 and hide the collapse; capped they read 0.56, and the worst task says which one fell."""
+    from gradual.retention import AGGREGATES, retention
+
+    base = _scores({"uppercase": [1] * 16 + [0] * 16, "products": [1] * 16 + [0] * 16, "copy": [1] * 32})
+    stage = _scores({"uppercase": [1] * 24 + [0] * 8, "products": [1] * 2 + [0] * 30, "copy": [1] * 32})
+    values = retention(stage, base, in_data=["copy"])
+    assert values["uppercase"] == 1.5 and values["products"] == 0.125  # per task: uncapped
+    assert values["held_out_generative_mean"] == pytest.approx((1.0 + 0.125) / 2)
+    assert values["held_out_generative_worst"] == 0.125 and values["in_data_generative_worst"] == 1.0
+    assert values["generative_mean"] == pytest.approx((1.0 + 0.125 + 1.0) / 3) and values["min"] == 0.125
+    assert {"held_out_generative_worst", "generative_worst"} <= set(AGGREGATES)
+
+
+def test_intervals_per_key_and_per_group_from_the_kept_items() -> None:
+    from gradual.retention import intervals, with_interval
+
+    base = _scores({"uppercase": [1] * 16 + [0] * 16, "products": [1] * 16 + [0] * 16, "mc_copy": [1] * 32},
+                   {"mc_copy": "classification"})
+    stage = _scores({"uppercase": [1] * 24 + [0] * 8, "products": [1] * 2 + [0] * 30, "mc_copy": [1] * 30 + [0] * 2},
+                    {"mc_copy": "classification"})
+    out = intervals(stage, base, in_data=[])
+    assert set(out) == {"uppercase", "products", "mc_copy", "generative", "held_out_generative", "classification",
+                        "held_out_classification"}
+    lo, hi = out["products"]["retention_ci"]
+    assert lo < 0.125 < hi and out["products"]["score"] == 0.0625
+    group = out["held_out_generative"]
+    assert group["worst_task"] == "products" and group["tasks"] == 2 and group["mean_ci"][1] <= 1.0
+    assert group["mean_ci"][0] < group["mean"] < group["mean_ci"][1]
+    del stage["uppercase"]["items"]  # an evaluation without per-problem scores has no interval
+    assert "uppercase" not in intervals(stage, base)
+    assert with_interval(0.714, [0.58, 0.833]) == "0.71 [0.58, 0.83]" and with_interval(0.5, None) == "0.50"
+    assert with_interval(1.2, [0.9, None]) == "1.20 [0.90, ∞]"

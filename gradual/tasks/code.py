@@ -307,13 +307,14 @@ def evaluate_humaneval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     completions = [c[0] for c in outputs]
     passed = MeanMetric(sync_on_compute=False)  # local: under DDP only rank 0 evaluates
     failures = dict.fromkeys(CODE_FAILURES, 0)
-    items = []
+    items, scores = [], []
     for p, completion in zip(problems, completions, strict=True):
         result = run_sandboxed(humaneval_program(p, completion), timeout=timeout)
         failures[result.category] += 1
+        scores.append(float(result.category == "passed"))
         passed.update(torch.tensor(float(result.category == "passed")))
         if records:
             items.append(dict(task_id=p.get("task_id", ""), completion=completion, failure=result.category,
                               stderr=result.stderr[-500:]))
     return TaskResult("humaneval", "generative", float(passed.compute()), len(problems), failures, "completion",
-                      items if records else None, sum(outputs.truncated))
+                      items if records else None, sum(outputs.truncated), scores)

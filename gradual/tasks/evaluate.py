@@ -79,18 +79,19 @@ def evaluate_generative(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     replies = [r[0] for r in outputs]
     accuracy = MeanMetric(sync_on_compute=False)  # local: under DDP only rank 0 evaluates
     failures = dict.fromkeys(FAILURES, 0)
-    items = []
+    items, correct = [], []
     for p, reply, cut in zip(problems, replies, outputs.truncated, strict=True):
         text = answer_text(reply, fmt)
         category = classify_failure(task.kind, text, p.answer, task.labels, p.brackets)
         failures[category] += 1
+        correct.append(float(category == "correct"))
         accuracy.update(torch.tensor(float(category == "correct")))
         if records:
             items.append(dict(question=p.question, answer=p.answer, reply=reply,
                               extracted=extract_answer(task.kind, text, task.labels), failure=category,
                               truncated=cut))
     return TaskResult(task.name, "generative", float(accuracy.compute()), len(problems), failures, fmt,
-                      items if records else None, sum(outputs.truncated))
+                      items if records else None, sum(outputs.truncated), correct)
 
 
 def evaluate_classification(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
@@ -124,7 +125,8 @@ def evaluate_classification(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
                       logprobs=scores[k, :len(p.choices)].tolist(), predicted=int(pred[k]), truncated=cut[k])
                  for k, p in enumerate(problems)]
     return TaskResult(f"mc_{task.name}", "classification", float(metric.compute()), len(problems),
-                      {"correct": correct, "wrong_choice": len(problems) - correct}, fmt, items, sum(cut))
+                      {"correct": correct, "wrong_choice": len(problems) - correct}, fmt, items, sum(cut),
+                      (pred == target).double().tolist())
 
 
 def check_task_settings(tasks: Sequence[str], forms: Sequence[str] = FORMS, fmt: str = "fewshot",

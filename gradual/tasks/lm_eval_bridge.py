@@ -109,7 +109,7 @@ def evaluate_lm_eval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         if main is None:
             continue
         key, score = main
-        samples = out.get("samples", {}).get(name, [])
+        samples = sorted(out.get("samples", {}).get(name, []), key=lambda s: s.get("doc_id", 0))
         n = int(out.get("n-samples", {}).get(name, {}).get("effective", len(samples)))
         metric = key.split(",")[0]
         per_item = [s.get(metric) for s in samples]
@@ -123,5 +123,7 @@ def evaluate_lm_eval(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                           score=None if s.get(metric) is None else float(s[metric])) for s in samples]
         output_type = out.get("configs", {}).get(name, {}).get("output_type")
         form = "generative" if output_type == "generate_until" else "classification"
-        results[name] = TaskResult(name, form, score, n, failures, f"lm-eval {key}", items)
+        numeric = [float(v) for v in per_item if isinstance(v, (int, float))]
+        scores = numeric if per_item and len(numeric) == len(per_item) == n else None
+        results[name] = TaskResult(name, form, score, n, failures, f"lm-eval {key}", items, items=scores)
     return results

@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class TaskResult:
-    """One score with its sample size, failure counts, (optionally) per-item records, and `truncated`: how many
-    prompts were cut from the left to fit the model's positions (a score over cut prompts reads low)."""
+    """One score with its sample size, failure counts, (optionally) per-item records, `truncated`: how many
+    prompts were cut from the left to fit the model's positions (a score over cut prompts reads low), and `items`:
+    each problem's score in problem order (0/1, or partial credit), which the intervals of `gradual.intervals`
+    resample (None where the evaluation gives no per-problem score)."""
 
     task: str
     form: str
@@ -19,6 +21,7 @@ class TaskResult:
     fmt: str = ""
     records: list[dict] | None = None
     truncated: int = 0
+    items: list[float] | None = None
 
     @property
     def stderr(self) -> float:
@@ -29,6 +32,8 @@ class TaskResult:
         out = asdict(self)
         if not with_records:
             out.pop("records")
+        if self.items is None:
+            out.pop("items")
         out["stderr"] = self.stderr
         return out
 
