@@ -189,6 +189,7 @@ def test_table_json_and_plot_are_written(comparison: tuple[dict[str, Any], Path,
     assert "| 0 | baseline |" in table and "wrong_value" in table and "mc_successor (in-data)" in table
     assert "category (held-out)" in table and "held-out gen." in table and "held-out below no recovery" in table
     assert "| gradual_sgr-2 |" in table.split("## Timings")[1]
+    assert "## Paired differences" in table and "| 2 | no_recovery | gradual_sgr | held out classification |" in table
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "configs" / "gradual_sgr-2.yaml").is_file()
     assert all(p["below_no_recovery"] is None if p["arm"] == "no_recovery" else isinstance(p["below_no_recovery"],
@@ -280,3 +281,26 @@ def test_out_folder_of_another_comparison_is_refused(comparison: tuple[dict[str,
     assert main(["compare", "--config", str(tmp / "compare.yaml"), "--depths", "1"]) == 2
     assert "holds a comparison of another config, depths or budget" in capsys.readouterr().err
     assert (tmp / "out" / "compare.json").is_file()
+
+
+def test_every_pair_of_arms_gets_a_paired_difference_with_its_interval(
+        comparison: tuple[dict[str, Any], Path, int]) -> None:
+    from gradual.retention import group_of
+
+    result, tmp, _ = comparison
+    rows = result["differences"]
+    arms = [*ARMS, "gradual_kd_final"]
+    pairs = {(r["removed"], r["a"], r["b"]) for r in rows}
+    assert pairs == {(d, a, b) for d in (1, 2) for i, a in enumerate(arms) for b in arms[i + 1:]}
+    for r in rows:
+        lo, hi = r["ci"]
+        assert r["verdict"] == ("ahead" if lo > 0 else "behind" if hi < 0 else "tie")
+        assert lo <= r["value"] <= hi or r["verdict"] != "tie"
+        a, b = point(result, r["a"], r["removed"]), point(result, r["b"], r["removed"])
+        group, form = r["group"].rsplit("_", 1)
+        keys = [k for k, v in result["baseline"].items() if v["form"] == form and v["score"] > 0
+                and group_of(k, a["in_data"]) == group == group_of(k, b["in_data"])]
+        assert r["tasks"] == len(keys) > 0
+        direct = sum(min(1.0, a["scores"][k]["score"] / result["baseline"][k]["score"])
+                     - min(1.0, b["scores"][k]["score"] / result["baseline"][k]["score"]) for k in keys) / len(keys)
+        assert r["value"] == pytest.approx(direct)

@@ -198,8 +198,7 @@ class TaskEvaluation(_Evaluation):
                        forms=tuple(self.forms), fmt=self.fmt, batch_size=self.batch_size,
                        max_new_tokens=self.max_new_tokens, seed=self.seed, enable_code=self.enable_code,
                        progress=self.progress, difficulty=self.difficulty)
-        return {key: {"score": r.score, "form": r.form, "n": r.n, "failures": dict(r.failures),
-                      "truncated": r.truncated} for key, r in out.items()}
+        return {key: r.stage_score() for key, r in out.items()}
 
 
 class LmEvalEvaluation(_Evaluation):
@@ -252,8 +251,7 @@ class LmEvalEvaluation(_Evaluation):
         out = evaluate_lm_eval(pl_module.model, pl_module.tokenizer, self.tasks if units is None else units,
                                limit=self.limit, num_fewshot=self.num_fewshot, include_path=self.include_path,
                                batch_size=self.batch_size)
-        return {f"lm_eval/{key}": {"score": r.score, "form": r.form, "n": r.n, "failures": dict(r.failures),
-                                   "truncated": r.truncated} for key, r in out.items()}
+        return {f"lm_eval/{key}": r.stage_score() for key, r in out.items()}
 
     def measure(self, pl_module: L.LightningModule) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         scores, errors = super().measure(pl_module)

@@ -20,7 +20,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from gradual.retention import group_of, task_of
+from gradual.intervals import paired_difference
+from gradual.retention import group_of, task_of, with_interval
 from gradual.run_report import GROUP_COLUMNS
 
 BELOW = "▼"
@@ -185,6 +186,44 @@ def plot_compare(curves: dict[str, list[dict[str, Any]]], path: Path, title: str
     fig.savefig(path, dpi=120)
 
 
+DIFFERENCE_GROUPS = (("held_out", "generative"), ("in_data", "generative"), ("held_out", "classification"))
+
+
+def paired_differences(result: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
+    """At every depth, every pair of arms (config order, a before b): a − b in each group's capped mean retention,
+    by bootstrap over the same problems (each arm's and the baseline's per-problem scores resampled together), with
+    its 95% interval and verdict (`ahead`, `behind`, `tie`: the interval contains 0). A task counts in a group when
+    it is in that group for both arms (their recovery data may differ); pairs without per-problem scores are left
+    out."""
+    rows = []
+    baseline = result["baseline"]
+    for depth in result["depths"]:
+        here = [p for p in result["points"] if p["removed"] == depth]
+        for i, a in enumerate(here):
+            for b in here[i + 1:]:
+                for group, form in DIFFERENCE_GROUPS:
+                    keys = [k for k, v in baseline.items() if v.get("form") == form and v.get("items")
+                            and all(group_of(k, p["in_data"]) == group and (p["scores"].get(k) or {}).get("items")
+                                    for p in (a, b))]
+                    diff = paired_difference({k: a["scores"][k]["items"] for k in keys},
+                                             {k: b["scores"][k]["items"] for k in keys},
+                                             {k: baseline[k]["items"] for k in keys}, seed=seed)
+                    if diff is not None:
+                        rows.append({"removed": depth, "a": a["arm"], "b": b["arm"], "group": f"{group}_{form}",
+                                     "tasks": len(keys), **diff.to_dict()})
+    return rows
+
+
+def differences_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per depth, pair of arms and group: the paired difference, its interval, the verdict for a."""
+    lines = ["| removed | a | b | group | tasks | a − b [95% interval] | a is |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        verdict = r["verdict"] if r["verdict"] == "tie" else f"**{r['verdict']}**"
+        lines.append(f"| {r['removed']} | {r['a']} | {r['b']} | {r['group'].replace('_', ' ')} | {r['tasks']} | "
+                     f"{with_interval(r['value'], r['ci'])} | {verdict} |")
+    return "\n".join(lines) if rows else "No pair of arms with per-problem scores at the same depth."
+
+
 def timing_table(timings: dict[str, Any]) -> str:
     """Wall time of the shared preparation and of every run (steps: optimizer steps taken by this invocation)."""
     rows = ["| run | minutes | optimizer steps |", "|---|---|---|",
@@ -218,6 +257,10 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
              "with the same recovery data read the same stream of examples, each stage its own consecutive slice; "
              "arms with other data sources differ by design.", "",
              summary_table(result["points"]), "",
+             "## Paired differences", "",
+             "Capped mean retention of arm a minus arm b on the same problems, 95% interval by paired bootstrap over "
+             "the problems; an interval that contains 0 is a tie: the difference is inside the noise.", "",
+             differences_table(result.get("differences", [])), "",
              "## Held-out tasks below no recovery", "", *below_lines(result), "",
              f"## Scores (retention in brackets; {BELOW} = held-out score below the no-recovery arm's)", "",
              scores_table(result["baseline"], result["points"], in_data), "",

@@ -209,7 +209,7 @@ def arm_curve(arm: Arm, runs_of: dict[int, int], runs: dict[str, dict[str, Any]]
 
 def run(plan: Plan) -> dict[str, Any]:
     """Run every arm and write compare.json / compare.md / compare.png into `plan.out`."""
-    from gradual.compare.outputs import flag_below_no_recovery, write_outputs
+    from gradual.compare.outputs import flag_below_no_recovery, paired_differences, write_outputs
 
     t0 = time.perf_counter()
     from gradual.lightning_cli import held_logs
@@ -245,6 +245,7 @@ def run(plan: Plan) -> dict[str, Any]:
                                    for name, r in runs.items()},
                           "total_s": time.perf_counter() - t0}}
     flag_below_no_recovery(result)
+    result["differences"] = paired_differences(result)
     write_outputs(plan.out, result)
     return result
 

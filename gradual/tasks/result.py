@@ -28,6 +28,13 @@ class TaskResult:
         """Binomial standard error of an accuracy, sqrt(p(1-p)/n): the noise floor when comparing stages."""
         return math.sqrt(max(self.score * (1 - self.score), 0.0) / self.n) if self.n else float("nan")
 
+    def stage_score(self) -> dict:
+        """What a stage's record keeps of the result (`StageRecord.scores[key]`): score, form, n, failures,
+        truncated prompts and, where the evaluation gives them, the per-problem scores the intervals resample."""
+        out = {"score": self.score, "form": self.form, "n": self.n, "failures": dict(self.failures),
+               "truncated": self.truncated}
+        return out if self.items is None else {**out, "items": list(self.items)}
+
     def to_dict(self, with_records: bool = False) -> dict:
         out = asdict(self)
         if not with_records:
