@@ -88,6 +88,10 @@ class GradualModule(StageHistory, L.LightningModule):
         self.schedule.validate(self.original0)
         protected = self.selection.protect_first + self.selection.protect_last if schedule.layers is None else 0
         self.plan = self.schedule.stages(self.depth0, protected)
+        if not self.plan:
+            raise UsageError(f"selection.protect_first={self.selection.protect_first} and protect_last="
+                             f"{self.selection.protect_last} leave 0 of {self.depth0} layers to choose from; protect "
+                             "fewer layers")
         if self.quantize == "nf4" and self.recovery.params != "lora":
             raise UsageError(f"recovery.params={self.recovery.params!r} trains full weights, which a 4-bit base "
                              "cannot hold; use params: lora with quantize: nf4, or quantize: null")

@@ -50,9 +50,13 @@ class Schedule:
     final_steps: int = 0
 
     def total_to_remove(self, depth: int, protected: int = 0) -> int:
-        """How many layers the whole run may remove from a model of `depth` layers, `protected` of which the layer
-        choice never removes (`Selection.protect_first + protect_last`)."""
-        limits = [depth - self.min_depth, depth - protected]
+        """How many layers the whole run may remove from a model of `depth` layers. Without a count of its own
+        (`max_layers`, `target_ratio`), it stops at the `protected` layers the layer choice never removes
+        (`Selection.protect_first + protect_last`); an explicit count that protection cannot meet is refused by
+        `Selection.validate` instead."""
+        limits = [depth - self.min_depth]
+        if self.max_layers is None and self.target_ratio is None:
+            limits.append(depth - protected)
         if self.layers is not None:
             limits.append(len(self.layers))
         if self.max_layers is not None:
@@ -79,10 +83,10 @@ class Schedule:
         return self.steps_per_stage
 
     def stages(self, depth: int, protected: int = 0) -> list[tuple[int, int]]:
-        """The run's plan, one (layers removed, recovery steps) pair per stage: the removals — never into the
-        `protected` layers, so the defaults (no limit but `min_depth`) plan down to the protected layers rather than
-        past them — then, with `final_steps`, a consolidation stage that removes nothing and distils from the
-        original model (Minitron's advice: most of the budget in a final pass from the original teacher)."""
+        """The run's plan, one (layers removed, recovery steps) pair per stage: the removals (without a count of
+        their own, down to the `protected` layers, `total_to_remove`), then, with `final_steps`, a consolidation
+        stage that removes nothing and distils from the original model (Minitron's advice: most of the budget in a
+        final pass from the original teacher)."""
         plan = [(k, self.steps_for_stage(k)) for k in self.stage_sizes(depth, protected)]
         if self.final_steps and plan:
             plan.append((0, self.final_steps))
