@@ -14,6 +14,8 @@ GROUPS = ("held_out", "in_data")
 FORMS = ("generative", "classification")
 AGGREGATES = (*(f"{g}_{f}_mean" for g in GROUPS for f in FORMS), "generative_mean", "classification_mean", "min")
 DEFAULT_MONITOR = "held_out_generative_mean"
+METRIC = "retention/"
+"""The prefix of the retention metrics in `trainer.callback_metrics`: `retention/<score key or aggregate>`."""
 
 
 def task_of(key: str) -> str:
