@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -27,13 +28,14 @@ from gradual.module import GradualModule
 
 class GradualCLI(LightningCLI):
     """LightningCLI with the links the loop needs: the data follows the model's name and seed, and its teacher dtype
-    follows the model's dtype unless `data.dtype` is set."""
+    follows the model's dtype unless `data.dtype` is set. Every run has one `StageCheckpoint` and no Lightning
+    checkpoint (`instantiate_trainer`)."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs["parser_kwargs"] = {"prog": "gradual fit", **(kwargs.get("parser_kwargs") or {})}
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False, "num_sanity_val_steps": 0,
-                                               "enable_checkpointing": True, "max_epochs": -1,
+                                               "enable_checkpointing": False, "max_epochs": -1,
                                                "limit_val_batches": 0, "reload_dataloaders_every_n_epochs": 1})
         quiet_known_noise()
         with held_logs():
@@ -45,14 +47,35 @@ class GradualCLI(LightningCLI):
         self.config = parser.parse_object(args) if isinstance(args, dict | Namespace) else parser.parse_args(args)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer; a value its constructor refuses (an unknown strategy or accelerator name, `devices: -2`)
-        is a one-line UsageError, not Lightning's traceback."""
+        """The Trainer, with the run's `StageCheckpoint`: the one the config lists, or `StageCheckpoint()` (keep:
+        last_good) when it lists none, so no run goes without `state.json`, `final/` and resume. Lightning's own
+        checkpointing stays off (its `ModelCheckpoint` would pickle the whole model and optimizer every stage);
+        another checkpoint callback, a second `StageCheckpoint` or `enable_checkpointing: true` is refused. A value
+        the Trainer's constructor refuses (an unknown strategy or accelerator name, `devices: -2`) is a one-line
+        UsageError, not Lightning's traceback."""
+        from gradual.callbacks import StageCheckpoint
+
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        listed = trainer_config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        ours = [c for c in listed if isinstance(c, StageCheckpoint)]
+        if len(ours) > 1:
+            raise UsageError("trainer.callbacks lists StageCheckpoint twice; a run has one (it writes the run "
+                             "directory)")
+        foreign = [type(c).__name__ for c in listed if isinstance(c, Checkpoint) and c not in ours]
+        if foreign or trainer_config.get("enable_checkpointing"):
+            what = f"trainer.callbacks: {', '.join(foreign)}" if foreign else "trainer.enable_checkpointing=true"
+            raise UsageError(f"{what} is not supported: Lightning's own checkpoints stay off, since StageCheckpoint "
+                             "saves every stage in Hugging Face format and resumes from the run directory; remove it")
         try:
-            return super().instantiate_trainer(**self._progress_lines(kwargs))
+            trainer = super().instantiate_trainer(
+                **self._progress_lines({**kwargs, "callbacks": [c for c in listed if c not in ours]}))
         except UsageError:
             raise
         except (ValueError, TypeError, MisconfigurationException) as e:
             raise UsageError(f"trainer: {' '.join(str(e).split())}{_strategy_hint(self.config)}") from None
+        trainer.callbacks.append(ours[0] if ours else StageCheckpoint())
+        return trainer
 
     def _progress_lines(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """`kwargs` with a `ProgressLog` appended to the callbacks when standard output is not a terminal (a log

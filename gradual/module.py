@@ -4,8 +4,9 @@ One Lightning epoch is one pruning stage: at its start the module scores the cur
 `choose_layers`), removes the chosen ones, makes the chosen weights trainable and rebuilds the optimizer; it trains
 the stage's steps on the recovery objective (`gradual.distill`) and, after the stage's last batch, merges the
 adapters into the base weights. Callbacks then observe the merged model and record through the module's
-`StageHistory` API (evaluate, decide, checkpoint; contract in `gradual.callbacks`). Stage 0 is the unpruned model,
-evaluated by the callbacks at train start.
+`StageHistory` API (evaluate, propose a verdict, checkpoint; contract in `gradual.callbacks`); the verdict is
+decided once, in `conclude_stage`, after all of them. Stage 0 is the unpruned model, evaluated by the callbacks at
+train start.
 
 Elsewhere: the plan and the records in `gradual.stages`, the run directory and resume in `gradual.rundir`.
 """
@@ -30,11 +31,13 @@ from gradual.distill import Recovery, RecoveryObjective, Teacher
 from gradual.errors import UsageError
 from gradual.lora import LoraSettings, attach_lora, dequantize, has_4bit, merge_lora, quantize_nf4
 from gradual.repair import apply_repairs, check_settings, plan_repairs
+from gradual.retention import METRIC
 from gradual.stages import TRAINING, Schedule, Selection, StageHistory, StageRecord
 
 
 class GradualModule(StageHistory, L.LightningModule):
-    """Owns the HF model, its LoRA life cycle and the stage history (`StageHistory`: the API callbacks record through).
+    """Owns the HF model, its LoRA life cycle and the stage history (`StageHistory`: the API callbacks record through;
+    `gradual.stages.StageLoop` names what callbacks may use of it).
 
     Args:
         model: HF hub id, local path, `smollm2-135m-instruct` (offline) or `tiny:<arch>` (tests).
@@ -177,11 +180,6 @@ class GradualModule(StageHistory, L.LightningModule):
             counter.ready = counter.started = counter.processed = counter.completed = done
 
     @property
-    def stage(self) -> int:
-        """The stage in progress (or last finished); stage 0 is the unpruned baseline."""
-        return max(0, len(self.history) - 1)
-
-    @property
     def depth(self) -> int:
         return surgery.num_layers(self.model)
 
@@ -222,9 +220,14 @@ class GradualModule(StageHistory, L.LightningModule):
         return [{key: v.to(self.device) for key, v in b.items()} for b in self._calibration]
 
     def on_train_epoch_start(self) -> None:
-        """Start a stage: score, remove, make the chosen weights trainable, rebuild the optimizer.
+        """Start a stage: score, remove, make the chosen weights trainable, rebuild the optimizer. The previous
+        stage's `retention/` metrics go: a stage that is never evaluated (abandoned) publishes none, and a stop rule
+        must not judge it on another stage's.
 
         A consolidation stage (`schedule.final_steps`) removes nothing and distils from the original model."""
+        metrics = self.trainer.callback_metrics
+        for name in [name for name in metrics if name.startswith(METRIC)]:
+            del metrics[name]
         k, steps = self.next_stage()
         stage = len(self.history)
         L.seed_everything(self.seed + stage, verbose=False)
@@ -326,11 +329,12 @@ class GradualModule(StageHistory, L.LightningModule):
 
     def abandon(self, why: str) -> None:
         """Give up the current stage because its training broke down (a non-finite loss or weights): record it
-        (`record_error`), roll back to the last good stage (`decide`) and stop. The evaluations skip the stage and
-        `StageCheckpoint` never saves its model; `final/` is the stage rolled back to."""
+        (`record_error`), propose rolling it back and stop. The evaluations and the stop rule skip the stage,
+        `conclude_stage` rolls it back to the last good stage and `StageCheckpoint` never saves its model; `final/`
+        is the stage rolled back to."""
         stage = self.record.stage
         self.record_error(TRAINING, why)
-        self.decide(False, f"stage {stage} abandoned: {why}")
+        self.propose(False, f"stage {stage} abandoned: {why}")
         self.trainer.should_stop = True
 
     def end_stage(self) -> None:
@@ -357,12 +361,13 @@ class GradualModule(StageHistory, L.LightningModule):
                 self.abandon(f"non-finite weights after the stage's training ({', '.join(bad[:3])}"
                              f"{', ...' if len(bad) > 3 else ''})")
 
-    def on_train_epoch_end(self) -> None:
-        """After the evaluating and deciding callbacks, before `StageCheckpoint` (Lightning calls the module's hook
-        between the two): stop when the schedule has nothing left."""
-        if self.next_stage() is None and not self.trainer.should_stop:
+    def conclude_stage(self) -> None:
+        """Decide the stage's verdict (`StageHistory.conclude`) and stop on a rollback or when the plan is done.
+        `StageCheckpoint` calls it first thing in its `on_train_epoch_end`, on every rank: Lightning runs that
+        callback after every other one and after the module's own hook, so every proposal is in, whichever base
+        class or place in the config its callback has."""
+        if self.conclude(plan_done=self.next_stage() is None):
             self.trainer.should_stop = True
-            self.stop_reason = self.stop_reason or "schedule complete"
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:

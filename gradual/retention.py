@@ -22,6 +22,8 @@ FORMS = ("generative", "classification")
 AGGREGATES = (*(f"{g}_{f}_{stat}" for stat in ("mean", "worst") for g in GROUPS for f in FORMS),
               *(f"{f}_{stat}" for stat in ("mean", "worst") for f in FORMS), "min")
 DEFAULT_MONITOR = "held_out_generative_mean"
+METRIC = "retention/"
+"""The prefix of the retention metrics in `trainer.callback_metrics`: `retention/<score key or aggregate>`."""
 
 
 def task_of(key: str) -> str:

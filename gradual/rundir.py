@@ -2,8 +2,8 @@
 
 Layout: `stage_<k>/` (`metrics.json`, and the stage's model in Hugging Face format while it is kept), `final/`
 (the chosen stage's model and `gradual.json`), `state.json` (the run's config, its stage records, the stage to
-resume from). `state.json` is written after the stage's model, so an interrupted run resumes from a stage that is
-complete on disk.
+resume from, the callbacks' states). `state.json` is written after the stage's model, so an interrupted run
+resumes from a stage that is complete on disk.
 
 Every write is atomic: a file or a folder is written under a temporary name (`*.tmp`), flushed to disk, then
 renamed into place, so a process killed at any point (or a disk that fills up) leaves either the previous complete
@@ -17,15 +17,19 @@ Used by `GradualModule` (refuse or resume at start) and `gradual.callbacks.Stage
 
 from __future__ import annotations
 
+import base64
 import errno
+import io
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from gradual import models
 from gradual.errors import UsageError
@@ -262,14 +266,50 @@ def clean_incomplete(run_dir: Path, last_stage: int) -> list[Path]:
 
 
 def write_state(run_dir: Path, config: dict[str, Any], history: Sequence[StageRecord], stop_reason: str | None,
-                final_stage: int | None = None) -> None:
-    """`state.json`: the run's config and records, and the stage to resume from — the last one that met the
-    threshold and whose model is on disk. `final_stage` (set once `final/` is written) marks the run finished."""
+                final_stage: int | None = None, callbacks: Mapping[str, Any] | None = None) -> None:
+    """`state.json`: the run's config and records, the stage to resume from — the last one that met the
+    threshold and whose model is on disk — and `callbacks`, each stateful callback's `state_dict()` by its
+    `state_key` (tensors in them are kept, `_encode`). `final_stage` (set once `final/` is written) marks the run
+    finished."""
     saved = [r.stage for r in history if r.meets_threshold is not False and stage_saved(stage_dir(run_dir, r.stage))]
     write_json(run_dir / STATE_FILE, {
         "config": config, "history": [r.to_dict() for r in history],
         "resume_from": stage_dir(run_dir, saved[-1]).name if saved else None, "finished": final_stage is not None,
-        "final_stage": final_stage, "stop_reason": stop_reason})
+        "final_stage": final_stage, "stop_reason": stop_reason, "callbacks": _encode(dict(callbacks or {}))})
+
+
+def callback_states(run_dir: Path) -> dict[str, Any]:
+    """The callbacks' states saved in `state.json` with the stage a run resumes from, by `state_key` (empty when
+    there are none)."""
+    state = read_state(run_dir) or {}
+    return _decode(state.get("callbacks") or {})
+
+
+_TENSOR = "__torch_tensor__"
+
+
+def _encode(value: Any) -> Any:
+    """A callback state as JSON values: a tensor (Lightning's `EarlyStopping` keeps its best score as one) becomes
+    `{"__torch_tensor__": <torch.save bytes, base64>}`, exact whatever its dtype, shape or value (inf included)."""
+    if isinstance(value, torch.Tensor):
+        buffer = io.BytesIO()
+        torch.save(value.detach().cpu(), buffer)
+        return {_TENSOR: base64.b64encode(buffer.getvalue()).decode()}
+    if isinstance(value, Mapping):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {_TENSOR}:
+        return torch.load(io.BytesIO(base64.b64decode(value[_TENSOR])), weights_only=True)
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
 
 
 def write_stage(run_dir: Path, record: StageRecord, export: Callable[[Path], None] | None) -> None:

@@ -1,5 +1,6 @@
 """The run's plan and its record: which layers go in which stage (`Schedule`, `Selection`), what each stage did
-(`StageRecord`), and `StageHistory`, the one API through which callbacks record scores and decisions.
+(`StageRecord`), `StageHistory`, the one API through which callbacks record scores and propose verdicts, and
+`StageLoop`, what callbacks may use of the module.
 
 `GradualModule` executes the plan; these classes hold no model and need no Trainer, so the stop rule's
 bookkeeping can be exercised without one.
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from gradual import importance, surgery
 from gradual.errors import UsageError
@@ -208,8 +209,9 @@ TRAINING = "training"
 @dataclass
 class StageRecord:
     """What happened in one stage (`stage_<k>/metrics.json`). The module fills the first fields when the stage
-    starts and `loss` when it ends; callbacks add `scores`, `retention`, `meets_threshold`, timings and `errors`
-    through `StageHistory`'s methods, never by writing here.
+    starts and `loss` when it ends; callbacks add `scores`, `retention`, timings and `errors` through
+    `StageHistory`'s methods, never by writing here; `meets_threshold` is the verdict `StageHistory.conclude`
+    decides from what the callbacks proposed.
 
     `errors` names what could not be measured or trained, with the error: a score key whose evaluation raised, or
     `training` for a stage abandoned on a non-finite loss or weights (`TRAINING`). A retention value of None means
@@ -246,15 +248,14 @@ class StageRecord:
 
 
 class StageHistory:
-    """The stage records of a run and the decisions taken on them: the API callbacks record through.
+    """The stage records of a run and the verdicts taken on them: the API callbacks record through.
 
-    `GradualModule` is a `StageHistory`. Callbacks read `history`, `record`, `in_data_tasks` and `stop_reason`
-    freely, and write only through the `record_*` methods and `decide`, in the hook order that
-    `gradual.callbacks` documents: evaluations `record_scores` first (and `record_error` for a task that raised;
-    with `on_error: stop` they also `decide` the stage failed), then the stop rule reads them, computes
-    `record_retention` and `decide`s unless the stage is already decided; reports and checkpoints only read (and
-    `record_timing`). The module itself records a stage whose loss or weights became non-finite
-    (`record_error(TRAINING, ...)` and `decide(False, ...)`) before any callback sees it.
+    `GradualModule` is a `StageHistory`. Callbacks read `history`, `record`, `stage`, `in_data_tasks` and
+    `stop_reason` freely, and write only through the `record_*` methods and `propose`. Any number of callbacks
+    propose a verdict on the current stage, in any hook order (`gradual.callbacks` documents it): the evaluations
+    (a task that raised under `on_error: stop`), the stop rules, the module itself (a stage whose loss or weights
+    became non-finite). `conclude` then decides it, once, after every callback of the stage has run; `decide` only
+    writes what `conclude` decided.
     """
 
     def __init__(self, *args: Any, history: Sequence[StageRecord] = (), in_data_tasks: Sequence[str] = (),
@@ -263,12 +264,18 @@ class StageHistory:
         self.history: list[StageRecord] = list(history)
         self.in_data_tasks: list[str] = list(in_data_tasks)
         self.stop_reason: str | None = None
+        self.proposals: dict[int, list[tuple[bool, str | None]]] = {}
 
     @property
     def record(self) -> StageRecord:
         """The current stage's record: stage 0 (the unpruned baseline) at train start, then the stage that
         just trained."""
         return self.history[-1]
+
+    @property
+    def stage(self) -> int:
+        """The stage in progress (or last finished); stage 0 is the unpruned baseline."""
+        return max(0, len(self.history) - 1)
 
     def record_scores(self, scores: Mapping[str, dict[str, Any]]) -> None:
         """Evaluation callbacks: add `{key: {"score", "form", "n", "failures", "truncated"}}` of the current model
@@ -289,10 +296,39 @@ class StageHistory:
         """Wall-clock seconds a callback spent on the current stage (`timings` of its record)."""
         self.record.timings[name] = seconds
 
+    def propose(self, meets_threshold: bool, reason: str | None = None) -> None:
+        """A callback's verdict on the current stage: keep it (True) or roll it back (False, saying why). Nothing is
+        decided yet, so a callback's place in the hook order cannot pre-empt another's: `conclude` weighs every
+        proposal once the stage's callbacks have run. A callback that proposes a rollback also stops the trainer
+        (`trainer.should_stop`), as Lightning's stopping callbacks do."""
+        self.proposals.setdefault(self.record.stage, []).append((meets_threshold, reason))
+
+    def proposed(self) -> bool | None:
+        """What the current stage's proposals say so far: False once any callback proposed a rollback, True if some
+        proposed to keep it and none a rollback, None if none judged it."""
+        votes = self.proposals.get(self.record.stage)
+        return None if not votes else all(ok for ok, _ in votes)
+
+    def conclude(self, plan_done: bool = False) -> bool:
+        """The verdict on the current stage, decided here and nowhere else, after every callback proposed: rolled
+        back for the first reason proposed if any callback proposed a rollback, kept if one proposed to keep it,
+        left undecided (None) if none judged it. A stage that is not rolled back when the plan is done (`plan_done`)
+        ends the run with "schedule complete". Returns whether the run stops here."""
+        votes = self.proposals.pop(self.record.stage, [])
+        rollbacks = [reason for ok, reason in votes if not ok]
+        if rollbacks:
+            self.decide(False, rollbacks[0])
+            return True
+        if votes:
+            self.decide(True)
+        if plan_done:
+            self.stop_reason = "schedule complete"
+        return plan_done
+
     def decide(self, meets_threshold: bool, stop_reason: str | None = None) -> None:
-        """The stop rule's verdict on the current stage. A stage that misses the threshold is rolled back to
-        `chosen_stage`; `stop_reason` (given on a miss) is recorded with "; rolled back to stage <k>" appended.
-        The caller stops the trainer (`trainer.should_stop`), as Lightning's stopping callbacks do."""
+        """Write the verdict on the current stage (`conclude` calls it). A stage that misses the threshold is rolled
+        back to `chosen_stage`; `stop_reason` (given on a miss) is recorded with "; rolled back to stage <k>"
+        appended."""
         self.record.meets_threshold = meets_threshold
         if not meets_threshold:
             reason = stop_reason or f"stage {self.record.stage} missed the retention threshold"
@@ -301,3 +337,51 @@ class StageHistory:
     def chosen_stage(self) -> int:
         """The stage whose model is the result: the last one that did not fail the retention threshold."""
         return max(r.stage for r in self.history if r.meets_threshold is not False)
+
+
+class StageLoop(Protocol):
+    """What callbacks may use of the module that runs the stages (`GradualModule`).
+
+    Read: `history`, `record`, `stage`, `in_data_tasks`, `stop_reason`, `model`, `tokenizer`, `run_dir`,
+    `run_config()`, `chosen_stage()`, `proposed()`, `baseline_model()` (stage 0 as it was scored). Write: the
+    `record_*` methods and `propose`, and metrics through Lightning's `log`. `export` writes the current model.
+    `conclude_stage` decides the current stage's verdict; only `StageCheckpoint`, the callback Lightning runs last,
+    calls it.
+    """
+
+    history: list[StageRecord]
+    in_data_tasks: list[str]
+    stop_reason: str | None
+    model: Any
+    tokenizer: Any
+    run_dir: Path
+
+    @property
+    def record(self) -> StageRecord: ...
+
+    @property
+    def stage(self) -> int: ...
+
+    def record_scores(self, scores: Mapping[str, dict[str, Any]]) -> None: ...
+
+    def record_retention(self, retention: Mapping[str, float | None]) -> None: ...
+
+    def record_error(self, key: str, message: str) -> None: ...
+
+    def record_timing(self, name: str, seconds: float) -> None: ...
+
+    def propose(self, meets_threshold: bool, reason: str | None = None) -> None: ...
+
+    def proposed(self) -> bool | None: ...
+
+    def chosen_stage(self) -> int: ...
+
+    def run_config(self) -> dict[str, Any]: ...
+
+    def baseline_model(self) -> Any: ...
+
+    def export(self, path: str | Path) -> None: ...
+
+    def conclude_stage(self) -> None: ...
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None: ...

@@ -1,9 +1,9 @@
 """Test helpers for `gradual fit` runs: a callback that records what each rank saw, and a local lm-eval task.
 
-`RankProbe` is listed after the evaluating and deciding callbacks of a run; every rank writes `rank<k>.json`
-into `out_dir` at train end: per step the local loss, the (DDP-synchronised) adapter gradients and the number
-of 4-bit layers, per stage the removed layers, a checksum of the merged weights and the decisions, and the
-recovery pairs the rank trained on. Subprocess runs import it with `tests/` on PYTHONPATH.
+`RankProbe` is listed after the evaluating callbacks of a run; every rank writes `rank<k>.json` into `out_dir` at
+train end: per step the local loss, the (DDP-synchronised) adapter gradients and the number of 4-bit layers, per
+stage the removed layers, a checksum of the merged weights and the verdicts, and the recovery pairs the rank
+trained on. Subprocess runs import it with `tests/` on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -73,10 +73,12 @@ class RankProbe(Callback):
                             "checksum": weights_checksum(pl_module.model),
                             "linear4bit": count_4bit(pl_module.model),
                             "scores": {k: v["score"] for k, v in record.scores.items()},
-                            "retention": record.retention, "meets_threshold": record.meets_threshold,
-                            "should_stop": trainer.should_stop})
+                            "retention": record.retention, "should_stop": trainer.should_stop})
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Each stage's verdict is decided after every callback's `on_train_epoch_end`: read here, all concluded."""
+        for row in self.stages:
+            row["meets_threshold"] = pl_module.history[row["stage"]].meets_threshold
         self.out_dir.mkdir(parents=True, exist_ok=True)
         pairs = pairs_of(trainer.datamodule)
         data = {"rank": trainer.global_rank, "world_size": trainer.world_size, "steps": self.steps,
@@ -124,7 +126,7 @@ class RejectEveryStage(Callback):
     tiny model happens to score."""
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.decide(False, f"stage {pl_module.stage} rejected")
+        pl_module.propose(False, f"stage {pl_module.stage} rejected")
         trainer.should_stop = True
 
 
@@ -133,9 +135,9 @@ class RejectConsolidation(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not pl_module.record.consolidation:
-            pl_module.decide(True)
+            pl_module.propose(True)
             return
-        pl_module.decide(False, "consolidation rejected")
+        pl_module.propose(False, "consolidation rejected")
         trainer.should_stop = True
 
 

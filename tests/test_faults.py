@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from fault_probe import (
 )
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
+from test_callbacks import bare_trainer
 from test_fit import SMOKE, write_config
 from transformers import AutoModelForCausalLM
 
@@ -317,14 +317,6 @@ def test_a_model_with_nonfinite_weights_is_never_saved(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- evaluation errors
 
 
-class _Trainer(SimpleNamespace):
-    """What an evaluation callback uses of a single-process Trainer."""
-
-    def __init__(self) -> None:
-        super().__init__(is_global_zero=True, should_stop=False,
-                         strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
-
-
 @pytest.fixture(scope="module")
 def lm_eval_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fault_lm_eval_tasks(tmp_path_factory.mktemp("lm_eval_tasks"))
@@ -345,19 +337,20 @@ def test_an_lm_eval_task_that_raises_is_reported_and_the_other_scores_kept(
     task's score is kept; `skip` continues, `stop` rolls the stage back and stops."""
     module = tiny_module
     module.history = [StageRecord(stage=0, depth=6)]
-    module.stop_reason = None
+    module.stop_reason, module.proposals = None, {}
     callback = LmEvalEvaluation([BROKEN_TASK, ZERO_TASK], include_path=str(lm_eval_tasks), batch_size=8,
                                 on_error=on_error)
     (lm_eval_tasks / "broken").unlink(missing_ok=True)
-    callback.on_train_start(_Trainer(), module)
+    callback.on_train_start(bare_trainer(), module)
     assert set(module.history[0].scores) == {f"lm_eval/{BROKEN_TASK}", f"lm_eval/{ZERO_TASK}"}
     (lm_eval_tasks / "broken").touch()
     module.history.append(StageRecord(stage=1, depth=5))
-    trainer = _Trainer()
+    trainer = bare_trainer()
     try:
         callback.on_train_epoch_end(trainer, module)
     finally:
         (lm_eval_tasks / "broken").unlink()
+    module.conclude()  # the verdict, decided once the stage's callbacks have run
     record = module.record
     assert record.errors == {f"lm_eval/{BROKEN_TASK}": "RuntimeError: metric backend went away"}
     assert set(record.scores) == {f"lm_eval/{ZERO_TASK}"}
@@ -380,9 +373,9 @@ def test_an_evaluation_failing_on_the_baseline_stops_before_pruning_unless_skipp
             callback = LmEvalEvaluation([BROKEN_TASK], include_path=str(lm_eval_tasks), on_error=on_error)
             if on_error == "stop":
                 with pytest.raises(RuntimeError, match=f"lm_eval/{BROKEN_TASK} failed .* on the baseline"):
-                    callback.on_train_start(_Trainer(), tiny_module)
+                    callback.on_train_start(bare_trainer(), tiny_module)
             else:
-                callback.on_train_start(_Trainer(), tiny_module)
+                callback.on_train_start(bare_trainer(), tiny_module)
             assert tiny_module.history[0].errors == {f"lm_eval/{BROKEN_TASK}": "RuntimeError: metric backend went "
                                                                                "away"}
     finally:
@@ -390,7 +383,7 @@ def test_an_evaluation_failing_on_the_baseline_stops_before_pruning_unless_skipp
     monitor = RetentionStopping(monitor=f"lm_eval/{BROKEN_TASK}")
     tiny_module.record_scores({"successor": {"score": 0.5, "form": "generative"}})
     with pytest.raises(RuntimeError, match="could not be evaluated on the baseline: RuntimeError: metric backend"):
-        monitor.on_train_start(_Trainer(), tiny_module)
+        monitor.on_train_start(bare_trainer(), tiny_module)
 
 
 def test_on_error_is_checked() -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from test_callbacks import bare_trainer
 from test_fit import write_config
 
 from gradual.callbacks import RetentionStopping, TaskEvaluation
+from gradual.callbacks.retention import log_retention
 from gradual.cli import main, parser_error_line
 from gradual.errors import UsageError
 from gradual.stages import StageHistory, StageRecord
@@ -137,7 +138,7 @@ def test_a_monitor_needs_an_evaluation_callback_before_it() -> None:
 
 
 def _stage_history(history: list[StageRecord], in_data_tasks: tuple[str, ...] | list[str] = ()) -> StageHistory:
-    """What a callback sees of the module without a Trainer: its records, and Lightning's `log` as a no-op."""
+    """What a callback sees of the module outside a fit: its records, and Lightning's `log` as a no-op."""
     module = StageHistory(history=history, in_data_tasks=in_data_tasks)
     module.log = lambda *a, **k: None
     return module
@@ -148,7 +149,8 @@ def test_a_missing_monitor_value_is_an_error_naming_it() -> None:
     baseline = StageRecord(stage=0, depth=4, scores={"successor": {"score": 0.5, "form": "generative"}})
     stage = StageRecord(stage=1, depth=3, scores={"mc_successor": {"score": 0.5, "form": "classification"}})
     module = _stage_history([baseline, stage])
-    trainer = SimpleNamespace(should_stop=False)
+    trainer = bare_trainer()
+    log_retention(trainer, module)  # as the evaluations do once they recorded the stage's scores
     with pytest.raises(RuntimeError, match="retention monitor 'successor' has no value at stage 1"):
         RetentionStopping(monitor="successor").on_train_epoch_end(trainer, module)
     assert not trainer.should_stop and stage.meets_threshold is None
@@ -208,8 +210,10 @@ def test_a_stop_on_an_in_data_monitor_says_so() -> None:
     baseline = StageRecord(stage=0, depth=4, scores=scores)
     stage = StageRecord(stage=1, depth=3, scores={**scores, "successor": {"score": 0.1, "form": "generative"}})
     module = _stage_history([baseline, stage], in_data_tasks=["successor"])
-    trainer = SimpleNamespace(should_stop=False)
+    trainer = bare_trainer()
+    log_retention(trainer, module)  # as the evaluations do once they recorded the stage's scores
     RetentionStopping(monitor="in_data_generative_mean", threshold=0.5).on_train_epoch_end(trainer, module)
+    module.conclude()  # the verdict, decided once the stage's callbacks have run
     assert trainer.should_stop and stage.retention["held_out_generative_mean"] == 1.0
     assert module.stop_reason == ("stage 1: in_data_generative_mean (in-data: measured on tasks the recovery data "
                                   "taught) retention 0.200 < threshold 0.5; rolled back to stage 0")

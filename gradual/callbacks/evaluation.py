@@ -9,7 +9,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from gradual.callbacks.retention import log_retention
 from gradual.errors import UsageError
+from gradual.stages import StageLoop
 from gradual.tasks import FORMS, TASKS, check_task_settings, evaluate
 from gradual.tasks.lm_eval_bridge import evaluate_lm_eval
 
@@ -34,14 +36,17 @@ def error_line(exc: BaseException) -> str:
 class _Evaluation(Callback):
     """Records the current model's scores, `{key: {"score", "form", "n", "failures", "truncated"}}`, through
     `record_scores` (and its time through `record_timing`): the baseline at train start (unless stage 0 is already
-    scored: a resumed run, or `SeedBaseline`), every stage after its merge. List evaluations before the callbacks
-    that read scores (`RetentionStopping`, `Report`). A stage abandoned on a non-finite loss is not evaluated.
+    scored: a resumed run, or `SeedBaseline`), every stage after its merge. After a stage's scores it records their
+    retention and puts it into `trainer.callback_metrics` (`log_retention`: `retention/<name>`), and logs each score
+    as `score/<key>`. List evaluations before the callbacks that read scores (`RetentionStopping`). A stage
+    abandoned on a non-finite loss is not evaluated.
 
     A task whose evaluation raises is reported through `record_error` (its score keys, with the error; the
     traceback goes to the log) and the other tasks' scores are kept. Then `on_error` decides: `stop` (the
-    default) rolls the stage back and ends the run with a complete report (on the baseline, where nothing can be
-    rolled back, the run fails before pruning); `skip` continues without that score, its retention undefined for
-    the stage (the means cover the tasks that were scored; a stop rule monitoring that very key rolls back).
+    default) proposes rolling the stage back and ends the run with a complete report (on the baseline, where
+    nothing can be rolled back, the run fails before pruning); `skip` continues without that score, its retention
+    undefined for the stage (the means cover the tasks that were scored; a stop rule monitoring that very key rolls
+    back).
     `stop` is the default because an incomplete measurement is weaker evidence than the stop rule was set up
     with: a stage is kept only when everything asked for was measured. A bad task name or setting (a UsageError)
     always fails.
@@ -62,10 +67,10 @@ class _Evaluation(Callback):
         """The score keys a unit fills (where its failure is recorded)."""
         raise NotImplementedError
 
-    def results(self, pl_module: L.LightningModule, units: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    def results(self, pl_module: StageLoop, units: list[str] | None = None) -> dict[str, dict[str, Any]]:
         raise NotImplementedError
 
-    def measure(self, pl_module: L.LightningModule) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    def measure(self, pl_module: StageLoop) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Scores of every unit, and the error of each score key whose unit raised. All units are evaluated in
         one call; when it raises, each unit is evaluated on its own, so one broken task costs only its own keys."""
         units = self.units()
@@ -89,8 +94,7 @@ class _Evaluation(Callback):
                 errors.update(dict.fromkeys(self.unit_keys(unit), error_line(exc)))
         return scores, errors
 
-    def _fill(self, trainer: L.Trainer, pl_module: L.LightningModule, log_scores: bool = True,
-              baseline: bool = False) -> None:
+    def _fill(self, trainer: L.Trainer, pl_module: StageLoop, baseline: bool = False) -> None:
         t = time.perf_counter()
         measured = self.measure(pl_module) if trainer.is_global_zero else None
         results, errors = trainer.strategy.broadcast(measured, src=0)
@@ -98,8 +102,10 @@ class _Evaluation(Callback):
         for key, message in errors.items():
             pl_module.record_error(key, message)
         pl_module.record_timing(f"{self.name}_s", time.perf_counter() - t)
-        for key, value in results.items() if log_scores else ():
-            pl_module.log(f"score/{key}", float(value["score"]), on_epoch=True)
+        if not baseline:
+            log_retention(trainer, pl_module)
+            for key, value in results.items():
+                pl_module.log(f"score/{key}", float(value["score"]), on_epoch=True)
         if not errors:
             return
         what = f"{self.name} evaluation of {', '.join(errors)} failed ({next(iter(errors.values()))})"
@@ -109,17 +115,17 @@ class _Evaluation(Callback):
             raise RuntimeError(f"{what} on the baseline (stage 0), before any layer was removed; fix the task, or "
                                "set on_error: skip to run without it")
         else:
-            pl_module.decide(False, f"stage {pl_module.record.stage}: {what} (on_error: stop)")
+            pl_module.propose(False, f"stage {pl_module.record.stage}: {what} (on_error: stop)")
             trainer.should_stop = True
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: StageLoop) -> None:
         """Score the baseline, unless stage 0 already is (a resumed run, or `SeedBaseline`): only while stage 0 is
         the current stage, since a resumed run holds the last stage's model, not the baseline."""
         baseline = pl_module.history[0]
         if pl_module.record is baseline and not set(self.keys()) <= set(baseline.scores):
-            self._fill(trainer, pl_module, log_scores=False, baseline=True)
+            self._fill(trainer, pl_module, baseline=True)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: StageLoop) -> None:
         if not pl_module.record.abandoned:
             self._fill(trainer, pl_module)
 
@@ -193,7 +199,7 @@ class TaskEvaluation(_Evaluation):
     def key_forms(self) -> dict[str, str | None]:
         return {k: "classification" if k.startswith("mc_") else "generative" for k in self.keys()}
 
-    def results(self, pl_module: L.LightningModule, units: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    def results(self, pl_module: StageLoop, units: list[str] | None = None) -> dict[str, dict[str, Any]]:
         out = evaluate(pl_module.model, pl_module.tokenizer, self.tasks if units is None else units, n=self.n,
                        forms=tuple(self.forms), fmt=self.fmt, batch_size=self.batch_size,
                        max_new_tokens=self.max_new_tokens, seed=self.seed, enable_code=self.enable_code,
@@ -247,13 +253,13 @@ class LmEvalEvaluation(_Evaluation):
     def key_forms(self) -> dict[str, str | None]:
         return dict.fromkeys(self.keys())
 
-    def results(self, pl_module: L.LightningModule, units: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    def results(self, pl_module: StageLoop, units: list[str] | None = None) -> dict[str, dict[str, Any]]:
         out = evaluate_lm_eval(pl_module.model, pl_module.tokenizer, self.tasks if units is None else units,
                                limit=self.limit, num_fewshot=self.num_fewshot, include_path=self.include_path,
                                batch_size=self.batch_size)
         return {f"lm_eval/{key}": r.stage_score() for key, r in out.items()}
 
-    def measure(self, pl_module: L.LightningModule) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    def measure(self, pl_module: StageLoop) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         scores, errors = super().measure(pl_module)
         if self._keys is None:
             self._keys = list(scores) + [k for k in errors if k not in scores]

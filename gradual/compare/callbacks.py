@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from gradual.errors import UsageError
 from gradual.retention import retention
+from gradual.stages import StageLoop
 from gradual.training_examples import IGNORE_INDEX
 
 LEDGER_FILE = "ledger.json"
@@ -34,7 +35,7 @@ class SeedBaseline(Callback):
     def __init__(self, path: str) -> None:
         self.path = Path(path)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: StageLoop) -> None:
         if pl_module.history[0].scores:
             return
         if not self.path.is_file():
@@ -43,9 +44,12 @@ class SeedBaseline(Callback):
 
 
 class RecordRetention(Callback):
-    """Fill each stage's retention against stage 0 and never stop: every arm must reach its target depth."""
+    """Retention without a stop rule: every arm must reach its target depth, so nothing proposes a verdict. Stands
+    where `RetentionStopping` stands in a `gradual fit` config (an arm's config names it, and so does the identity
+    of its run directory). The evaluations already record each stage's retention (`log_retention`); this records
+    the same values again."""
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: StageLoop) -> None:
         pl_module.record_retention(retention(pl_module.record.scores, pl_module.history[0].scores,
                                              pl_module.in_data_tasks))
 
@@ -67,16 +71,16 @@ class DataLedger(Callback):
     def __init__(self) -> None:
         self._current: list[str] = []
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: StageLoop) -> None:
         self._current = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: StageLoop, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
         rows = zip(batch["input_ids"], batch["labels"], mask, strict=True)
         self._current.extend(prompt_digest(ids, labels, m) for ids, labels, m in rows)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: StageLoop) -> None:
         if not trainer.is_global_zero:
             return
         path = pl_module.run_dir / LEDGER_FILE
