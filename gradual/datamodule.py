@@ -14,6 +14,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +41,16 @@ from gradual.training_examples import (
 
 log = logging.getLogger(__name__)
 VLLM_TEACHER_DIR = "sgr_teacher"  # under run_dir: the previous stage's model, saved for vLLM to load
+
+
+@dataclass
+class CurrentModel:
+    """What `RecoveryDataModule.use_model` was told: the model the finished stages left and where the run writes."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    stages_done: int
+    run_dir: Path
 
 
 class RecoveryDataModule(LightningDataModule):
@@ -69,7 +80,8 @@ class RecoveryDataModule(LightningDataModule):
         if max_length < 2:
             raise UsageError(f"max_length={max_length} is invalid; it must be >= 2")
         self.samples_per_epoch, self.batch_size, self.max_length = samples_per_epoch, batch_size, max_length
-        self.stage_samples: list[int] | None = None  # per-stage sizes when stages differ (set by GradualModule)
+        self.stage_samples: list[int] | None = None  # per-stage sizes when stages differ (`plan_stages`)
+        self.current: CurrentModel | None = None  # the model the finished stages left (`use_model`)
         self.system_prompt, self.chat, self.seed = system_prompt, chat, seed
         self.mega_batch_mult, self.num_workers = mega_batch_mult, num_workers
         self.tokenizer, self.max_positions = tokenizer, max_positions
@@ -94,6 +106,18 @@ class RecoveryDataModule(LightningDataModule):
             return tokenize_text(self.tokenizer, example["text"], max_length)
         return tokenize_pair(self.tokenizer, example["prompt"], example["response"], self.system_prompt, max_length,
                              self.chat)
+
+    def plan_stages(self, stage_samples: Sequence[int]) -> None:
+        """The examples of every planned stage (stage k trains `stage_samples[k]`, the last repeating): each stage
+        its own consecutive slice of the data stream. `GradualModule` calls it in `setup`, from its plan."""
+        self.samples_per_epoch, self.stage_samples = stage_samples[0], list(stage_samples)
+
+    def use_model(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, stages_done: int,
+                  run_dir: Path) -> None:
+        """The model the finished stages left (`stages_done` of them), for data that its answers make
+        (`sgr.teacher: previous`). `GradualModule` calls it whenever that model changes: once loaded (the original,
+        or the stage a run resumes from) and at the end of every stage, before Lightning builds the next loader."""
+        self.current = CurrentModel(model, tokenizer, stages_done, Path(run_dir))
 
     @property
     def dataset(self) -> TokenizedPairs:
@@ -299,9 +323,7 @@ class GradualDataModule(RecoveryDataModule):
     def setup(self, stage: str) -> None:
         if self.parts:
             return
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        self.dtype_name = self.dtype_name or getattr(module, "dtype_name", None) or "float32"
-        self._warn_on_difficulty_mismatch()
+        self.dtype_name = self.dtype_name or "float32"
         tokenizer = models.load_tokenizer(self.model_name, trust_remote_code=self.trust_remote_code)
         self.set_tokenizer(tokenizer)
         teacher = None
@@ -321,26 +343,25 @@ class GradualDataModule(RecoveryDataModule):
         `on_train_epoch_start`, so with `sgr.teacher: previous` the answers of the model the finished stages left are
         generated here (also on resume, from the stage the run resumed from); any later would train stage k on the
         answers of stage k-2."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        done = len(getattr(module, "history", [])) - 1
+        current = self.current
+        done = current.stages_done if current is not None else 0
         if self.sgr.teacher == "previous" and self.needs_teacher and done >= 1 and done != self.answered_after:
             model_id = f"{self.model_name}@stage_{done}"
             if self.sgr.backend == "vllm":  # vLLM loads the teacher from disk: save the current model for it
-                folder = module.run_dir / VLLM_TEACHER_DIR
+                folder = current.run_dir / VLLM_TEACHER_DIR
                 shutil.rmtree(folder, ignore_errors=True)
-                models.save_model(module.model, module.tokenizer, folder)
+                models.save_model(current.model, current.tokenizer, folder)
                 model_id = str(folder)
-            self.build(module.model, model_id)  # fresh answers, cached under this model's own fingerprint
+            self.build(current.model, model_id)  # fresh answers, cached under this model's own fingerprint
             self.answered_after = done
         return super().train_dataloader()
 
-    def _warn_on_difficulty_mismatch(self) -> None:
-        """Recovery problems from the tasks should be as hard as the problems the run is judged on."""
-        if self.trainer is None:
-            return
+    def warn_on_difficulty_mismatch(self, callbacks: Sequence[Any]) -> None:
+        """Recovery problems from the tasks should be as hard as the problems the run is judged on (`callbacks`:
+        the run's, as `gradual fit` builds them)."""
         drawn = {pool.name: pool.source.difficulty or self.sgr.difficulty for pool in self.pools
                  if pool.source.kind in ("tasks", "sdft") or (pool.source.kind == "sgr" and self.sgr.source == "tasks")}
-        for callback in self.trainer.callbacks:
+        for callback in callbacks:
             difficulty = getattr(callback, "difficulty", None)
             for name, mine in drawn.items():
                 if isinstance(difficulty, str) and difficulty != mine:

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from gradual import sharding
 from gradual.datamodule import GradualDataModule
 from gradual.errors import UsageError
+from gradual.lightning_compat import tensor_parallel_size
 from gradual.module import GradualModule
 
 
@@ -106,6 +107,8 @@ class GradualCLI(LightningCLI):
         super().instantiate_classes()
         check_strategy(self.trainer.strategy, self.model.recovery.params)
         check_settings(self.model, self.datamodule, self.trainer)
+        if isinstance(self.datamodule, GradualDataModule):
+            self.datamodule.warn_on_difficulty_mismatch(self.trainer.callbacks)
         in_data = self.datamodule.recovery_tasks() if hasattr(self.datamodule, "recovery_tasks") else []
         self.model.in_data_tasks = in_data
         for callback in self.trainer.callbacks:
@@ -320,7 +323,7 @@ def check_strategy(strategy: Any, params: str) -> None:
     if not isinstance(strategy, ModelParallelStrategy):
         return
     sharding.check_params(params)
-    tp = getattr(strategy, "_tensor_parallel_size", 1)
+    tp = tensor_parallel_size(strategy)
     if tp != 1:
         raise UsageError(f"trainer.strategy: ModelParallelStrategy tensor_parallel_size={tp!r} is not supported; "
                          "gradual shards full-weight recovery over the data-parallel dimension only: set "

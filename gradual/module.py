@@ -26,11 +26,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
 
-from gradual import importance, models, ranks, rundir, sharding, surgery
+from gradual import importance, models, pipeline, rundir, sharding, surgery
+from gradual.datamodule import GradualDataModule, RecoveryDataModule
 from gradual.distill import Recovery, RecoveryObjective, Teacher
 from gradual.errors import UsageError
-from gradual.lora import LoraSettings, attach_lora, dequantize, has_4bit, merge_lora, quantize_nf4
-from gradual.repair import apply_repairs, check_settings, plan_repairs
+from gradual.lightning_compat import rewrap_ddp, start_at_epoch
+from gradual.lora import LoraSettings, dequantize, has_4bit
+from gradual.repair import check_settings
 from gradual.retention import METRIC
 from gradual.stages import TRAINING, Schedule, Selection, StageHistory, StageRecord
 
@@ -154,12 +156,11 @@ class GradualModule(StageHistory, L.LightningModule):
         """Check the run directory and size every stage's data: `steps × accumulation` batches per rank."""
         self.check_run_dir()
         dm = self.trainer.datamodule
-        if hasattr(dm, "recovery_tasks"):
+        if isinstance(dm, GradualDataModule):
             self.in_data_tasks = dm.recovery_tasks()
-        if dm is not None:  # each stage its own slice of the data stream: `steps × accumulation` batches per rank
+        if isinstance(dm, RecoveryDataModule):  # each stage `steps × accumulation` batches per rank
             per_batch = self.trainer.accumulate_grad_batches * dm.batch_size * self.trainer.world_size
-            sizes = [max(1, steps) * per_batch for _, steps in self.plan] or [per_batch]
-            dm.samples_per_epoch, dm.stage_samples = sizes[0], sizes
+            dm.plan_stages([max(1, steps) * per_batch for _, steps in self.plan] or [per_batch])
 
     def on_fit_start(self) -> None:
         """On resume, continue Lightning's epoch count at the stage reached, so data and logs line up. The epoch
@@ -174,10 +175,14 @@ class GradualModule(StageHistory, L.LightningModule):
         loop = self.trainer.fit_loop
         if loop.max_epochs is None or loop.max_epochs < 0 or loop.max_epochs > len(self.plan):
             loop.max_epochs = max(1, len(self.plan))
-        done = len(self.history) - 1
-        progress = loop.epoch_progress
-        for counter in (progress.current, progress.total):
-            counter.ready = counter.started = counter.processed = counter.completed = done
+        start_at_epoch(self.trainer, len(self.history) - 1)
+        self._share_model()
+
+    def _share_model(self) -> None:
+        """Tell the data module the model the finished stages left (`RecoveryDataModule.use_model`)."""
+        dm = self.trainer.datamodule
+        if isinstance(dm, RecoveryDataModule):
+            dm.use_model(self.model, self.tokenizer, len(self.history) - 1, self.run_dir)
 
     @property
     def depth(self) -> int:
@@ -189,25 +194,11 @@ class GradualModule(StageHistory, L.LightningModule):
         return self.plan[done] if done < len(self.plan) else None
 
     def choose_layers(self, k: int) -> tuple[list[int], dict[str, Any]]:
-        """Current indices of the `k` layers to remove now, and the scores that chose them.
-
-        Under DDP only rank 0 scores and chooses; every rank removes what it chose (`ranks.decide_on_rank0`).
-        """
-        return ranks.decide_on_rank0(lambda: self._score_and_choose(k))
-
-    def _score_and_choose(self, k: int) -> tuple[list[int], dict[str, Any]]:
-        if self.schedule.layers is not None:
-            kept = surgery.original_indices(self.model)
-            removed = {i for r in self.history for i in r.removed}
-            todo = [i for i in self.schedule.layers if i not in removed][:k]
-            return [kept.index(i) for i in todo], {"metric": "explicit", "layers": todo}
-        batches = self.calibration_batches()
-        scores = importance.score_layers(self.model, batches, self.selection.metric, span=self.selection.span,
-                                         seed=self.seed + self.stage)
-        chosen = scores.choose(k, protect_first=self.selection.protect_first,
-                               protect_last=self.selection.protect_last)
-        return chosen, {"metric": scores.metric, "scores": [float(s) for s in scores.scores],
-                        "original": list(scores.original_indices)}
+        """Current indices of the `k` layers to remove now, and the scores that chose them (`pipeline.choose_layers`:
+        chosen on rank 0, shared by every rank)."""
+        removed = [i for r in self.history for i in r.removed]
+        return pipeline.choose_layers(self.model, k, self.selection, self.calibration_batches, self.seed + self.stage,
+                                      explicit=self.schedule.layers, removed=removed)
 
     def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
         """The selection's calibration batches (tokenised once per run) on the module's device."""
@@ -220,64 +211,36 @@ class GradualModule(StageHistory, L.LightningModule):
         return [{key: v.to(self.device) for key, v in b.items()} for b in self._calibration]
 
     def on_train_epoch_start(self) -> None:
-        """Start a stage: score, remove, make the chosen weights trainable, rebuild the optimizer. The previous
-        stage's `retention/` metrics go: a stage that is never evaluated (abandoned) publishes none, and a stop rule
-        must not judge it on another stage's.
-
-        A consolidation stage (`schedule.final_steps`) removes nothing and distils from the original model."""
+        """Start a stage (`gradual.pipeline`, steps 1-4): choose, repair, remove, record, make the chosen weights
+        trainable and rebuild the optimizer around them. A consolidation stage (`schedule.final_steps`) removes
+        nothing and distils from the original model. The previous stage's `retention/` metrics go first: a stage
+        that is never evaluated (abandoned) publishes none, and a stop rule must not judge it on another stage's."""
         metrics = self.trainer.callback_metrics
         for name in [name for name in metrics if name.startswith(METRIC)]:
             del metrics[name]
         k, steps = self.next_stage()
         stage = len(self.history)
         L.seed_everything(self.seed + stage, verbose=False)
-        self._stage_start = time.perf_counter()
-        self._losses = []
-        t = time.perf_counter()
-        chosen, scores = self.choose_layers(k) if k else ([], {"metric": "consolidation"})
-        timings = {"scoring_s": time.perf_counter() - t}
-        if self.repair is not None and chosen:  # fitted on rank 0 (ranks must hold the same weights), applied on all
-            t = time.perf_counter()
-            repairs = ranks.decide_on_rank0(lambda: plan_repairs(self.model, chosen, self.calibration_batches()))
-            apply_repairs(self.model, repairs)
-            scores = {**scores, "repair": {"method": self.repair, "spans": [r.to_dict() for r in repairs]}}
-            timings["repair_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        removed = surgery.remove_layers(self.model, chosen)
-        timings["surgery_s"] = time.perf_counter() - t
-        previous = self.history[-1].removed_total if self.history else []
+        self._stage_start, self._losses, timings = time.perf_counter(), [], {}
+        with pipeline.timed(timings, "scoring_s"):
+            chosen, scores = self.choose_layers(k) if k else ([], {"metric": "consolidation"})
+        if self.repair is not None and chosen:
+            with pipeline.timed(timings, "repair_s"):
+                scores["repair"] = pipeline.repair_cuts(self.model, chosen, self.repair, self.calibration_batches())
+        with pipeline.timed(timings, "surgery_s"):
+            removed = surgery.remove_layers(self.model, chosen)
         self.history.append(StageRecord(stage=stage, depth=self.depth, removed=removed,
-                                        removed_total=sorted(previous + removed),
+                                        removed_total=sorted(self.history[-1].removed_total + removed),
                                         kept=surgery.original_indices(self.model), importance=scores, steps=steps,
                                         consolidation=k == 0, timings=timings))
         self.objective = RecoveryObjective(replace(self.recovery, loss="kd") if k == 0 else self.recovery,
                                            self.teacher)
         if steps > 0:
-            self._make_trainable()
+            self.model = pipeline.make_trainable(self.model, self.recovery, self.lora, self.quantize,
+                                                 max(self.original0) + 1)
             self._rebuild_optimizer()
         self.model.train()
         self.log_dict({"stage": float(stage), "depth": float(self.depth)}, prog_bar=True, on_epoch=True)
-
-    def _make_trainable(self) -> None:
-        """`recovery.params`: fresh LoRA adapters (on an NF4 base with `quantize: nf4`), or full weights of every
-        decoder layer / of the layers next to the cuts, plus the final norm. Everything else stays frozen."""
-        if self.recovery.params == "lora":
-            if self.quantize == "nf4" and not has_4bit(self.model):
-                self.model = quantize_nf4(self.model)
-            self.model = attach_lora(self.model, self.lora)
-            return
-        layers = surgery.decoder_layers(self.model)
-        positions = range(len(layers))
-        if self.recovery.params == "near_cut":
-            positions = surgery.near_cuts(surgery.original_indices(self.model), self.recovery.near_cut_layers,
-                                          depth=max(self.original0) + 1)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for i in positions:
-            for p in layers[i].parameters():
-                p.requires_grad_(True)
-        for p in surgery.final_norm(self.model).parameters():
-            p.requires_grad_(True)
 
     def _rebuild_optimizer(self) -> None:
         """New adapters are new parameters: rebuild the optimizer (and the DDP wrapper, or the FSDP sharding of
@@ -287,8 +250,7 @@ class GradualModule(StageHistory, L.LightningModule):
         if mesh is not None:
             self.model = sharding.shard(self.model, mesh)
         elif isinstance(strategy.model, DistributedDataParallel):
-            strategy.model = strategy._setup_model(self)
-            strategy._register_ddp_hooks()  # a configured DDP communication hook (GPU) belongs to the new wrapper
+            rewrap_ddp(strategy, self)
         strategy.setup_optimizers(self.trainer)
 
     def _stage_batches(self) -> int:
@@ -343,15 +305,10 @@ class GradualModule(StageHistory, L.LightningModule):
         train_s = time.perf_counter() - self._stage_start - sum(record.timings.values())
         t = time.perf_counter()
         if record.steps > 0:
-            if sharding.is_sharded(self.model):
-                self.model = sharding.unshard(self.model)
-            if self.recovery.params == "lora":
-                self.model = merge_lora(self.model, requantize=False)
-            self.model.config.use_cache = False
-            for p in self.model.parameters():
-                p.requires_grad_(False)
+            self.model = pipeline.merge_trained(self.model, self.recovery)
         else:  # pruned without recovery: a 4-bit model is still saved as float weights
             self.model = _as_float(self.model)
+        self._share_model()
         record.loss = sum(self._losses) / len(self._losses) if self._losses else None
         record.timings.update(train_s=train_s, merge_s=time.perf_counter() - t)
         self.model.eval()

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from test_fit import SMOKE, write_config
 from transformers import AutoModelForCausalLM
 
-from gradual import models
+from gradual import tiny
 from gradual.lightning_cli import GradualCLI
 
 TESTS = Path(__file__).resolve().parent
@@ -114,7 +114,7 @@ def test_unshard_gives_back_the_plain_pruned_model(tmp_path: Path) -> None:
 # name -> (tiny arch, layers, removed positions, stale). Tiny Gemma3 layer types are [s, s, full, s] and Gemma2's
 # alternate [s, full, s, full]: each removal below empties one type; the other architectures have one type only.
 SAVED_CASES: dict[str, tuple[str, int, list[int], bool]] = {
-    **{arch: (arch, 4, [1], False) for arch in models.TINY_ARCHS if arch not in ("gemma2", "gemma3")},
+    **{arch: (arch, 4, [1], False) for arch in tiny.TINY_ARCHS if arch not in ("gemma2", "gemma3")},
     "gemma2-no-full": ("gemma2", 4, [1, 3], False),
     "gemma3-no-full": ("gemma3", 4, [2], False),
     "gemma3-no-sliding": ("gemma3", 4, [0, 1, 3], False),

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gradual import ranks
+from gradual import pipeline, ranks
 from gradual.module import GradualModule
 from gradual.stages import Schedule, Selection
 
@@ -30,7 +30,7 @@ def _rank_main(rank: int, world: int, store: str, out: str) -> None:
                                selection=Selection(num_calibration=4, calibration_max_length=32))
         module.configure_model()
         _silence_layer(module, 2 + rank)  # rank 0 would remove layer 2, rank 1 layer 3
-        own, _ = module._score_and_choose(1)
+        own, _ = pipeline.score_and_choose(module.model, 1, module.selection, module.calibration_batches, module.seed)
         shared, scores = module.choose_layers(1)
         Path(out, f"rank{rank}.json").write_text(json.dumps({"own": own, "shared": shared, "scores": scores}))
     finally:
