@@ -1,0 +1,5 @@
+import sys
+
+from gradual.cli import main
+
+sys.exit(main())

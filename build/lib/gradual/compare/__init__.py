@@ -1,0 +1,42 @@
+"""`gradual compare`: at the same depth and the same training budget, which way of removing and healing layers
+keeps the most? One-shot vs gradual, SGR vs dataset answers, SFT vs distillation, LoRA vs full or near-cut weights,
+with or without a final consolidation stage or a training-free cut repair.
+
+Each arm is an ordinary `gradual fit` run of one base config (same model, tasks, seed, data), changed in its
+`mode` and in any dotted keys of its `overrides` (`model.recovery.loss: kd`, `model.recovery.params: near_cut`,
+`data.sgr.responses: dataset`, ...), with the retention stop replaced by a callback that records retention without
+stopping, so every arm reaches every target depth. Every arm's config is checked by the `gradual fit` parser before
+any arm runs; keys that would make the arms incomparable (the model, the depth, the evaluation) are refused.
+
+Equal budget: one budget per removed layer (`compare.budget_per_layer`, by default the base's steps per stage over
+its layers per stage). At depth k every trained arm trains exactly k × budget steps in all: `final_share` of them
+(rounded) in the consolidation stage after the last removal (`schedule.final_steps`), the rest split evenly over the
+removal stages (`schedule.steps_per_stage`); a remainder that does not split evenly goes to the consolidation stage,
+so the totals match exactly (without a consolidation stage such a plan is refused; with one layer per stage every
+budget splits evenly). An arm that sets `model.schedule.steps_per_stage` or `final_steps` itself keeps its
+own steps, and the plan is refused unless they add up to the same total (0 is allowed: an arm without recovery).
+
+What the arms share, so a comparison costs little more than its arms' training:
+- the baseline: the unpruned model is evaluated once (`<out>/baseline.json`) and seeds every arm's stage 0;
+- the ranking: the layers one-shot arms remove are chosen once on the unpruned model (`schedule.layers`);
+- the SGR answers: the teacher's answers are cached on disk and reused by every SGR arm;
+- depth: a gradual arm without consolidation runs once to the deepest target and its earlier stages are its
+  shallower points; any other arm (one-shot, or gradual with a consolidation stage, which must come last) runs
+  once per depth.
+
+Re-running the same command resumes: finished runs are read back, an interrupted one resumes from its last stage.
+"""
+
+from gradual.compare.arms import (
+    apply_overrides,
+    arm_budget,
+    arm_callbacks,
+    arm_config,
+    arm_runs,
+    check_budgets,
+)
+from gradual.compare.plan import DEFAULT_ARMS, Arm, Budget, Plan, load_plan, make_plan
+from gradual.compare.run import FitParser, main, run, validate_arms
+
+__all__ = ["DEFAULT_ARMS", "Arm", "Budget", "FitParser", "Plan", "apply_overrides", "arm_budget", "arm_callbacks",
+           "arm_config", "arm_runs", "check_budgets", "load_plan", "main", "make_plan", "run", "validate_arms"]

@@ -1,0 +1,35 @@
+"""The Lightning internals the prune → heal loop needs, each in one function, each guarded by a test
+(`tests/test_lightning_compat.py`) that fails when Lightning changes it.
+
+Why any are needed: one Lightning epoch is one pruning stage, and every stage creates new trainable parameters (fresh
+adapters, or other full weights), so the DDP wrapper has to be rebuilt around them mid-fit; and a resumed run starts
+Lightning's epoch count at the stage it reached, which Lightning only does when it restores its own `.ckpt` files
+(gradual resumes from its run directory instead).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+
+def rewrap_ddp(strategy: Any, module: L.LightningModule) -> None:
+    """Wrap `module` in a new `DistributedDataParallel` (its trainable parameters changed) and register the
+    configured DDP communication hook on the new wrapper: `DDPStrategy._setup_model` and `_register_ddp_hooks`."""
+    strategy.model = strategy._setup_model(module)
+    strategy._register_ddp_hooks()
+
+
+def start_at_epoch(trainer: L.Trainer, done: int) -> None:
+    """Continue Lightning's epoch count at `done` finished stages (a resumed run), so data slices, logs and the
+    progress bar line up with the stage reached: the fit loop's epoch progress counters."""
+    progress = trainer.fit_loop.epoch_progress
+    for counter in (progress.current, progress.total):
+        counter.ready = counter.started = counter.processed = counter.completed = done
+
+
+def tensor_parallel_size(strategy: Any) -> int:
+    """The tensor-parallel size a `ModelParallelStrategy` was given (Lightning keeps it private;
+    `_tensor_parallel_size`, 1 for any other strategy)."""
+    return getattr(strategy, "_tensor_parallel_size", 1)

@@ -1,0 +1,130 @@
+"""The sources of the recovery mixture (`data.sources`): what each kind is, its settings, and the texts of the sources
+that need no teacher.
+
+Four kinds, combined by weight (each stage holds every source in proportion to its weight, `gradual.sampler`):
+
+- `sgr`: `data.sgr`'s prompts answered by the teacher (the seed paper's recipe); (prompt, response) pairs.
+- `tasks`: few-shot documents of built-in tasks' training problems in the evaluation's `Q: .../A: ...` format
+  (`gradual.tasks.documents`); plain text. Measured on SmolLM2, forward KL on such text restored in-data retention
+  far better than KL on SGR answers or generic text.
+- `text`: plain text from a .txt/.jsonl file, a Hugging Face dataset, or the built-in calibration texts.
+- `sdft`: built-in tasks' training prompts with the teacher's rewrite of the reference answer, kept when the task's
+  scorer accepts it, else the reference (`gradual.sgr.pairs.sdft_pairs`); (prompt, response) pairs.
+
+Pairs are learned on the response only; texts on every token. Under `model.recovery.loss: kd` a text needs no
+generated answer at all: the original model's next-token distribution at every position is the target.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gradual.errors import UsageError
+from gradual.tasks.builtin import check_difficulty
+
+KINDS = ("sgr", "tasks", "text", "sdft")
+TEXT_FILE_SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass
+class DataSource:
+    """One source of the recovery mixture; the fields a kind does not use keep their defaults.
+
+    Attributes:
+        kind: `sgr` (`data.sgr`'s prompts answered by the teacher), `tasks` (few-shot documents of built-in tasks'
+            training problems), `text` (plain text), or `sdft` (the teacher's accepted rewrites of built-in tasks'
+            reference answers, else the references).
+        weight: the source's share of every stage's examples, relative to the other sources' weights (>= 0; 0
+            leaves the source out). Default 1.
+        tasks: `tasks`/`sdft`: built-in task names (empty, the default, = every built-in task). The `sgr` source's
+            tasks are `data.sgr.tasks`.
+        n_per_task: `tasks`: documents per task; `sdft`: prompts per task (>= 1, default 200).
+        shots: `tasks`: worked examples per document (>= 1, default 5, the evaluation's default few-shot count).
+        difficulty: `tasks`/`sdft`: problem difficulty, `small` or `large`; null (default) = `data.sgr.difficulty`.
+        path: `text` only: null (default) = the built-in calibration texts (`gradual/resources/calibration.txt`);
+            a path ending in .txt (one text a line) or .jsonl (field `text_field`) = a local file; anything else = a
+            Hugging Face dataset name or folder (`hf_config`, `hf_split`, field `text_field`).
+        text_field: `text` from .jsonl or a dataset: the field holding the text (default `text`).
+        hf_config: `text` from a dataset: its configuration name (default null).
+        hf_split: `text` from a dataset: its split (default `train`).
+        max_texts: `text`: keep a seeded random subset of this many texts, in source order (>= 1; null = all).
+
+    Problems are drawn as `data.sgr` draws its task prompts: training split, seed `data.sgr.seed`, refused if they
+    share a question with the first `data.sgr.eval_n` evaluation problems of `data.sgr.eval_seed`. `sgr` and `sdft`
+    share `data.sgr`'s teacher, decoding, backend, cache, system prompt and chat settings.
+    """
+
+    kind: str
+    weight: float = 1.0
+    tasks: list[str] = field(default_factory=list)
+    n_per_task: int = 200
+    shots: int = 5
+    difficulty: str | None = None
+    path: str | None = None
+    text_field: str = "text"
+    hf_config: str | None = None
+    hf_split: str = "train"
+    max_texts: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UsageError(f"data source kind={self.kind!r} is unknown; allowed: {', '.join(KINDS)}")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise UsageError(f"data source {self.kind} weight={self.weight} is invalid; it must be finite and >= 0")
+        for name in ("n_per_task", "shots"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"data source {self.kind} {name}={getattr(self, name)} is invalid; it must be >= 1")
+        if self.max_texts is not None and self.max_texts < 1:
+            raise UsageError(f"data source {self.kind} max_texts={self.max_texts} is invalid; it must be >= 1 or null")
+        if self.difficulty is not None:
+            check_difficulty(self.difficulty)
+        if self.path is not None and self.kind != "text":
+            raise UsageError(f"data source {self.kind} has path={self.path!r}, but only kind text reads a path"
+                             + ("; the sgr source's prompts are data.sgr's" if self.kind == "sgr" else ""))
+        if self.tasks and self.kind not in ("tasks", "sdft"):
+            raise UsageError(f"data source {self.kind} has tasks={self.tasks}, but only kinds tasks and sdft take "
+                             "tasks" + ("; the sgr source's are data.sgr.tasks" if self.kind == "sgr" else ""))
+
+
+def check_sources(sources: list[DataSource]) -> list[DataSource]:
+    """The sources with weight > 0, after refusing (UsageError) an empty list, all-zero weights or two `sgr` sources
+    (there is one `data.sgr`)."""
+    if not sources:
+        raise UsageError("data.sources is empty; give at least one source, or null for data.sgr alone")
+    if sum(s.kind == "sgr" for s in sources) > 1:
+        raise UsageError("data.sources lists kind sgr twice; there is one sgr source (its settings are data.sgr)")
+    active = [s for s in sources if s.weight > 0]
+    if not active:
+        raise UsageError("every data source has weight 0; give at least one a positive weight")
+    return active
+
+
+def source_texts(source: DataSource, seed: int = 0) -> list[str]:
+    """The texts of a `text` source (non-empty ones, in source order), `max_texts` of them at most (a subset seeded by
+    `seed`). A missing file or a dataset that cannot be loaded is a UsageError."""
+    from gradual.importance import calibration_texts
+
+    if source.path is None:
+        texts = calibration_texts(None, n=None)
+    elif Path(source.path).suffix.lower() in TEXT_FILE_SUFFIXES:
+        if not Path(source.path).is_file():
+            raise UsageError(f"text source file {source.path!r} does not exist")
+        texts = calibration_texts(source.path, n=None, field_name=source.text_field)
+    else:
+        from gradual.sgr.prompts import hf_rows
+
+        rows = hf_rows(source.path, source.hf_config, source.hf_split)
+        if rows and source.text_field not in rows[0]:
+            raise UsageError(f"dataset {source.path!r} has no field {source.text_field!r}; its fields are: "
+                             f"{', '.join(map(str, rows[0]))}")
+        texts = [r[source.text_field] for r in rows if isinstance(r.get(source.text_field), str)
+                 and r[source.text_field].strip()]
+        if not texts:
+            raise UsageError(f"dataset {source.path!r} has no non-empty text in field {source.text_field!r}")
+    if source.max_texts is not None and source.max_texts < len(texts):
+        keep = sorted(random.Random(seed).sample(range(len(texts)), source.max_texts))
+        texts = [texts[i] for i in keep]
+    return texts

@@ -1,0 +1,109 @@
+"""Retention: each score over its baseline, and the aggregates the stop rule can monitor.
+
+Every evaluated task is *in-data* (its problems, any split, fed the recovery data) or *held-out* (nothing of it
+did). Only held-out retention shows that a capability came back rather than was taught, so the aggregates come per
+group as well as over all tasks, and the default monitor is the held-out generative mean.
+
+A group's mean is the mean of per-task retentions *capped at 1*: a task that went past the original model cannot
+hide one that collapsed (uncapped, 1.50 and 0.13 average to 0.82; capped, to 0.57). Beside every mean stands the
+group's worst task (`_worst`), uncapped. Where the evaluations kept per-problem scores (`items`), `intervals` gives
+every score, retention and group mean its 95% paired-bootstrap interval (`gradual.intervals`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from gradual.intervals import group_figures, task_figures
+
+GROUPS = ("held_out", "in_data")
+FORMS = ("generative", "classification")
+AGGREGATES = (*(f"{g}_{f}_{stat}" for stat in ("mean", "worst") for g in GROUPS for f in FORMS),
+              *(f"{f}_{stat}" for stat in ("mean", "worst") for f in FORMS), "min")
+DEFAULT_MONITOR = "held_out_generative_mean"
+METRIC = "retention/"
+"""The prefix of the retention metrics in `trainer.callback_metrics`: `retention/<score key or aggregate>`."""
+
+
+def task_of(key: str) -> str:
+    """The task a score key belongs to: `mc_copy` → `copy` (its classification form); other keys as they are."""
+    return key[3:] if key.startswith("mc_") else key
+
+
+def group_of(key: str, in_data: Collection[str]) -> str:
+    """`in_data` if the key's task fed the recovery data, else `held_out`."""
+    return "in_data" if task_of(key) in in_data else "held_out"
+
+
+def is_in_data_monitor(monitor: str, in_data: Collection[str]) -> bool:
+    """Whether a monitor is computed only from in-data tasks (what recovery trained on)."""
+    if monitor.startswith("in_data_"):
+        return True
+    return monitor not in AGGREGATES and group_of(monitor, in_data) == "in_data"
+
+
+def retention(scores: dict[str, dict[str, Any]], baseline: dict[str, dict[str, Any]],
+              in_data: Collection[str] = ()) -> dict[str, float | None]:
+    """Per-key retention (score / baseline score, uncapped) and the aggregates over keys with a non-zero baseline.
+
+    A key whose baseline score is 0 (or that has no baseline: its evaluation failed there) has no defined
+    retention: it is None, and left out of every aggregate, never divided by zero. Aggregates: `<form>_mean` over
+    all keys of a form and `<group>_<form>_mean` over the keys of one group (`in_data` tasks are those named in
+    `in_data`), each the mean of retentions capped at 1; `<form>_worst` and `<group>_<form>_worst`, the lowest
+    retention there; `min` over all keys. An aggregate with no key is absent.
+    """
+    per_key = {k: v["score"] / baseline[k]["score"] for k, v in scores.items()
+               if k in baseline and baseline[k]["score"] > 0}
+    out: dict[str, float | None] = dict(per_key)
+    for name, keys in groups(scores, per_key, in_data).items():
+        out[f"{name}_mean"] = sum(min(1.0, per_key[k]) for k in keys) / len(keys)
+        out[f"{name}_worst"] = min(per_key[k] for k in keys)
+    if per_key:
+        out["min"] = min(per_key.values())
+    out.update({k: None for k in scores if k not in per_key})
+    return out
+
+
+def groups(scores: dict[str, dict[str, Any]], keys: Collection[str], in_data: Collection[str]) -> dict[str, list[str]]:
+    """The non-empty aggregate groups over `keys`: `<form>` and `<group>_<form>` → their keys, in score order."""
+    out: dict[str, list[str]] = {}
+    for form in FORMS:
+        of_form = [k for k in scores if k in keys and scores[k]["form"] == form]
+        if of_form:
+            out[form] = of_form
+        for group in GROUPS:
+            in_group = [k for k in of_form if group_of(k, in_data) == group]
+            if in_group:
+                out[f"{group}_{form}"] = in_group
+    return out
+
+
+def intervals(scores: dict[str, dict[str, Any]], baseline: dict[str, dict[str, Any]],
+              in_data: Collection[str] = (), seed: int = 0) -> dict[str, dict[str, Any]]:
+    """95% intervals by paired bootstrap over the problems, for the keys whose evaluation kept per-problem scores
+    (`items`) at this stage and at the baseline, on the same problems: per key `{score, score_ci, retention,
+    retention_ci}`; per group (`<group>_<form>`, `<form>`) `{mean, mean_ci, worst, worst_task, worst_ci, tasks}`.
+    Intervals are `[low, high]`, an end None where unbounded (a baseline that scores 0 on a resample)."""
+    figures = {k: task_figures(v["items"], baseline[k]["items"], key=k, seed=seed) for k, v in scores.items()
+               if v.get("items") and k in baseline and len(baseline[k].get("items") or ()) == len(v["items"])}
+    out: dict[str, dict[str, Any]] = {k: f.to_dict() for k, f in figures.items()}
+    defined = [k for k, f in figures.items() if f.retention is not None]
+    for name, keys in groups(scores, defined, in_data).items():
+        group = group_figures({k: figures[k] for k in keys})
+        if group is not None:
+            out[name] = group.to_dict()
+    return out
+
+
+def with_interval(value: float, ci: Sequence[float | None] | None) -> str:
+    """`0.71 [0.58, 0.83]` (an unbounded end as ∞), or the value alone without an interval."""
+    if not ci:
+        return f"{value:.2f}"
+    lo, hi = ci
+    return f"{value:.2f} [{'-∞' if lo is None else f'{lo:.2f}'}, {'∞' if hi is None else f'{hi:.2f}'}]"
+
+
+def undefined(baseline: dict[str, dict[str, Any]]) -> list[str]:
+    """Score keys whose baseline is 0: their retention is undefined, reported as null and left out of the means."""
+    return [k for k, v in baseline.items() if v["score"] <= 0]

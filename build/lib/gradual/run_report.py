@@ -1,0 +1,138 @@
+"""Run reports: `results.json`, `report.md` (a table per stage) and `retention.png`, each written atomically (a
+crash or a full disk leaves the previous version, never a torn file)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from matplotlib.figure import Figure
+
+from gradual.retention import group_of, task_of
+from gradual.rundir import atomic_write_bytes
+
+FAILURES = ("wrong_value", "no_answer", "unbalanced_brackets", "repetition")
+
+
+GROUP_COLUMNS = (("held_out_generative_mean", "held-out gen."), ("in_data_generative_mean", "in-data gen."),
+                 ("held_out_classification_mean", "held-out cls."), ("in_data_classification_mean", "in-data cls."))
+
+
+def stage_table(history: Sequence[dict[str, Any]], in_data: Collection[str] = ()) -> str:
+    """One row per stage: depth, layers removed (original indices), the mean retention of held-out and in-data
+    tasks, each score with its retention. In-data task columns are marked `*`."""
+    keys = list(history[0]["scores"])
+    groups = [(k, name) for k, name in GROUP_COLUMNS if any(k in r.get("retention", {}) for r in history)]
+    head = (["stage", "depth", "removed", "loss"] + [name for _, name in groups]
+            + [k + ("*" if group_of(k, in_data) == "in_data" else "") for k in keys] + ["monitor ok"])
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in history:
+        cells = [str(r["stage"]), str(r["depth"]), ",".join(map(str, r["removed_total"])) or "-",
+                 f"{r['loss']:.3f}" if r.get("loss") is not None else "-"]
+        cells += [f"{r['retention'][k]:.2f}" if k in r.get("retention", {}) else "-" for k, _ in groups]
+        for k in keys:
+            s = r["scores"].get(k)
+            ret = r.get("retention", {}).get(k)
+            cells.append("-" if s is None else f"{s['score']:.3f}" + (f" ({ret:.2f})" if ret is not None else ""))
+        ok = r.get("meets_threshold")
+        cells.append("-" if ok is None else ("yes" if ok else "**no**"))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def failure_table(history: Sequence[dict[str, Any]]) -> str:
+    """Failure categories of the generative answers per stage and task: the paper's diagnosis, counted."""
+    rows = ["| stage | task | " + " | ".join(FAILURES) + " |", "|" + "---|" * (len(FAILURES) + 2)]
+    for r in history:
+        for key, s in r["scores"].items():
+            if s.get("form") == "generative" and s.get("failures"):
+                rows.append(f"| {r['stage']} | {key} | " + " | ".join(str(s["failures"].get(f, 0)) for f in FAILURES)
+                            + " |")
+    return "\n".join(rows)
+
+
+def undefined_retention(history: Sequence[dict[str, Any]]) -> list[str]:
+    """Score keys whose retention is undefined: a baseline score of 0, or no baseline score (its evaluation failed
+    there). Reported as null and left out of the means."""
+    baseline = history[0]["scores"]
+    keys = {k for r in history for k in r["scores"]}
+    return sorted(k for k in keys if k not in baseline or baseline[k]["score"] <= 0)
+
+
+def error_table(history: Sequence[dict[str, Any]]) -> str:
+    """What could not be measured or trained, per stage: evaluations that raised, stages abandoned."""
+    rows = ["| stage | what | error |", "|---|---|---|"]
+    for r in history:
+        for key, message in (r.get("errors") or {}).items():
+            rows.append(f"| {r['stage']} | {key} | {message.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def plot_retention(history: Sequence[dict[str, Any]], path: Path | BinaryIO, title: str = "") -> None:
+    """Retention of every score vs layers removed; solid = generative, dashed = classification. A key with an
+    undefined retention (baseline 0) has no line.
+
+    A bare `Figure` renders through Agg when saved as PNG, so no global matplotlib backend is chosen."""
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    keys = [k for k, v in history[0]["scores"].items() if v["score"] > 0]
+    for key in keys:
+        points = [(0, 1.0)] + [(len(r["removed_total"]), r["retention"][key]) for r in history[1:]
+                               if (r.get("retention") or {}).get(key) is not None]
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        form = history[0]["scores"][key].get("form")
+        ax.plot(xs, ys, marker="o", linestyle="-" if form == "generative" else "--", label=key)
+    ax.axhline(1.0, color="grey", linewidth=0.5)
+    ax.set_xlabel("layers removed")
+    ax.set_ylabel("retention (score / baseline)")
+    ax.set_title(title or "retention vs layers removed")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+
+
+def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: int | None,
+                 stop_reason: str | None, config: dict[str, Any], in_data: Collection[str] = (),
+                 recovery_data: list[dict[str, Any]] | None = None) -> None:
+    """Write results.json, report.md and retention.png into the run directory.
+
+    `in_data` names the tasks whose problems fed recovery; every other evaluated task is held-out. `recovery_data`
+    describes each source of the recovery data (`GradualDataModule.describe`).
+    """
+    run_dir = Path(run_dir)
+    tasks = sorted({task_of(k) for r in history for k in r["scores"]})
+    held_out = [t for t in tasks if t not in in_data]
+    undefined = undefined_retention(history)
+    notes = [f"retention of {k} is undefined (baseline score {'0' if k in history[0]['scores'] else 'missing'}): "
+             "null in every stage and left out of the means" for k in undefined]
+    errors = [f"stage {r['stage']}: {key}: {message}" for r in history
+              for key, message in (r.get("errors") or {}).items()]
+    results = {"config": config, "final_stage": final_stage, "stop_reason": stop_reason,
+               "in_data_tasks": sorted(in_data), "held_out_tasks": held_out, "recovery_data": recovery_data,
+               "undefined_retention": undefined, "errors": errors, "notes": notes, "stages": list(history)}
+    atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2).encode())
+    plot = io.BytesIO()
+    plot_retention(history, plot, title=str(config.get("model", "")))
+    atomic_write_bytes(run_dir / "retention.png", plot.getvalue())
+    final = history[final_stage] if final_stage is not None else history[-1]
+    lines = [f"# gradual run: {config.get('model')}", "",
+             f"- final model: stage {final['stage']} ({final['depth']} layers, removed original layers "
+             f"{final['removed_total'] or 'none'})" + (" in `final/`" if final_stage is not None else ""),
+             f"- stop: {stop_reason or 'still running'}",
+             f"- held-out tasks (nothing of them fed recovery): {', '.join(held_out) or 'none'}",
+             f"- in-data tasks (their problems fed recovery; marked *): {', '.join(sorted(in_data)) or 'none'}",
+             *[f"- recovery data: {d['name']} ({d['kind']}), {d['share']:.0%} of every stage, "
+               f"{d.get('examples', '?')} examples, tasks: {', '.join(d.get('tasks') or []) or 'none'}"
+               for d in recovery_data or []], "",
+             "Scores per stage, retention against stage 0 in brackets; group columns are mean retentions. Only "
+             "held-out retention shows capability coming back rather than being taught:", "",
+             stage_table(history, in_data), "",
+             *[f"- {note}" for note in notes], *([""] if notes else []),
+             *(["Errors (what could not be measured or trained; other scores are kept):", "", error_table(history),
+                ""] if errors else []),
+             "Failure categories of generative answers:", "", failure_table(history), "",
+             "![retention](retention.png)", ""]
+    atomic_write_bytes(run_dir / "report.md", "\n".join(lines).encode())
