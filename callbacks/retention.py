@@ -14,7 +14,17 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from gradual.errors import UsageError
-from gradual.retention import AGGREGATES, DEFAULT_MONITOR, METRIC, group_of, is_in_data_monitor, retention
+from gradual.retention import (
+    AGGREGATES,
+    DEFAULT_MONITOR,
+    METRIC,
+    group_of,
+    intervals,
+    is_in_data_monitor,
+    monitor_interval,
+    retention,
+    with_interval,
+)
 from gradual.stages import StageLoop
 
 
@@ -31,7 +41,7 @@ def log_retention(trainer: L.Trainer, stages: StageLoop) -> None:
     """
     baseline = stages.history[0].scores
     values = retention(stages.record.scores, baseline, stages.in_data_tasks)
-    stages.record_retention(values)
+    stages.record_retention(values, intervals(stages.record.scores, baseline, stages.in_data_tasks))
     metrics = trainer.callback_metrics
     for name in dict.fromkeys([*AGGREGATES, *baseline, *values]):
         value = values.get(name)
@@ -157,8 +167,8 @@ class RetentionStopping(EarlyStopping):
                 named = " (in-data: measured on tasks the recovery data taught)" if is_in_data_monitor(
                     self.key, pl_module.in_data_tasks) else ""
                 self.stopping_reason = EarlyStoppingReason.DIVERGENCE_THRESHOLD
-                reason = (f"stage {record.stage}: {self.key}{named} retention {value:.3f} < threshold "
-                          f"{self.threshold}")
+                shown = with_interval(value, monitor_interval(record.intervals, self.key), digits=3)
+                reason = f"stage {record.stage}: {self.key}{named} retention {shown} < threshold {self.threshold}"
         self.judged[record.stage] = None if math.isnan(value) else value
         stop = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)
         if not stop:

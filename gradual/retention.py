@@ -96,12 +96,24 @@ def intervals(scores: dict[str, dict[str, Any]], baseline: dict[str, dict[str, A
     return out
 
 
-def with_interval(value: float, ci: Sequence[float | None] | None) -> str:
+def monitor_interval(intervals: dict[str, dict[str, Any]], monitor: str) -> list[float | None] | None:
+    """The 95% interval of a monitored value: a task's retention, a group's capped mean (`<group>_mean`) or its
+    worst task (`<group>_worst`); None where there is none (no per-problem scores, or `min`)."""
+    if monitor in intervals:
+        return intervals[monitor].get("retention_ci")
+    for stat in ("mean", "worst"):
+        if monitor.endswith(f"_{stat}") and monitor[: -len(stat) - 1] in intervals:
+            return intervals[monitor[: -len(stat) - 1]].get(f"{stat}_ci")
+    return None
+
+
+def with_interval(value: float, ci: Sequence[float | None] | None, digits: int = 2) -> str:
     """`0.71 [0.58, 0.83]` (an unbounded end as ∞), or the value alone without an interval."""
     if not ci:
-        return f"{value:.2f}"
+        return f"{value:.{digits}f}"
     lo, hi = ci
-    return f"{value:.2f} [{'-∞' if lo is None else f'{lo:.2f}'}, {'∞' if hi is None else f'{hi:.2f}'}]"
+    return (f"{value:.{digits}f} [{'-∞' if lo is None else f'{lo:.{digits}f}'}, "
+            f"{'∞' if hi is None else f'{hi:.{digits}f}'}]")
 
 
 def undefined(baseline: dict[str, dict[str, Any]]) -> list[str]:

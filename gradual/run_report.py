@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 
 from matplotlib.figure import Figure
 
-from gradual.retention import group_of, task_of
+from gradual.retention import group_of, task_of, with_interval
 from gradual.rundir import atomic_write_bytes
 
 FAILURES = ("wrong_value", "no_answer", "unbalanced_brackets", "repetition")
@@ -21,9 +21,23 @@ GROUP_COLUMNS = (("held_out_generative_mean", "held-out gen."), ("in_data_genera
                  ("held_out_classification_mean", "held-out cls."), ("in_data_classification_mean", "in-data cls."))
 
 
+def _group_cell(record: dict[str, Any], key: str) -> str:
+    """A group's capped mean retention with its 95% interval, and its worst task: `0.71 [0.58, 0.83]; worst
+    products 0.13`."""
+    value = record.get("retention", {}).get(key)
+    if value is None:
+        return "-"
+    group = (record.get("intervals") or {}).get(key.removesuffix("_mean"), {})
+    worst = record["retention"].get(key.replace("_mean", "_worst"))
+    cell = with_interval(value, group.get("mean_ci"))
+    if group.get("worst_task") and group.get("tasks", 0) > 1:
+        cell += f"; worst {group['worst_task']} {with_interval(worst, group.get('worst_ci'))}"
+    return cell
+
+
 def stage_table(history: Sequence[dict[str, Any]], in_data: Collection[str] = ()) -> str:
-    """One row per stage: depth, layers removed (original indices), the mean retention of held-out and in-data
-    tasks, each score with its retention. In-data task columns are marked `*`."""
+    """One row per stage: depth, layers removed (original indices), each group's mean retention (capped at 1 per
+    task) with its 95% interval and worst task, each score with its retention. In-data task columns are marked `*`."""
     keys = list(history[0]["scores"])
     groups = [(k, name) for k, name in GROUP_COLUMNS if any(k in r.get("retention", {}) for r in history)]
     head = (["stage", "depth", "removed", "loss"] + [name for _, name in groups]
@@ -32,7 +46,7 @@ def stage_table(history: Sequence[dict[str, Any]], in_data: Collection[str] = ()
     for r in history:
         cells = [str(r["stage"]), str(r["depth"]), ",".join(map(str, r["removed_total"])) or "-",
                  f"{r['loss']:.3f}" if r.get("loss") is not None else "-"]
-        cells += [f"{r['retention'][k]:.2f}" if k in r.get("retention", {}) else "-" for k, _ in groups]
+        cells += [_group_cell(r, k) for k, _ in groups]
         for k in keys:
             s = r["scores"].get(k)
             ret = r.get("retention", {}).get(k)
@@ -85,6 +99,16 @@ def plot_retention(history: Sequence[dict[str, Any]], path: Path | BinaryIO, tit
         xs, ys = [x for x, _ in points], [y for _, y in points]
         form = history[0]["scores"][key].get("form")
         ax.plot(xs, ys, marker="o", linestyle="-" if form == "generative" else "--", label=key)
+    held_out = [(len(r["removed_total"]), r["retention"]["held_out_generative_mean"],
+                 (r.get("intervals") or {}).get("held_out_generative", {}).get("mean_ci"))
+                for r in history[1:] if (r.get("retention") or {}).get("held_out_generative_mean") is not None]
+    if held_out:  # the stop rule's default monitor, capped mean, with its 95% interval band
+        xs = [0] + [x for x, _, _ in held_out]
+        ax.plot(xs, [1.0] + [y for _, y, _ in held_out], color="black", linewidth=2.5, label="held-out gen. (mean)")
+        band = [(x, ci[0], ci[1]) for x, _, ci in held_out if ci and None not in ci]
+        if band:
+            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color="black",
+                            alpha=0.12, linewidth=0)
     ax.axhline(1.0, color="grey", linewidth=0.5)
     ax.set_xlabel("layers removed")
     ax.set_ylabel("retention (score / baseline)")
@@ -127,8 +151,10 @@ def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: 
              *[f"- recovery data: {d['name']} ({d['kind']}), {d['share']:.0%} of every stage, "
                f"{d.get('examples', '?')} examples, tasks: {', '.join(d.get('tasks') or []) or 'none'}"
                for d in recovery_data or []], "",
-             "Scores per stage, retention against stage 0 in brackets; group columns are mean retentions. Only "
-             "held-out retention shows capability coming back rather than being taught:", "",
+             "Scores per stage, retention against stage 0 in brackets; group columns are mean retentions, each "
+             "task's capped at 1 so that no task pays for another, with 95% intervals by paired bootstrap over the "
+             "problems and the group's worst task. Only held-out retention shows capability coming back rather than "
+             "being taught:", "",
              stage_table(history, in_data), "",
              *[f"- {note}" for note in notes], *([""] if notes else []),
              *(["Errors (what could not be measured or trained; other scores are kept):", "", error_table(history),

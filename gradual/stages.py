@@ -229,6 +229,7 @@ class StageRecord:
     loss: float | None = None
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     retention: dict[str, float | None] = field(default_factory=dict)
+    intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
     meets_threshold: bool | None = None
     timings: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -282,10 +283,12 @@ class StageHistory:
         to the current record (at train start that is stage 0, the baseline every retention divides by)."""
         self.record.scores.update(scores)
 
-    def record_retention(self, retention: Mapping[str, float | None]) -> None:
+    def record_retention(self, retention: Mapping[str, float | None],
+                         intervals: Mapping[str, dict[str, Any]] | None = None) -> None:
         """The current record's retention against stage 0, per score key and its group means
-        (`gradual.retention.retention`)."""
+        (`gradual.retention.retention`), and their 95% intervals (`gradual.retention.intervals`)."""
         self.record.retention = dict(retention)
+        self.record.intervals = dict(intervals or {})
 
     def record_error(self, key: str, message: str) -> None:
         """What could not be measured or trained in the current stage: a score key whose evaluation raised (the
@@ -364,7 +367,8 @@ class StageLoop(Protocol):
 
     def record_scores(self, scores: Mapping[str, dict[str, Any]]) -> None: ...
 
-    def record_retention(self, retention: Mapping[str, float | None]) -> None: ...
+    def record_retention(self, retention: Mapping[str, float | None],
+                         intervals: Mapping[str, dict[str, Any]] | None = None) -> None: ...
 
     def record_error(self, key: str, message: str) -> None: ...
 

@@ -197,8 +197,8 @@ ORDERS = {
 """Stop rules, each where a user might list it after the evaluations (which Lightning runs first: plain callbacks in
 list order, then the module, then `EarlyStopping` and checkpoint callbacks)."""
 
-STOPPED = ("stage 2: mc_successor (in-data: measured on tasks the recovery data taught) retention 0.500 < threshold "
-           "0.7; rolled back to stage 1")
+STOPPED = ("stage 2: mc_successor (in-data: measured on tasks the recovery data taught) retention 0.500 [0.000, 1.000] "
+           "< threshold 0.7; rolled back to stage 1")
 """What the configured order (evaluation, stop rule, report, checkpoint) records on this run (tests/test_fit.py
 checks the same rollback over 4 planned stages)."""
 
@@ -306,3 +306,39 @@ def test_a_second_or_a_lightning_checkpoint_is_refused_in_one_line(tmp_path: Pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("gradual: error:") and needle in err[-1], err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_stop_message_and_the_record_carry_the_monitors_95_percent_interval() -> None:
+    """With per-problem scores kept, the stage's record holds every interval and the stop line reads
+    "retention 0.500 [lo, hi] < threshold 0.8", the interval the paired bootstrap gives."""
+    import re
+
+    from gradual.intervals import task_figures
+
+    base_items, stage_items = [1.0] * 16 + [0.0] * 16, [1.0] * 8 + [0.0] * 24
+
+    def judged(monitor: str) -> tuple[StageHistory, RetentionStopping]:
+        baseline = StageRecord(stage=0, depth=4, scores={
+            "copy": {"score": 0.5, "form": "generative", "items": base_items},
+            "products": {"score": 0.5, "form": "generative", "items": base_items}})
+        stage = StageRecord(stage=1, depth=3, scores={
+            "copy": {"score": 0.25, "form": "generative", "items": stage_items},
+            "products": {"score": 0.5, "form": "generative", "items": base_items}})
+        stages = StageHistory(history=[baseline, stage])
+        stages.log = lambda *a, **k: None
+        trainer = bare_trainer()
+        log_retention(trainer, stages)
+        rule = RetentionStopping(threshold=0.8, monitor=monitor)
+        rule.on_train_epoch_end(trainer, stages)
+        return stages, rule
+
+    stages, rule = judged("copy")
+    lo, hi = task_figures(stage_items, base_items, key="copy").retention_ci
+    assert lo < 0.5 < hi
+    assert rule.stopping_reason_message == f"stage 1: copy retention 0.500 [{lo:.3f}, {hi:.3f}] < threshold 0.8"
+    assert stages.record.intervals["generative"]["worst_task"] == "copy"
+    assert stages.record.retention["generative_mean"] == 0.75 and stages.record.retention["generative_worst"] == 0.5
+    stages, rule = judged("generative_mean")
+    lo, hi = stages.record.intervals["generative"]["mean_ci"]
+    assert re.fullmatch(rf"stage 1: generative_mean retention 0\.750 \[{lo:.3f}, {hi:.3f}\] < threshold 0\.8",
+                        rule.stopping_reason_message), rule.stopping_reason_message

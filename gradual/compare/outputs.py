@@ -162,8 +162,9 @@ def failure_table(baseline: dict[str, dict[str, Any]], points: Sequence[dict[str
 
 
 def plot_compare(curves: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
-    """Retention vs layers removed, one line per arm; a panel for each group aggregate the tasks have (held-out and
-    in-data, generative and classification). A bare `Figure` renders through Agg, choosing no global backend."""
+    """Retention vs layers removed, one line per arm with its 95% interval band; a panel for each group aggregate
+    the tasks have (held-out and in-data, generative and classification; each a mean of per-task retentions capped
+    at 1). A bare `Figure` renders through Agg, choosing no global backend."""
     panels = [(key, name) for key, name in PANELS
               if any(key in c["retention"] for curve in curves.values() for c in curve)]
     cols = min(2, max(1, len(panels)))
@@ -172,9 +173,15 @@ def plot_compare(curves: dict[str, list[dict[str, Any]]], path: Path, title: str
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (key, name) in zip(axes.flat, panels, strict=False):
         for arm, curve in curves.items():
-            pts = sorted((c["removed"], 1.0 if c["removed"] == 0 else c["retention"].get(key)) for c in curve)
-            pts = [(x, y) for x, y in pts if y is not None]
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=arm)
+            pts = sorted((c["removed"], 1.0 if c["removed"] == 0 else c["retention"].get(key),
+                          (c.get("intervals") or {}).get(key.removesuffix("_mean"), {}).get("mean_ci"))
+                         for c in curve)
+            pts = [(x, y, ci) for x, y, ci in pts if y is not None]
+            line = ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", label=arm)[0]
+            band = [(x, ci[0], ci[1]) for x, _, ci in pts if ci and None not in ci]
+            if band:  # the 95% interval of the capped mean, where the stages kept per-problem scores
+                ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
         ax.axhline(1.0, color="grey", linewidth=0.5)
         ax.set_xlabel("layers removed")
         ax.set_ylabel(f"{name} retention (mean)")

@@ -203,7 +203,8 @@ def arm_curve(arm: Arm, runs_of: dict[int, int], runs: dict[str, dict[str, Any]]
         history = runs[arm.run_name(run_depth)]["history"]
         every = arm.mode == "gradual" and not any(r.get("consolidation") for r in history)
         for r in history if every else [history[0], history[-1]]:
-            curve[len(r["removed_total"])] = {"removed": len(r["removed_total"]), "retention": r["retention"]}
+            curve[len(r["removed_total"])] = {"removed": len(r["removed_total"]), "retention": r["retention"],
+                                              "intervals": r.get("intervals") or {}}
     return [curve[k] for k in sorted(curve)]
 
 
