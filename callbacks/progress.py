@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks.progress import ProgressBar
 
 from gradual.callbacks.retention import RetentionStopping
 from gradual.errors import UsageError
+from gradual.retention import monitor_interval, with_interval
 
 DEFAULT_INTERVAL = 30.0
 INTERVAL_ENV = "GRADUAL_PROGRESS_INTERVAL"
@@ -78,6 +79,7 @@ class ProgressLog(ProgressBar):
         self._last_line = 0.0
         self._tokens = 0
         self._losses: list[float] = []
+        self._finished: tuple[Any, int, float] | None = None  # (record, epoch, seconds) of a stage awaiting its line
 
     # ProgressBar's interface: Lightning disables the bar on ranks other than 0 and around some tuner routines
     def disable(self) -> None:
@@ -94,6 +96,7 @@ class ProgressLog(ProgressBar):
         return self._enabled and trainer.is_global_zero
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print_finished(trainer, pl_module)
         self._stage_start = time.perf_counter()
         self._first_batch = None
         self._tokens, self._losses = 0, []
@@ -131,10 +134,20 @@ class ProgressLog(ProgressBar):
                 f"tokens/s {self._tokens / since:.0f}{per_rank} elapsed {clock(elapsed)} left {clock(left)}")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """One line for the finished stage, with what the callbacks before this one recorded."""
+        """The stage's line waits for its verdict, which `StageCheckpoint` concludes after every callback: it is
+        printed as the next stage starts, or as training ends."""
         record = getattr(pl_module, "record", None)
-        if not self._shows(trainer) or record is None:
+        if self._shows(trainer) and record is not None:
+            self._finished = (record, trainer.current_epoch, time.perf_counter() - self._stage_start)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print_finished(trainer, pl_module)
+
+    def _print_finished(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """One line for the last finished stage: what the callbacks recorded and its verdict."""
+        if self._finished is None:
             return
+        (record, _, seconds), self._finished = self._finished, None
         parts = [f"depth {record.depth}"]
         if record.removed:
             parts.append(f"removed original layer{'s' if len(record.removed) > 1 else ''} "
@@ -147,13 +160,14 @@ class ProgressLog(ProgressBar):
             if record.retention.get(f"{group}_generative_mean") is not None:
                 parts.append(f"{label} gen. retention {record.retention[f'{group}_generative_mean']:.3f}")
         rule = next((cb for cb in trainer.callbacks if isinstance(cb, RetentionStopping)), None)
-        value = record.retention.get(rule.monitor) if rule is not None else None
+        value = record.retention.get(rule.key) if rule is not None else None
         if value is not None:
             verdict = {True: "kept", False: "rolled back"}.get(record.meets_threshold, "undecided")
-            parts.append(f"{rule.monitor} retention {value:.3f} (threshold {rule.threshold}: {verdict})")
-        took = clock(time.perf_counter() - self._stage_start)
-        self.print(f"[{time.strftime('%H:%M:%S')}] {self._stage(trainer, pl_module)} done in {took}: "
-                   f"{', '.join(parts)}")
+            shown = with_interval(value, monitor_interval(record.intervals, rule.key), digits=3)
+            parts.append(f"{rule.key} retention {shown} (threshold {rule.threshold}: {verdict})")
+        plan = getattr(pl_module, "plan", None)
+        stage = f"stage {record.stage}/{len(plan)}" if plan is not None else f"epoch {record.stage}"
+        self.print(f"[{time.strftime('%H:%M:%S')}] {stage} done in {clock(seconds)}: {', '.join(parts)}")
 
     @staticmethod
     def _stage(trainer: L.Trainer, pl_module: L.LightningModule) -> str:

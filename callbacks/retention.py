@@ -106,7 +106,7 @@ class RetentionStopping(EarlyStopping):
         if not forms:
             raise UsageError("RetentionStopping has no evaluation callback before it to read scores from; list "
                              "TaskEvaluation or LmEvalEvaluation first")
-        aggregate = re.fullmatch(r"(?:(held_out|in_data)_)?(generative|classification)_mean", self.key)
+        aggregate = re.fullmatch(r"(?:(held_out|in_data)_)?(generative|classification)_(?:mean|worst)", self.key)
         if aggregate:
             group, form = aggregate.groups()
             if any(f in (form, None) and (group is None or group_of(k, in_data) == group) for k, f in forms.items()):

@@ -137,7 +137,7 @@ def _evaluation_line(trainer: Trainer) -> str:
         elif isinstance(cb, RetentionStopping):
             rule = cb
     what = "; ".join(evaluated) or "nothing (no evaluation callback in trainer.callbacks)"
-    stop = (f"stop and roll back when {rule.monitor} retention < {rule.threshold}" if rule is not None
+    stop = (f"stop and roll back when {rule.key} retention < {rule.threshold}" if rule is not None
             else "no stop rule (no RetentionStopping): every planned stage runs")
     return f"evaluation: {what}; {stop}"
 
