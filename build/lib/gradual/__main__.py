@@ -1,5 +1,0 @@
-import sys
-
-from gradual.cli import main
-
-sys.exit(main())
