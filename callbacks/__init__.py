@@ -51,6 +51,6 @@ from gradual.callbacks.checkpoint import StageCheckpoint
 from gradual.callbacks.evaluation import LmEvalEvaluation, TaskEvaluation
 from gradual.callbacks.progress import ProgressLog
 from gradual.callbacks.report import Report
-from gradual.callbacks.retention import RetentionStopping
+from gradual.callbacks.stopping import RetentionStopping
 
 __all__ = ["LmEvalEvaluation", "ProgressLog", "Report", "RetentionStopping", "StageCheckpoint", "TaskEvaluation"]

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from gradual.callbacks.retention import log_retention
+from gradual.callbacks.stopping import log_retention
 from gradual.errors import UsageError
 from gradual.stages import StageLoop
 from gradual.tasks import FORMS, TASKS, check_task_settings, evaluate

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks.progress import ProgressBar
 
-from gradual.callbacks.retention import RetentionStopping
+from gradual.callbacks.stopping import RetentionStopping
 from gradual.errors import UsageError
 from gradual.retention import monitor_interval, with_interval
 

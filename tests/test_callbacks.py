@@ -19,7 +19,7 @@ from test_fit import SMOKE, fit_in_process, write_config
 
 from gradual import rundir
 from gradual.callbacks import Report, RetentionStopping, StageCheckpoint, TaskEvaluation
-from gradual.callbacks.retention import log_retention
+from gradual.callbacks.stopping import log_retention
 from gradual.cli import main
 from gradual.lightning_cli import GradualCLI
 from gradual.stages import StageHistory, StageRecord

@@ -12,7 +12,7 @@ from test_callbacks import bare_trainer
 from test_fit import write_config
 
 from gradual.callbacks import RetentionStopping, TaskEvaluation
-from gradual.callbacks.retention import log_retention
+from gradual.callbacks.stopping import log_retention
 from gradual.cli import main, parser_error_line
 from gradual.errors import UsageError
 from gradual.stages import StageHistory, StageRecord
