@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from gradual.datamodule import GradualDataModule
 from gradual.run_report import write_report
 from gradual.stages import StageLoop
 
@@ -20,10 +21,10 @@ class Report(Callback):
     def _write(self, trainer: L.Trainer, pl_module: StageLoop, final: bool) -> None:
         if trainer.is_global_zero:
             pl_module.run_dir.mkdir(parents=True, exist_ok=True)
-            describe = getattr(trainer.datamodule, "describe", None)
+            dm = trainer.datamodule
             write_report(pl_module.run_dir, [r.to_dict() for r in pl_module.history],
                          pl_module.chosen_stage() if final else None, pl_module.stop_reason, pl_module.run_config(),
-                         pl_module.in_data_tasks, describe() if describe else None)
+                         pl_module.in_data_tasks, dm.describe() if isinstance(dm, GradualDataModule) else None)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: StageLoop) -> None:
         if pl_module.stage > 0:
