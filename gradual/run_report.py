@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from gradual.retention import group_of, task_of, with_interval
 from gradual.rundir import atomic_write_bytes
@@ -110,6 +111,7 @@ def plot_retention(history: Sequence[dict[str, Any]], path: Path | BinaryIO, tit
             ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color="black",
                             alpha=0.12, linewidth=0)
     ax.axhline(1.0, color="grey", linewidth=0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layers removed")
     ax.set_ylabel("retention (score / baseline)")
     ax.set_title(title or "retention vs layers removed")
