@@ -75,7 +75,8 @@ def percentile(values: torch.Tensor, level: float = LEVEL) -> tuple[float | None
     """The central `level` percentile interval of bootstrap replicates (nearest order statistics); an end that is
     not finite (replicates whose baseline mean was 0) is None, i.e. unbounded."""
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    ends = torch.quantile(values.double().nan_to_num(nan=float("inf")), q, interpolation="nearest")
+    inf = float("inf")  # torch's nan_to_num also maps ±inf to the largest finite floats unless told otherwise
+    ends = torch.quantile(values.double().nan_to_num(nan=inf, posinf=inf, neginf=-inf), q, interpolation="nearest")
     return tuple(float(e) if torch.isfinite(e) else None for e in ends)  # type: ignore[return-value]
 
 

@@ -122,3 +122,13 @@ def test_intervals_per_key_and_per_group_from_the_kept_items() -> None:
     assert "uppercase" not in intervals(stage, base)
     assert with_interval(0.714, [0.58, 0.833]) == "0.71 [0.58, 0.83]" and with_interval(0.5, None) == "0.50"
     assert with_interval(1.2, [0.9, None]) == "1.20 [0.90, ∞]"
+
+
+def test_an_interval_whose_resamples_can_lose_the_whole_baseline_is_unbounded_above() -> None:
+    """One problem of eight right at the baseline: resamples without it divide by 0, so the upper end is unbounded
+    (None, printed ∞), never the largest float."""
+    from gradual.retention import with_interval
+
+    t = task_figures([1] + [0] * 7, [1] + [0] * 7, key="rare")
+    assert t.retention == 1.0 and t.retention_ci == (1.0, None)
+    assert with_interval(t.retention, t.retention_ci, digits=3) == "1.000 [1.000, ∞]"
