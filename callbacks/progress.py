@@ -79,7 +79,7 @@ class ProgressLog(ProgressBar):
         self._last_line = 0.0
         self._tokens = 0
         self._losses: list[float] = []
-        self._finished: tuple[Any, int, float] | None = None  # (record, epoch, seconds) of a stage awaiting its line
+        self._finished: tuple[Any, float] | None = None  # (record, seconds) of a stage awaiting its line
 
     # ProgressBar's interface: Lightning disables the bar on ranks other than 0 and around some tuner routines
     def disable(self) -> None:
@@ -138,7 +138,7 @@ class ProgressLog(ProgressBar):
         printed as the next stage starts, or as training ends."""
         record = getattr(pl_module, "record", None)
         if self._shows(trainer) and record is not None:
-            self._finished = (record, trainer.current_epoch, time.perf_counter() - self._stage_start)
+            self._finished = (record, time.perf_counter() - self._stage_start)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print_finished(trainer, pl_module)
@@ -147,7 +147,7 @@ class ProgressLog(ProgressBar):
         """One line for the last finished stage: what the callbacks recorded and its verdict."""
         if self._finished is None:
             return
-        (record, _, seconds), self._finished = self._finished, None
+        (record, seconds), self._finished = self._finished, None
         parts = [f"depth {record.depth}"]
         if record.removed:
             parts.append(f"removed original layer{'s' if len(record.removed) > 1 else ''} "

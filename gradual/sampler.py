@@ -175,23 +175,29 @@ class StageSampler(Sampler[StepItem]):
 
     def batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of `epoch`, in training order."""
+        return self._rank_batches(self._global_steps(epoch))
+
+    def _rank_batches(self, steps: list[np.ndarray]) -> list[list[int]]:
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        return [step[lo:hi].tolist() for step in self._global_steps(epoch)]
+        return [step[lo:hi].tolist() for step in steps]
 
     def normalizers(self, epoch: int) -> list[tuple[float, float]]:
         """(targets, tokens) per micro-batch of the optimizer step each of this rank's batches of `epoch` belongs to:
         the step's counted targets and real tokens over its `accumulate` batches on every rank, divided by
         `accumulate × world_size`. A step cut short at the epoch's end is divided alike, as Lightning divides its
         loss by `accumulate_grad_batches` whatever the group's size."""
-        steps, a = self._global_steps(epoch), self.accumulate
+        return self._normalizers(self._global_steps(epoch))
+
+    def _normalizers(self, steps: list[np.ndarray]) -> list[tuple[float, float]]:
+        a, per_batch = self.accumulate, self.accumulate * self.world_size
         out = []
         for j in range(0, len(steps), a):
             members = np.concatenate(steps[j: j + a])
-            per_batch = a * self.world_size
             value = (float(self.targets[members].sum()) / per_batch, float(self.lengths[members].sum()) / per_batch)
             out.extend([value] * len(steps[j: j + a]))
         return out
 
     def __iter__(self) -> Iterator[StepItem]:
-        for batch, (targets, tokens) in zip(self.batches(self.epoch), self.normalizers(self.epoch), strict=True):
+        steps = self._global_steps(self.epoch)  # the epoch's order, computed once for both
+        for batch, (targets, tokens) in zip(self._rank_batches(steps), self._normalizers(steps), strict=True):
             yield from (StepItem(i, targets, tokens) for i in batch)
