@@ -7,6 +7,16 @@ Tibshirani, percentile intervals). Replicates are kept per task so that a group'
 retentions capped at 1, so that no task pays for another — gets its interval from the same replicates (tasks resampled
 independently), and so does the paired difference between two recipes evaluated on the same problems.
 
+Several training seeds of one recipe (`gradual compare`'s `compare.seeds`) are pooled: a task's score is the mean
+of the seeds' means. Seeds and problems are crossed (every seed answers the same problems), so a replicate resamples
+both independently — the seeds with replacement, and the problems once for every seed, arm and the baseline — and
+scores the resampled cells: the two-way "pigeonhole" bootstrap of Owen (2007, Ann. Appl. Stat. 1(2)), mildly
+conservative for crossed random effects, where resampling problems alone would leave the seed-to-seed spread out.
+The seed draw is shared by every task and by every arm with as many seeds (paired by index: seed j of two arms
+shares their data-order and adapter-init seed), so a seed that lifts or sinks every task moves the whole group and
+the difference. With a handful of seeds the seed component is coarse (a bootstrap over S seeds sees (S − 1)/S of
+their variance); with one seed every figure is exactly the single-run figure.
+
 Everything is seeded (`seed`, and the task's key), so a figure is the same whenever it is recomputed.
 """
 
@@ -45,7 +55,7 @@ class ColumnMeans(Metric):
         return self.sums / self.count
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=8)
 def _bootstrapper(columns: int, replicates: int) -> BootStrapper:
     """One `BootStrapper` per shape, reset between uses: building its `replicates` metric copies costs seconds."""
     return BootStrapper(ColumnMeans(columns), num_bootstraps=replicates, mean=False, std=False, raw=True,
@@ -69,6 +79,24 @@ def paired_replicates(series: Sequence[Sequence[float]], key: str = "", seed: in
         torch.manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
         boot.update(*(torch.as_tensor(list(s), dtype=torch.float64) for s in series))
         return boot.compute()["raw"]
+
+
+def seed_weights(count: int, seed: int = 0, replicates: int = NUM_BOOTSTRAPS) -> torch.Tensor:
+    """[replicates, count] weights that resample `count` training seeds with replacement: per replicate, how often
+    each seed was drawn, over `count`. Seeded by (`seed`, `count`) only, never by task or arm, so every task and every
+    arm with as many seeds shares the draw (Owen's pigeonhole bootstrap: one draw per factor). One seed: all ones."""
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:seeds:{count}".encode()))
+    drawn = torch.randint(count, (replicates, count), generator=generator)
+    return torch.nn.functional.one_hot(drawn, count).sum(1).double() / count
+
+
+def _pooled(reps: torch.Tensor, seed: int) -> torch.Tensor:
+    """[replicates] the seed-resampled mean of [replicates, seeds] per-seed problem-resampled means."""
+    return (reps * seed_weights(reps.shape[1], seed, reps.shape[0])).sum(1)
+
+
+def _mean_of_means(seed_items: Sequence[Sequence[float]]) -> float:
+    return sum(sum(s) / len(s) for s in seed_items) / len(seed_items)
 
 
 def percentile(values: torch.Tensor, level: float = LEVEL) -> tuple[float | None, float | None]:
@@ -113,6 +141,28 @@ def task_figures(items: Sequence[float], baseline_items: Sequence[float], key: s
     retention_reps = _ratio(reps[:, 0], reps[:, 1])
     defined = base > 0
     return TaskFigures(score=score, score_ci=percentile(reps[:, 0]), retention=score / base if defined else None,
+                       retention_ci=percentile(retention_reps) if defined else (None, None),
+                       replicates=retention_reps)
+
+
+def pooled_task_figures(seed_items: Sequence[Sequence[float]], baseline_items: Sequence[float], key: str = "",
+                        seed: int = 0, replicates: int = NUM_BOOTSTRAPS) -> TaskFigures:
+    """`task_figures` of one recipe trained under several seeds, each seed's per-problem scores on the baseline's
+    problems: the score is the mean of the seeds' means, and the intervals resample seeds and problems (the module's
+    pigeonhole bootstrap), so they include the seed-to-seed spread. One seed gives exactly `task_figures`.
+
+    Raises:
+        ValueError: a seed's series differs in length from the baseline's (not the same problems), or no seed.
+    """
+    if not seed_items:
+        raise ValueError("pooled figures need at least one seed's scores")
+    count = len(seed_items)
+    reps = paired_replicates([*seed_items, baseline_items], key, seed, replicates)
+    pooled = _pooled(reps[:, :count], seed)
+    score, base = _mean_of_means(seed_items), sum(baseline_items) / len(baseline_items)
+    retention_reps = _ratio(pooled, reps[:, count])
+    defined = base > 0
+    return TaskFigures(score=score, score_ci=percentile(pooled), retention=score / base if defined else None,
                        retention_ci=percentile(retention_reps) if defined else (None, None),
                        replicates=retention_reps)
 
@@ -183,14 +233,32 @@ def paired_difference(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence
     Args:
         a, b, baseline: per task key, per-problem scores in one problem order.
     """
+    return pooled_paired_difference({k: [v] for k, v in a.items()}, {k: [v] for k, v in b.items()}, baseline, seed,
+                                    replicates)
+
+
+def pooled_paired_difference(a: Mapping[str, Sequence[Sequence[float]]], b: Mapping[str, Sequence[Sequence[float]]],
+                             baseline: Mapping[str, Sequence[float]], seed: int = 0,
+                             replicates: int = NUM_BOOTSTRAPS) -> Difference | None:
+    """`paired_difference` of two recipes each trained under one or more seeds: each recipe's score per task is the
+    mean of its seeds' means, and every replicate resamples the problems once for both recipes and the baseline and
+    the seeds of each recipe (the same draw for two recipes with as many seeds: seed j pairs with seed j), so the
+    interval includes the seed-to-seed spread. One seed each gives exactly `paired_difference`'s figures.
+
+    Args:
+        a, b: per task key, one list of per-problem scores per seed (seeds in the same order for both).
+        baseline: per task key, the baseline's per-problem scores in the same problem order.
+    """
     keys = [k for k in a if k in b and k in baseline and sum(baseline[k]) > 0]
     if not keys:
         return None
     diffs, value = [], 0.0
     for k in keys:
-        reps = paired_replicates([a[k], b[k], baseline[k]], k, seed, replicates)
-        diffs.append(_ratio(reps[:, 0], reps[:, 2]).clamp(max=1.0) - _ratio(reps[:, 1], reps[:, 2]).clamp(max=1.0))
+        na, nb = len(a[k]), len(b[k])
+        reps = paired_replicates([*a[k], *b[k], baseline[k]], k, seed, replicates)
+        pooled_a, pooled_b = _pooled(reps[:, :na], seed), _pooled(reps[:, na:na + nb], seed)
+        diffs.append(_ratio(pooled_a, reps[:, -1]).clamp(max=1.0) - _ratio(pooled_b, reps[:, -1]).clamp(max=1.0))
         base = sum(baseline[k]) / len(baseline[k])
-        value += min(1.0, sum(a[k]) / len(a[k]) / base) - min(1.0, sum(b[k]) / len(b[k]) / base)
+        value += min(1.0, _mean_of_means(a[k]) / base) - min(1.0, _mean_of_means(b[k]) / base)
     ci = percentile(torch.stack(diffs).mean(0))
     return Difference(value=value / len(keys), ci=ci, verdict=verdict(ci))

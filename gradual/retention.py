@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from gradual.intervals import group_figures, task_figures
+from gradual.intervals import group_figures, pooled_task_figures
 
 GROUPS = ("held_out", "in_data")
 FORMS = ("generative", "classification")
@@ -85,11 +85,22 @@ def intervals(scores: dict[str, dict[str, Any]], baseline: dict[str, dict[str, A
     (`items`) at this stage and at the baseline, on the same problems: per key `{score, score_ci, retention,
     retention_ci}`; per group (`<group>_<form>`, `<form>`) `{mean, mean_ci, worst, worst_task, worst_ci, tasks}`.
     Intervals are `[low, high]`, an end None where unbounded (a baseline that scores 0 on a resample)."""
-    figures = {k: task_figures(v["items"], baseline[k]["items"], key=k, seed=seed) for k, v in scores.items()
-               if v.get("items") and k in baseline and len(baseline[k].get("items") or ()) == len(v["items"])}
+    return pooled_intervals([scores], baseline, in_data, seed)
+
+
+def pooled_intervals(seed_scores: Sequence[dict[str, dict[str, Any]]], baseline: dict[str, dict[str, Any]],
+                     in_data: Collection[str] = (), seed: int = 0) -> dict[str, dict[str, Any]]:
+    """`intervals` of one recipe trained under several seeds (their scores in `seed_scores`, one dict per seed):
+    scores are the means over seeds and every interval resamples seeds and problems, so it includes the seed-to-seed
+    spread (`gradual.intervals.pooled_task_figures`). A key counts where every seed kept items on the baseline's
+    problems. One seed gives the single-run intervals."""
+    first = seed_scores[0]
+    figures = {k: pooled_task_figures([s[k]["items"] for s in seed_scores], baseline[k]["items"], key=k, seed=seed)
+               for k in first if k in baseline and baseline[k].get("items")
+               and all(len((s.get(k) or {}).get("items") or ()) == len(baseline[k]["items"]) for s in seed_scores)}
     out: dict[str, dict[str, Any]] = {k: f.to_dict() for k, f in figures.items()}
     defined = [k for k, f in figures.items() if f.retention is not None]
-    for name, keys in groups(scores, defined, in_data).items():
+    for name, keys in groups(first, defined, in_data).items():
         group = group_figures({k: figures[k] for k in keys})
         if group is not None:
             out[name] = group.to_dict()

@@ -148,6 +148,24 @@ def test_shipped_config_parses_with_equal_budgets() -> None:
     assert (budgets["gradual_kd_final"][4].steps_per_stage, budgets["gradual_kd_final"][4].final_steps) == (6, 24)
 
 
+def test_seeds_set_model_seed_and_seed_everything_in_their_own_run_dirs(tmp_path: Path) -> None:
+    """`compare.seeds` (or --seeds) lists training seeds; the base config's seed keeps today's config and run
+    directory, another sets model.seed and seed_everything and runs in `<arm>-<depth>-s<seed>`."""
+    config = compare_config(tmp_path, {"depths": [1, 2], "out": str(tmp_path / "out"), "seeds": [2, 0]})
+    plan = load_plan(["--config", str(config)])
+    assert plan.seeds == [2, 0] and plan.base_seed == 0
+    assert load_plan(["--config", str(config), "--seeds", "0,1"]).seeds == [0, 1]
+    assert load_plan(["--config", str(compare_config(tmp_path))]).seeds == [0]
+    arm = plan.arms[1]
+    assert arm_config(plan, arm, 2, seed=0) == arm_config(plan, arm, 2)
+    other = arm_config(plan, arm, 2, seed=2)
+    assert other["model"]["run_dir"] == str(tmp_path / "out" / f"{arm.name}-2-s2")
+    assert (other["model"]["seed"], other["seed_everything"]) == (2, 2)
+    FitParser(arm_config(plan, Arm("baseline", "one_shot"), 2)).check(other)
+    untrained, trained = (compare.arm_seeds(plan, a, compare.check_budgets(plan, 6)[a.name]) for a in plan.arms[:2])
+    assert (untrained, trained) == ([0], [2, 0])
+
+
 @pytest.mark.slow
 def test_shipped_config_builds_every_arm_on_smollm2() -> None:
     """Every arm of configs/compare.yaml built once on the offline SmolLM2 (its config only; no weights load)."""
@@ -256,6 +274,9 @@ BAD = {
                     "final_steps='x' is invalid"),
     "final_and_steps": ([], {"arms": [{"name": "a", "final_share": 0.5, "steps_per_stage": 2}]},
                         "sets both final_share and model.schedule.steps_per_stage"),
+    "seeds": (["--seeds", "0,0"], None, "seeds='0,0' is invalid"),
+    "override_seed": ([], {"arms": [{"name": "a", "overrides": {"model.seed": 3}}]},
+                      "override model.seed is not allowed: `compare.seeds` sets the training seeds"),
     "unequal_budget": ([], {"arms": [{"name": "a"}, {"name": "b", "overrides": {"model.schedule.final_steps": 1}}]},
                        "unequal budgets at 1 layers removed: b=3 steps instead of 1 × 2 = 2"),
 }
@@ -304,3 +325,121 @@ def test_every_pair_of_arms_gets_a_paired_difference_with_its_interval(
         direct = sum(min(1.0, a["scores"][k]["score"] / result["baseline"][k]["score"])
                      - min(1.0, b["scores"][k]["score"] / result["baseline"][k]["score"]) for k in keys) / len(keys)
         assert r["value"] == pytest.approx(direct)
+
+
+def test_a_gradual_runs_curve_equals_its_stages(comparison: tuple[dict[str, Any], Path, int]) -> None:
+    """Stage k of a gradual run is the model with k layers removed: its curve point at k is that stage's record
+    (retention and intervals as the run wrote them), and so is the arm's point at each target depth."""
+    from gradual.compare.pooling import pooled_figures
+
+    result, tmp, _ = comparison
+    stages = json.loads((tmp / "out" / "gradual_sgr-2" / "results.json").read_text())["stages"]
+    assert result["curves"]["gradual_sgr"] == [{"removed": len(s["removed_total"]), "retention": s["retention"],
+                                                "intervals": s["intervals"]} for s in stages]
+    assert all(s["intervals"] for s in stages[1:]), "no intervals recorded: RecordRetention must keep them"
+    # a run recorded without intervals (as `gradual compare` runs were before) gets the ones its fit computes
+    in_data = point(result, "gradual_sgr", 2)["in_data"]
+    assert pooled_figures([{**stages[2], "intervals": {}}], result["baseline"], in_data) == {
+        k: stages[2][k] for k in ("scores", "retention", "intervals")}
+    for removed in (1, 2):
+        p = point(result, "gradual_sgr", removed)
+        assert (p["retention"], p["intervals"], p["seeds"]) == (stages[removed]["retention"],
+                                                                stages[removed]["intervals"], [0])
+        assert "per_seed" not in p
+
+
+def test_curve_costs_count_every_run_a_curve_needs(comparison: tuple[dict[str, Any], Path, int],
+                                                   tmp_path: Path) -> None:
+    result, tmp, _ = comparison
+    costs = result["curve_costs"]
+
+    def recorded(run: str) -> tuple[int, float]:
+        stages = json.loads((tmp / "out" / run / "results.json").read_text())["stages"]
+        return sum(s["steps"] for s in stages), sum(sum(s.get("timings", {}).values()) for s in stages)
+
+    assert costs["gradual_sgr"]["runs"] == ["gradual_sgr-2"] and costs["gradual_sgr"]["steps"] == 4
+    assert costs["one_shot_sgr"]["runs"] == ["one_shot_sgr-1", "one_shot_sgr-2"] and costs["one_shot_sgr"]["steps"] == 6
+    assert costs["gradual_kd_final"]["steps"] == 2 + 4 and costs["no_recovery"]["steps"] == 0
+    for name, cost in costs.items():
+        steps, seconds = map(sum, zip(*(recorded(run) for run in cost["runs"]), strict=True))
+        assert cost["steps"] == steps and cost["seconds"] == pytest.approx(seconds) and seconds > 0
+        assert cost["steps_per_removed_layer"] == (0 if name == "no_recovery" else 2) and cost["seeds"] == 1
+    ratio = costs["gradual_sgr"]["one_shot"]  # the same overrides, one layer per stage: one run for both depths
+    assert ratio["arm"] == "one_shot_sgr" and ratio["steps_ratio"] == pytest.approx(4 / 6)
+    assert ratio["seconds_ratio"] == pytest.approx(costs["gradual_sgr"]["seconds"] / costs["one_shot_sgr"]["seconds"])
+    assert costs["gradual_kd_final"]["one_shot"] is None and costs["one_shot_sgr"]["one_shot"] is None
+    write_outputs(tmp_path, result)  # the comparison's own folder is rewritten by the tests that re-run it
+    table = (tmp_path / "compare.md").read_text().split("## What a curve costs")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| gradual_sgr |"))
+    assert row.startswith("| gradual_sgr | gradual | 1 | 4 | ") and row.endswith("| 2 | 0.67×; "
+                                                                              f"{ratio['seconds_ratio']:.2f}× "
+                                                                              "(one_shot_sgr) |")
+    assert json.loads((tmp_path / "compare.json").read_text())["curve_costs"] == costs
+
+
+@pytest.fixture(scope="module")
+def seeded(comparison: tuple[dict[str, Any], Path, int]) -> tuple[dict[str, Any], Path]:
+    """The finished one-seed comparison extended to seeds 0 and 1 in the same folder, for three of its arms."""
+    _, tmp, _ = comparison
+    argv = ["--config", str(tmp / "compare.yaml"), "--seeds", "0,1", "--arms", "no_recovery,one_shot_sgr,gradual_sgr"]
+    return run(load_plan(argv)), tmp
+
+
+def test_more_seeds_reuse_the_first_seeds_runs_in_their_own_dirs(seeded: tuple[dict[str, Any], Path],
+                                                                  comparison: tuple[dict[str, Any], Path, int]) -> None:
+    result, tmp = seeded
+    runs = result["timings"]["runs"]
+    assert {n: r["optimizer_steps"] for n, r in runs.items()} == {
+        "no_recovery-1": None, "no_recovery-2": None, "one_shot_sgr-1": None, "one_shot_sgr-2": None,
+        "gradual_sgr-2": None, "one_shot_sgr-1-s1": 2, "one_shot_sgr-2-s1": 4, "gradual_sgr-2-s1": 4}
+    assert not list((tmp / "out").glob("no_recovery-*-s1")), "an arm that trains nothing needs no second seed"
+    for name in ("one_shot_sgr-2", "gradual_sgr-2"):
+        first = json.loads((tmp / "out" / name / "results.json").read_text())["config"]
+        second = json.loads((tmp / "out" / f"{name}-s1" / "results.json").read_text())["config"]
+        assert (first["seed"], first["seed_everything"], second["seed"], second["seed_everything"]) == (0, 0, 1, 1)
+        assert {k for k in first if first[k] != second[k]} == {"seed", "seed_everything", "data"}
+        assert {k for k in first["data"] if first["data"][k] != second["data"][k]} == {"seed"}
+    assert result["seeds"] == [0, 1] and [a["seeds"] for a in result["arms"]] == [[0], [0, 1], [0, 1]]
+    before = comparison[0]
+    for arm in ("one_shot_sgr", "gradual_sgr"):
+        p = point(result, arm, 2)
+        assert p["seeds"] == [0, 1] and [s["run"] for s in p["per_seed"]] == [f"{arm}-2", f"{arm}-2-s1"]
+        assert p["per_seed"][0]["scores"] == point(before, arm, 2)["scores"]
+        for key, score in p["scores"].items():
+            assert score["score"] == pytest.approx(sum(s["scores"][key]["score"] for s in p["per_seed"]) / 2)
+            assert "items" not in score
+    assert point(result, "no_recovery", 2) == {**point(before, "no_recovery", 2), "below_no_recovery": None}
+    assert result["curve_costs"]["gradual_sgr"]["seeds"] == 2 and result["curve_costs"]["no_recovery"]["seeds"] == 1
+    table = (tmp / "out" / "compare.md").read_text()
+    assert "2 training seeds (0, 1;" in table and "includes the seed-to-seed spread" in table
+    assert "run under one seed only: no_recovery" in table
+
+
+def test_pooled_intervals_take_in_the_seed_spread(seeded: tuple[dict[str, Any], Path]) -> None:
+    """The seeded points and curves pool both seeds' items; where two seeds of an arm disagree, the pooled interval
+    is wider than the first seed's alone, and the paired differences resample the seeds too."""
+    from gradual.compare.pooling import pool_point
+    from gradual.retention import pooled_intervals
+
+    result, _ = seeded
+    baseline = result["baseline"]
+    p = point(result, "gradual_sgr", 2)
+    seed_scores = [s["scores"] for s in p["per_seed"]]
+    assert p["intervals"] == pooled_intervals(seed_scores, baseline, p["in_data"])
+    curve = next(c for c in result["curves"]["gradual_sgr"] if c["removed"] == 2)
+    assert curve["intervals"] == p["intervals"] and curve["retention"] == p["retention"]
+    key = next(k for k in p["intervals"] if k.startswith("mc_") and baseline[k]["score"] > 0)
+    split = [{**s, "arm": p["arm"], "mode": p["mode"], "in_data": p["in_data"]} for s in copy.deepcopy(p["per_seed"])]
+    n = len(baseline[key]["items"])
+    split[0]["scores"][key]["items"] = list(baseline[key]["items"])  # seed 0 keeps every problem, seed 1 none
+    split[1]["scores"][key]["items"] = [0.0] * n
+    for s, value in zip(split, (baseline[key]["score"], 0.0), strict=True):
+        s["scores"][key]["score"] = value
+    pooled = pool_point(split, baseline)["intervals"][key]
+    lo, hi = pooled["retention_ci"]
+    first = pooled_intervals([split[0]["scores"]], baseline, p["in_data"])[key]
+    assert pooled["retention"] == pytest.approx(0.5) and first["retention_ci"][0] == 1.0  # the baseline's answers
+    assert lo == 0.0 and (hi is None or hi >= 1.0), "the pooled interval must reach both seeds' retention"
+    rows = [r for r in result["differences"] if r["removed"] == 2 and {r["a"], r["b"]} == {"one_shot_sgr",
+                                                                                            "gradual_sgr"}]
+    assert rows and all(r["verdict"] in ("ahead", "behind", "tie") for r in rows)

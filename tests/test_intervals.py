@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradual.intervals import TIE, group_figures, paired_difference, task_figures
+from gradual.intervals import TIE, group_figures, paired_difference, percentile, task_figures
 
 
 def _paired_problems(rng: np.random.Generator, n: int, p_base: float, p_stage: float) -> tuple[list[int], list[int]]:
@@ -132,3 +132,57 @@ def test_an_interval_whose_resamples_can_lose_the_whole_baseline_is_unbounded_ab
     t = task_figures([1] + [0] * 7, [1] + [0] * 7, key="rare")
     assert t.retention == 1.0 and t.retention_ci == (1.0, None)
     assert with_interval(t.retention, t.retention_ci, digits=3) == "1.000 [1.000, ∞]"
+
+
+def test_one_seed_pools_to_exactly_the_single_run_figures() -> None:
+    """`compare.seeds: [0]` is today's comparison: pooling one seed changes no figure, not even in the last bit."""
+    import torch
+
+    from gradual.intervals import _ratio, paired_replicates, pooled_paired_difference, pooled_task_figures
+
+    rng = np.random.default_rng(2)
+    stage, base = _paired_problems(rng, 40, 0.8, 0.5)
+    single, pooled = task_figures(stage, base, key="k", seed=3), pooled_task_figures([stage], base, key="k", seed=3)
+    assert pooled.to_dict() == single.to_dict() and torch.equal(pooled.replicates, single.replicates)
+    other, _ = _paired_problems(rng, 40, 0.8, 0.7)
+    diff = pooled_paired_difference({"k": [stage]}, {"k": [other]}, {"k": base}, seed=3)
+    reps = paired_replicates([stage, other, base], "k", 3)  # the single-seed formula, written out
+    ratio = _ratio(reps[:, 0], reps[:, 2]).clamp(max=1.0) - _ratio(reps[:, 1], reps[:, 2]).clamp(max=1.0)
+    assert diff.ci == percentile(ratio) and diff.to_dict() == paired_difference({"k": stage}, {"k": other},
+                                                                                 {"k": base}, seed=3).to_dict()
+
+
+def test_seeds_that_disagree_widen_the_pooled_intervals() -> None:
+    """Two seeds of one recipe, one keeping 0.8 of the baseline and one 0.4: the pooled score is their mean and its
+    intervals include the seed spread, wider than either seed's own; identical seeds pool to one seed's interval."""
+    from gradual.intervals import pooled_paired_difference, pooled_task_figures
+
+    base = [1] * 50
+    good, bad = [1] * 40 + [0] * 10, [0] * 30 + [1] * 20
+    pooled = pooled_task_figures([good, bad], base, key="k")
+    alone = [task_figures(s, base, key="k") for s in (good, bad)]
+    assert pooled.score == pytest.approx(0.6) and pooled.retention == pytest.approx(0.6)
+    width = pooled.retention_ci[1] - pooled.retention_ci[0]
+    assert all(width > 1.5 * (a.retention_ci[1] - a.retention_ci[0]) for a in alone), (pooled, alone)
+    assert pooled.retention_ci[0] < 0.45 and pooled.retention_ci[1] > 0.75  # reaches toward each seed's value
+    twice = pooled_task_figures([good, good], base, key="k")
+    assert twice.retention_ci == pytest.approx(alone[0].retention_ci)
+    # the difference between two recipes pools their seeds the same way; seeds pair by index across recipes
+    one_each = pooled_paired_difference({"k": [good]}, {"k": [[1] * 25 + [0] * 25]}, {"k": base})
+    spread = pooled_paired_difference({"k": [good, bad]}, {"k": [[1] * 25 + [0] * 25] * 2}, {"k": base})
+    assert spread.ci[1] - spread.ci[0] > 1.5 * (one_each.ci[1] - one_each.ci[0]) and spread.verdict == TIE
+    same = pooled_paired_difference({"k": [good, bad]}, {"k": [good, bad]}, {"k": base})
+    assert same.ci == (0.0, 0.0), "seed j of one recipe must pair with seed j of the other"
+
+
+def test_a_seed_that_sinks_every_task_moves_the_whole_group() -> None:
+    """The seed draw is shared by the tasks of a replicate: a group of two tasks whose seeds agree across tasks has
+    (nearly) the spread of one task; drawn per task, the spread would average down by about 1/√2."""
+    from gradual.intervals import pooled_task_figures
+
+    base = [1] * 200
+    seeds = [[1] * (40 + 20 * s) + [0] * (160 - 20 * s) for s in range(8)]  # 0.2 .. 0.9 of the baseline
+    tasks = {k: pooled_task_figures(seeds, base, key=k) for k in ("a", "b")}
+    group = group_figures(tasks)
+    task_width = tasks["a"].retention_ci[1] - tasks["a"].retention_ci[0]
+    assert group.mean_ci[1] - group.mean_ci[0] > 0.9 * task_width

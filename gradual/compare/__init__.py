@@ -24,6 +24,15 @@ What the arms share, so a comparison costs little more than its arms' training:
   shallower points; any other arm (one-shot, or gradual with a consolidation stage, which must come last) runs
   once per depth.
 
+Seeds: `compare.seeds` (or `--seeds 0,1,2`) repeats every trained arm under each training seed (`model.seed` and
+`seed_everything`: data order, adapter init, dropout); the base config's seed keeps `<out>/<arm>-<depth>`, another
+goes to `<out>/<arm>-<depth>-s<seed>`, so adding seeds to a finished comparison reuses its runs. Scores and
+retentions pool the seeds, and every interval (per task, per group, paired differences) resamples seeds and problems
+(`gradual.intervals`). The baseline and the ranking stay shared; a one-shot arm that trains nothing runs once.
+
+Cost: besides the per-model budget, `curve_costs` gives each arm's steps and recorded wall time to draw its whole
+curve (every run it needs for every target depth), and its ratio to the one-shot arm of the same recipe.
+
 Re-running the same command resumes: finished runs are read back, an interrupted one resumes from its last stage.
 """
 
@@ -33,10 +42,12 @@ from gradual.compare.arms import (
     arm_callbacks,
     arm_config,
     arm_runs,
+    arm_seeds,
     check_budgets,
 )
 from gradual.compare.plan import DEFAULT_ARMS, Arm, Budget, Plan, load_plan, make_plan
 from gradual.compare.run import FitParser, main, run, validate_arms
 
 __all__ = ["DEFAULT_ARMS", "Arm", "Budget", "FitParser", "Plan", "apply_overrides", "arm_budget", "arm_callbacks",
-           "arm_config", "arm_runs", "check_budgets", "load_plan", "main", "make_plan", "run", "validate_arms"]
+           "arm_config", "arm_runs", "arm_seeds", "check_budgets", "load_plan", "main", "make_plan", "run",
+           "validate_arms"]

@@ -54,6 +54,16 @@ def arm_runs(plan: Plan, arm: Arm) -> dict[int, int]:
     return {d: max(plan.depths) if once else d for d in plan.depths}
 
 
+def arm_seeds(plan: Plan, arm: Arm, budgets: dict[int, Budget]) -> list[int]:
+    """The training seeds an arm runs under: every seed of the plan, except for a one-shot arm that trains nothing.
+    That arm removes the shared ranking's layers and is evaluated greedily, so every seed gives the same model and
+    scores: it runs once (its spread is 0), under the base config's seed where that is one of the plan's (its runs
+    are then today's), else the first."""
+    if arm.mode == "one_shot" and all(budgets[d].total == 0 for d in plan.depths):
+        return [plan.base_seed if plan.base_seed in plan.seeds else plan.seeds[0]]
+    return list(plan.seeds)
+
+
 def check_budgets(plan: Plan, depth0: int) -> dict[str, dict[int, Budget]]:
     """Every arm's budget at every depth, counted by the fit's own `Schedule.total_steps` on its resolved config;
     refuse a plan in which a trained arm's total differs from k × budget_per_layer (0 = no recovery is allowed)."""
@@ -112,17 +122,24 @@ def arm_callbacks(callbacks: Any, baseline: Path) -> list[dict[str, Any]]:
                              {"class_path": "gradual.compare.callbacks.DataLedger"}] + others)
 
 
-def arm_config(plan: Plan, arm: Arm, depth: int, layers: list[int] | None = None) -> dict[str, Any]:
+def arm_config(plan: Plan, arm: Arm, depth: int, layers: list[int] | None = None,
+               seed: int | None = None) -> dict[str, Any]:
     """The base fit config with this arm's overrides, its schedule and budget at `depth`, run directory and
-    callbacks."""
+    callbacks, under training `seed` (None or the base config's seed: the base config as it is; another sets
+    `model.seed` and `seed_everything` to it and its run goes to `<arm>-<depth>-s<seed>`)."""
+    tag = None if seed is None else plan.seed_tag(seed)
     config = apply_overrides(plan.base, arm.overrides)
+    if tag is not None:
+        config["seed_everything"] = tag
     model = config["model"] = config.get("model") or {}
     schedule = model["schedule"] = model.get("schedule") or {}
     schedule.update(mode=arm.mode, max_layers=depth, target_ratio=None, min_depth=1, layers=layers)
     if not arm.explicit_steps:
         budget = arm_budget(plan, arm, depth)
         schedule.update(steps_per_stage=budget.steps_per_stage, final_steps=budget.final_steps)
-    model["run_dir"] = str(plan.out / arm.run_name(depth))
+    if tag is not None:
+        model["seed"] = tag
+    model["run_dir"] = str(plan.out / arm.run_name(depth, tag))
     model["overwrite"] = False
     trainer = config["trainer"] = config.get("trainer") or {}
     trainer["callbacks"] = arm_callbacks(trainer.get("callbacks"), plan.out / BASELINE_FILE)

@@ -46,12 +46,12 @@ class SeedBaseline(Callback):
 class RecordRetention(Callback):
     """Retention without a stop rule: every arm must reach its target depth, so nothing proposes a verdict. Stands
     where `RetentionStopping` stands in a `gradual fit` config (an arm's config names it, and so does the identity
-    of its run directory). The evaluations already record each stage's retention (`log_retention`); this records
-    the same values again."""
+    of its run directory). The evaluations already record each stage's retention and intervals (`log_retention`);
+    this records the same values again and keeps those intervals (recording retention alone would clear them)."""
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: StageLoop) -> None:
         pl_module.record_retention(retention(pl_module.record.scores, pl_module.history[0].scores,
-                                             pl_module.in_data_tasks))
+                                             pl_module.in_data_tasks), pl_module.record.intervals)
 
 
 def prompt_digest(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> str:

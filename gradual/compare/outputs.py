@@ -2,8 +2,11 @@
 
 A *point* is one arm at one target depth: `{"arm", "mode", "recipe", "responses", "removed", "layers", "stage",
 "run", "reused", "steps", "final_steps", "budget", "examples", "data", "in_data", "scores", "retention",
-"below_no_recovery"}`. A *curve* is the stages an arm's runs recorded, as `{"removed", "retention"}` entries, so a
-gradual arm without consolidation draws a point per stage.
+"intervals", "seeds", "below_no_recovery"}`. A *curve* is the stages an arm's runs recorded, as `{"removed",
+"retention", "intervals"}` entries, so a gradual arm without consolidation draws a point per stage. Under several
+training seeds (`seeds`) scores, retention and intervals pool the seeds (`gradual.compare.pooling`), the other
+fields are the first seed's, and `per_seed` keeps each seed's own. `curve_costs` says per arm what its whole curve
+cost (steps and seconds of every run it needs), beside the per-model budget.
 
 Retention is read per group: a task is in-data when its problems fed the arm's recovery data, else held-out. Only
 held-out retention shows a capability coming back rather than being taught, so the tables lead with it and flag any
@@ -20,7 +23,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from gradual.intervals import paired_difference
+from gradual.compare.pooling import seed_items
+from gradual.intervals import pooled_paired_difference
 from gradual.retention import group_of, task_of, with_interval
 from gradual.run_report import GROUP_COLUMNS
 
@@ -55,8 +59,10 @@ def _cell(point: dict[str, Any], key: str) -> str:
 
 
 def _ret(point: dict[str, Any], key: str) -> str:
+    """A group's capped mean retention with its 95% interval where the point has one."""
     value = point["retention"].get(key)
-    return "-" if value is None else f"{value:.2f}"
+    ci = ((point.get("intervals") or {}).get(key.removesuffix("_mean")) or {}).get("mean_ci")
+    return "-" if value is None else with_interval(value, ci)
 
 
 def _steps(point: dict[str, Any]) -> str:
@@ -74,7 +80,7 @@ def _below(point: dict[str, Any]) -> str:
 
 def summary_table(points: Sequence[dict[str, Any]]) -> str:
     """Per arm and depth: how it healed, the layers removed, the training budget, whether the data matched, the
-    mean retention per group, and the held-out scores that ended below the no-recovery arm.
+    mean retention per group with its 95% interval, and the held-out scores that ended below the no-recovery arm.
 
     "same prompts" compares the multiset of training prompts with the first trained arm at that depth.
     """
@@ -148,7 +154,8 @@ def failure_categories(scores: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def failure_table(baseline: dict[str, dict[str, Any]], points: Sequence[dict[str, Any]]) -> str:
-    """How the generative answers failed, summed over the generative tasks: the paper's diagnosis, counted."""
+    """How the generative answers failed, summed over the generative tasks: the paper's diagnosis, counted (per
+    seed: an arm's counts are means over its seeds)."""
     categories = failure_categories(baseline)
     rows = ["| removed | arm | " + " | ".join(categories) + " |", "|" + "---|" * (len(categories) + 2)]
     for removed, arm, scores in [(0, "baseline", baseline)] + [(p["removed"], p["arm"], p["scores"]) for p in points]:
@@ -157,7 +164,7 @@ def failure_table(baseline: dict[str, dict[str, Any]], points: Sequence[dict[str
             if s.get("form") == "generative":
                 for c, n in s.get("failures", {}).items():
                     total[c] = total.get(c, 0) + n
-        rows.append(f"| {removed} | {arm} | " + " | ".join(str(total[c]) for c in categories) + " |")
+        rows.append(f"| {removed} | {arm} | " + " | ".join(f"{total[c]:g}" for c in categories) + " |")
     return "\n".join(rows)
 
 
@@ -198,10 +205,10 @@ DIFFERENCE_GROUPS = (("held_out", "generative"), ("in_data", "generative"), ("he
 
 def paired_differences(result: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
     """At every depth, every pair of arms (config order, a before b): a − b in each group's capped mean retention,
-    by bootstrap over the same problems (each arm's and the baseline's per-problem scores resampled together), with
-    its 95% interval and verdict (`ahead`, `behind`, `tie`: the interval contains 0). A task counts in a group when
-    it is in that group for both arms (their recovery data may differ); pairs without per-problem scores are left
-    out."""
+    by bootstrap over the same problems (each arm's and the baseline's per-problem scores resampled together) and
+    over each arm's training seeds (paired by index), with its 95% interval and verdict (`ahead`, `behind`, `tie`:
+    the interval contains 0). A task counts in a group when it is in that group for both arms (their recovery data
+    may differ); pairs without per-problem scores are left out."""
     rows = []
     baseline = result["baseline"]
     for depth in result["depths"]:
@@ -210,11 +217,10 @@ def paired_differences(result: dict[str, Any], seed: int = 0) -> list[dict[str, 
             for b in here[i + 1:]:
                 for group, form in DIFFERENCE_GROUPS:
                     keys = [k for k, v in baseline.items() if v.get("form") == form and v.get("items")
-                            and all(group_of(k, p["in_data"]) == group and (p["scores"].get(k) or {}).get("items")
-                                    for p in (a, b))]
-                    diff = paired_difference({k: a["scores"][k]["items"] for k in keys},
-                                             {k: b["scores"][k]["items"] for k in keys},
-                                             {k: baseline[k]["items"] for k in keys}, seed=seed)
+                            and all(group_of(k, p["in_data"]) == group and seed_items(p, k) for p in (a, b))]
+                    diff = pooled_paired_difference({k: seed_items(a, k) for k in keys},
+                                                    {k: seed_items(b, k) for k in keys},
+                                                    {k: baseline[k]["items"] for k in keys}, seed=seed)
                     if diff is not None:
                         rows.append({"removed": depth, "a": a["arm"], "b": b["arm"], "group": f"{group}_{form}",
                                      "tasks": len(keys), **diff.to_dict()})
@@ -229,6 +235,35 @@ def differences_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"| {r['removed']} | {r['a']} | {r['b']} | {r['group'].replace('_', ' ')} | {r['tasks']} | "
                      f"{with_interval(r['value'], r['ci'])} | {verdict} |")
     return "\n".join(lines) if rows else "No pair of arms with per-problem scores at the same depth."
+
+
+def curve_cost_table(costs: dict[str, dict[str, Any]]) -> str:
+    """Per arm: the runs one curve needs, their recovery steps and recorded minutes (per seed), the per-model budget,
+    and the ratio to the one-shot arm of the same recipe."""
+    rows = ["| arm | mode | runs per curve | recovery steps per curve | minutes per curve (training) | steps per "
+            "removed layer (per model) | vs one-shot of the same recipe (steps; time) |", "|" + "---|" * 7]
+    for name, c in costs.items():
+        ref = c.get("one_shot")
+        ratio = "-" if ref is None else (f"{ref['steps_ratio']:.2f}×; " + ("-" if ref["seconds_ratio"] is None
+                                                                           else f"{ref['seconds_ratio']:.2f}×")
+                                         + f" ({ref['arm']})")
+        rows.append(f"| {name} | {c['mode']} | {len(c['runs'])} | {c['steps']} | {c['seconds'] / 60:.1f} "
+                    f"({c['train_seconds'] / 60:.1f}) | {c['steps_per_removed_layer']:g} | {ratio} |")
+    return "\n".join(rows)
+
+
+def seeds_line(result: dict[str, Any]) -> str:
+    """How many training seeds, and what the intervals include."""
+    seeds = result.get("seeds") or [0]
+    if len(seeds) == 1:
+        return (f"One training seed ({seeds[0]}): intervals cover the sampling of problems only, not the spread "
+                "between training seeds (add seeds with `--seeds`).")
+    fewer = [a["name"] for a in result["arms"] if len(a.get("seeds", seeds)) < len(seeds)]
+    return (f"{len(seeds)} training seeds ({', '.join(map(str, seeds))}; model.seed and seed_everything: data order, "
+            "adapter init, dropout): every trained arm runs under each, scores and retentions are means over them, "
+            "and every interval resamples seeds and problems (two-way bootstrap), so it includes the seed-to-seed "
+            "spread."
+            + (f" Trained nothing, so run under one seed only: {', '.join(fewer)}." if fewer else ""))
 
 
 def timing_table(timings: dict[str, Any]) -> str:
@@ -254,23 +289,32 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
              "every trained arm, consolidation included. Every arm starts from the same baseline evaluation; one-shot "
              "arms remove the layers ranked once on the unpruned model; a gradual arm without consolidation runs "
              "once to the deepest target and its earlier stages give the shallower points (marked with their "
-             "stage); any other arm runs once per depth.", "",
+             "stage); any other arm runs once per depth.", "", seeds_line(result), "",
              f"- in-data tasks (their problems fed recovery): {', '.join(in_data) or 'none'}",
              f"- held-out tasks (nothing of them fed recovery): {', '.join(held_out) or 'none'}", "",
              "## Arms", "", arms_table(result["arms"]), "",
              "## Budget and retention", "",
-             "Group columns are mean retentions (score / baseline score). Steps count the consolidation stage. "
+             "Group columns are mean retentions (score / baseline score, capped at 1 per task) with their 95% "
+             "intervals. Steps count the consolidation stage. "
              "\"same prompts\" compares the training examples with the first trained arm at that depth: arms "
              "with the same recovery data read the same stream of examples, each stage its own consecutive slice; "
              "arms with other data sources differ by design.", "",
              summary_table(result["points"]), "",
              "## Paired differences", "",
              "Capped mean retention of arm a minus arm b on the same problems, 95% interval by paired bootstrap over "
-             "the problems; an interval that contains 0 is a tie: the difference is inside the noise.", "",
+             "the problems (and the seeds, paired by index, where there are several); an interval that contains 0 is "
+             "a tie: the difference is inside the noise.", "",
              differences_table(result.get("differences", [])), "",
              "## Held-out tasks below no recovery", "", *below_lines(result), "",
              f"## Scores (retention in brackets; {BELOW} = held-out score below the no-recovery arm's)", "",
              scores_table(result["baseline"], result["points"], in_data), "",
              "## Generative failures (summed over tasks)", "", failure_table(result["baseline"], result["points"]), "",
-             "![retention vs layers removed](compare.png)", "", "## Timings", "", timing_table(result["timings"]), ""]
+             "![retention vs layers removed](compare.png)", "",
+             "## What a curve costs", "",
+             "Per arm, every run its curve needs for every target depth (a one-shot arm: one run per depth; a gradual "
+             "arm without consolidation: one run to the deepest), per seed: recovery steps, and the minutes its stages "
+             "recorded (scoring, training, evaluation, checkpoints; training alone in brackets; not model loading nor "
+             "the shared SGR answers). Per model every trained arm gets the same steps per removed layer.", "",
+             curve_cost_table(result.get("curve_costs", {})), "",
+             "## Timings", "", timing_table(result["timings"]), ""]
     (out / "compare.md").write_text("\n".join(lines))

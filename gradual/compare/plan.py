@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ PLAN_FILE = "plan.json"
 ARM_KEYS = ("name", "mode", "overrides", "final_share", "steps_per_stage", "responses")
 SHORTHANDS = {"steps_per_stage": "model.schedule.steps_per_stage", "responses": "data.sgr.responses"}
 STEP_KEYS = ("model.schedule.steps_per_stage", "model.schedule.final_steps")
-SECTION_KEYS = ("depths", "arms", "out", "budget_per_layer")
+SECTION_KEYS = ("depths", "arms", "out", "budget_per_layer", "seeds")
 MANAGED = {
     "model.model": "every arm starts from the base model (one baseline, one ranking)",
     "model.dtype": "the shared baseline is evaluated in the base config's dtype",
@@ -33,6 +34,8 @@ MANAGED = {
     "model.schedule.min_depth": "`compare.depths` sets the depth",
     "model.schedule.layers": "one-shot arms remove the layers ranked once on the unpruned model",
     "model.run_dir": "runs go to <out>/<arm>-<depth>",
+    "model.seed": "`compare.seeds` sets the training seeds",
+    "seed_everything": "`compare.seeds` sets the training seeds",
     "model.overwrite": "`gradual compare --overwrite` decides",
     "trainer.callbacks": "every arm is evaluated the same way",
     "compare": "arms cannot nest comparisons",
@@ -94,8 +97,9 @@ class Arm:
         the budget."""
         return any(k in self.overrides for k in STEP_KEYS)
 
-    def run_name(self, depth: int) -> str:
-        return f"{self.name}-{depth}"
+    def run_name(self, depth: int, seed: int | None = None) -> str:
+        """`<name>-<depth>`, or `<name>-<depth>-s<seed>` for a seed other than the base config's."""
+        return f"{self.name}-{depth}" + ("" if seed is None else f"-s{seed}")
 
 
 DEFAULT_ARMS = (
@@ -117,8 +121,8 @@ class Budget:
 
 @dataclass
 class Plan:
-    """A parsed and checked comparison: the base fit config, the target depths, the arms, the output folder, and
-    the training budget per removed layer."""
+    """A parsed and checked comparison: the base fit config, the target depths, the arms, the output folder, the
+    training budget per removed layer and the training seeds every arm runs under (empty: the base config's seed)."""
 
     base: dict[str, Any]
     depths: list[int]
@@ -126,8 +130,27 @@ class Plan:
     out: Path
     budget_per_layer: int
     overwrite: bool = False
+    seeds: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            self.seeds = [self.base_seed]
+
+    @property
+    def base_seed(self) -> int:
+        """The base config's `model.seed` (GradualModule's default 0): its runs keep today's `<arm>-<depth>`."""
+        from gradual.module import GradualModule
+
+        seed = (self.base.get("model") or {}).get("seed")
+        return seed if isinstance(seed, int) else inspect.signature(GradualModule).parameters["seed"].default
+
+    def seed_tag(self, seed: int) -> int | None:
+        """The seed as it marks a run directory: None for the base config's seed (the run is today's), else it."""
+        return None if seed == self.base_seed else seed
 
     def identity(self) -> dict[str, Any]:
+        """What must match to resume in the same folder. The seeds are not part of it: adding seeds reuses every run
+        already there, since each seed's runs have their own directories."""
         return {"config": self.base, "depths": self.depths, "budget_per_layer": self.budget_per_layer}
 
 
@@ -141,6 +164,19 @@ def parse_depths(value: Any) -> list[int]:
     if not depths or any(d < 1 for d in depths) or len(set(depths)) != len(depths):
         raise UsageError(f"depths={value!r} is invalid; give distinct layer counts >= 1, e.g. 4,8")
     return sorted(depths)
+
+
+def parse_seeds(value: Any) -> list[int]:
+    """`0,1` or `[0, 1]` → [0, 1]; each an integer >= 0, listed once, in the order given."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        seeds = [int(str(v).strip()) for v in items if not isinstance(v, bool) and str(v).strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(isinstance(v, bool) for v in items) or any(s < 0 for s in seeds) or len(set(seeds)) != len(
+            seeds):
+        raise UsageError(f"seeds={value!r} is invalid; give distinct training seeds >= 0, e.g. 0,1,2")
+    return seeds
 
 
 def parse_arm(spec: Any) -> Arm:
@@ -209,7 +245,7 @@ def default_budget(base: dict[str, Any]) -> int:
 
 
 def make_plan(depths: list[int] | str | None = None, arms: str | None = None, out: str | None = None,
-              overwrite: bool = False, compare: SectionHint = None,
+              overwrite: bool = False, seeds: list[int] | str | None = None, compare: SectionHint = None,
               seed_everything: Annotated[int | bool | None, Verbatim("int | bool")] = None,
               model: SectionHint = None, data: SectionHint = None, trainer: SectionHint = None,
               optimizer: SectionHint = None, lr_scheduler: SectionHint = None) -> Plan:
@@ -222,9 +258,13 @@ def make_plan(depths: list[int] | str | None = None, arms: str | None = None, ou
         arms: Names of the arms to run, comma-separated; default: every arm of compare.arms.
         out: Output folder of the comparison; replaces compare.out (default runs/compare).
         overwrite: Replace an output folder that holds another comparison.
+        seeds: Training seeds every arm runs under, comma-separated (e.g. 0,1,2); replaces compare.seeds.
         compare: The comparison: depths (layers to remove, default [4, 8]), arms (a list of {name, mode, overrides,
-            final_share}, default the four classic arms), out (the output folder) and budget_per_layer (recovery
-            steps per removed layer, default the base config's steps per stage over its layers per stage).
+            final_share}, default the four classic arms), out (the output folder), budget_per_layer (recovery
+            steps per removed layer, default the base config's steps per stage over its layers per stage) and seeds
+            (training seeds: model.seed and seed_everything, i.e. data order, adapter init and dropout; default the
+            base config's model.seed, [0]; runs of another seed go to <out>/<arm>-<depth>-s<seed>, and scores and
+            intervals pool the seeds).
         seed_everything: The base `gradual fit` config's global seed.
         model: The base `gradual fit` config's `model:` section (gradual.module.GradualModule).
         data: The base `gradual fit` config's `data:` section (the recovery data).
@@ -249,6 +289,9 @@ def make_plan(depths: list[int] | str | None = None, arms: str | None = None, ou
     plan = Plan(base=base, depths=parse_depths(depths if depths is not None else section.get("depths", [4, 8])),
                 arms=select_arms(parse_arms(section.get("arms")), arms),
                 out=Path(out or section.get("out") or "runs/compare"), budget_per_layer=budget, overwrite=overwrite)
+    chosen = seeds if seeds is not None else section.get("seeds")
+    if chosen is not None:
+        plan.seeds = parse_seeds(chosen)
     check_stage_boundaries(plan)
     return plan
 

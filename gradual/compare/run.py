@@ -13,13 +13,13 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gradual.compare.arms import BASELINE_FILE, arm_config, arm_runs, check_budgets, recipe
+from gradual.compare.arms import BASELINE_FILE, arm_config, arm_runs, arm_seeds, check_budgets, recipe
 from gradual.compare.plan import Arm, Budget, Plan, check_out, load_plan, save_plan
+from gradual.compare.pooling import pool_point, pooled_figures
 from gradual.errors import UsageError, parser_error_line, usage_error_in
 from gradual.sgr import SGRConfig
 
@@ -135,10 +135,12 @@ def prepare(plan: Plan) -> dict[str, Any]:
     return baseline
 
 
-def fit_run(plan: Plan, arm: Arm, depth: int, layers: list[int] | None) -> dict[str, Any]:
-    """One arm's `gradual fit` run to `depth` (resumed or read back if it already ran); its history and timing."""
-    config = arm_config(plan, arm, depth, layers)
-    name = arm.run_name(depth)
+def fit_run(plan: Plan, arm: Arm, depth: int, layers: list[int] | None, seed: int) -> dict[str, Any]:
+    """One arm's `gradual fit` run to `depth` under training `seed`, resumed or read back if it already ran; its
+    history, this invocation's timing, and the stages' own recorded seconds (which a run read back keeps: what the
+    run cost when it ran)."""
+    config = arm_config(plan, arm, depth, layers, seed)
+    name = arm.run_name(depth, plan.seed_tag(seed))
     configs = plan.out / "configs"
     configs.mkdir(parents=True, exist_ok=True)
     (configs / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -167,45 +169,111 @@ def fit_run(plan: Plan, arm: Arm, depth: int, layers: list[int] | None) -> dict[
     return {"history": history, "in_data": results.get("in_data_tasks", []), "recipe": recipe(config, trained),
             "responses": ((config.get("data") or {}).get("sgr") or {}).get("responses", SGRConfig.responses)
             if trained else None,
-            "seconds": time.perf_counter() - t, "optimizer_steps": steps}
+            "seconds": time.perf_counter() - t, "optimizer_steps": steps, "trained_steps": trained,
+            "stage_seconds": sum(stage_seconds(r) for r in history),
+            "train_seconds": sum(float((r.get("timings") or {}).get("train_s", 0.0)) for r in history)}
 
 
-def arm_points(arm: Arm, runs_of: dict[int, int], runs: dict[str, dict[str, Any]], budgets: dict[int, Budget],
-               out: Path) -> list[dict[str, Any]]:
-    """The arm's record at every target depth (the last stage with that many layers removed, so a consolidation
+def stage_seconds(record: dict[str, Any]) -> float:
+    """The wall time a stage recorded: layer scoring, repair, surgery, training, merge, evaluation, checkpoint."""
+    return sum(float(v) for v in (record.get("timings") or {}).values() if isinstance(v, int | float))
+
+
+def seed_run_names(plan: Plan, arm: Arm, seed: int, runs_of: dict[int, int]) -> dict[int, str]:
+    """Target depth → the name of the run that reaches it under `seed`."""
+    return {d: arm.run_name(r, plan.seed_tag(seed)) for d, r in runs_of.items()}
+
+
+def seed_runs(plan: Plan, arm: Arm, seed: int, runs_of: dict[int, int]) -> list[str]:
+    """The names of the runs the arm needs under `seed`, shallowest first."""
+    return [arm.run_name(r, plan.seed_tag(seed)) for r in sorted(set(runs_of.values()))]
+
+
+def seed_point(plan: Plan, arm: Arm, seed: int, depth: int, run: str, runs: dict[str, dict[str, Any]],
+               budget: Budget) -> dict[str, Any]:
+    """The arm's record at `depth` under one seed (the last stage with that many layers removed, so a consolidation
     stage counts), with its steps (consolidation included) and the prompts it trained on."""
     from gradual.compare.callbacks import data_digest, read_ledger
 
+    history = runs[run]["history"]
+    record = [r for r in history if len(r["removed_total"]) == depth][-1]
+    ledger = read_ledger(plan.out / run)
+    seen = [d for s in range(1, record["stage"] + 1) for d in ledger.get(s, [])]
+    trained = history[1: record["stage"] + 1]
+    return {"arm": arm.name, "mode": arm.mode, "recipe": runs[run]["recipe"], "responses": runs[run]["responses"],
+            "removed": depth, "layers": record["removed_total"], "stage": record["stage"], "run": run,
+            "reused": record is not history[-1], "steps": sum(r["steps"] for r in trained),
+            "final_steps": sum(r["steps"] for r in trained if r.get("consolidation")),
+            "budget": budget.total, "examples": len(seen), "data": data_digest(seen), "in_data": runs[run]["in_data"],
+            "scores": record["scores"], "retention": record["retention"], "intervals": record.get("intervals") or {},
+            "seed": seed}
+
+
+def arm_points(plan: Plan, arm: Arm, seeds: list[int], runs_of: dict[int, int], runs: dict[str, dict[str, Any]],
+               budgets: dict[int, Budget], baseline: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The arm's point at every target depth, its seeds pooled (`gradual.compare.pooling.pool_point`)."""
     points = []
-    for depth, run_depth in runs_of.items():
-        run = arm.run_name(run_depth)
-        history = runs[run]["history"]
-        record = [r for r in history if len(r["removed_total"]) == depth][-1]
-        ledger = read_ledger(out / run)
-        seen = [d for s in range(1, record["stage"] + 1) for d in ledger.get(s, [])]
-        trained = history[1: record["stage"] + 1]
-        points.append({"arm": arm.name, "mode": arm.mode, "recipe": runs[run]["recipe"],
-                       "responses": runs[run]["responses"],
-                       "removed": depth, "layers": record["removed_total"], "stage": record["stage"], "run": run,
-                       "reused": record is not history[-1],
-                       "steps": sum(r["steps"] for r in trained),
-                       "final_steps": sum(r["steps"] for r in trained if r.get("consolidation")),
-                       "budget": budgets[depth].total, "examples": len(seen), "data": data_digest(seen),
-                       "in_data": runs[run]["in_data"], "scores": record["scores"], "retention": record["retention"]})
+    for depth in runs_of:
+        per_seed = [seed_point(plan, arm, seed, depth, seed_run_names(plan, arm, seed, runs_of)[depth], runs,
+                               budgets[depth]) for seed in seeds]
+        points.append(pool_point(per_seed, baseline))
     return points
 
 
-def arm_curve(arm: Arm, runs_of: dict[int, int], runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def arm_curve(plan: Plan, arm: Arm, seeds: list[int], runs_of: dict[int, int],
+              runs: dict[str, dict[str, Any]], baseline: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The points an arm's curve draws (the baseline once): every stage of a gradual run without consolidation,
-    else the end of every run (stages before a consolidation, or a one-shot run's, are not comparable points)."""
-    curve: dict[int, dict[str, Any]] = {}
-    for run_depth in sorted(set(runs_of.values())):
-        history = runs[arm.run_name(run_depth)]["history"]
-        every = arm.mode == "gradual" and not any(r.get("consolidation") for r in history)
-        for r in history if every else [history[0], history[-1]]:
-            curve[len(r["removed_total"])] = {"removed": len(r["removed_total"]), "retention": r["retention"],
-                                              "intervals": r.get("intervals") or {}}
-    return [curve[k] for k in sorted(curve)]
+    else the end of every run (stages before a consolidation, or a one-shot run's, are not comparable points); at
+    each, the seeds pooled (`pooling.pooled_figures`: one seed's are its stage record's own)."""
+    curves: list[dict[int, dict[str, Any]]] = []
+    in_data: list[str] = []
+    for seed in seeds:
+        curve: dict[int, dict[str, Any]] = {}
+        for run in seed_runs(plan, arm, seed, runs_of):
+            history = runs[run]["history"]
+            in_data = runs[run]["in_data"]
+            every = arm.mode == "gradual" and not any(r.get("consolidation") for r in history)
+            for r in history if every else [history[0], history[-1]]:
+                curve[len(r["removed_total"])] = r
+        curves.append(curve)
+    shared = sorted(set.intersection(*(set(c) for c in curves)))
+    out = []
+    for removed in shared:
+        figures = pooled_figures([c[removed] for c in curves], baseline, in_data)
+        out.append({"removed": removed, "retention": figures["retention"], "intervals": figures["intervals"]})
+    return out
+
+
+def curve_costs(plan: Plan, seeds_of: dict[str, list[int]], runs_of: dict[str, dict[int, int]],
+                runs: dict[str, dict[str, Any]], budgets: dict[str, dict[int, Budget]]) -> dict[str, dict[str, Any]]:
+    """Per arm, what drawing its whole curve costs: the recovery steps and the stages' recorded wall time (layer
+    scoring, training, evaluation, ...; not model loading nor the shared SGR answers) of every run it needs for every
+    target depth — one run per depth for a one-shot arm, one run to the deepest target for a gradual arm without
+    consolidation — per seed (seconds averaged over the seeds), beside the per-model budget (steps per removed
+    layer), and the ratio to the one-shot arm of the same recipe (the same overrides; the same `final_share` where
+    there is one) that trains."""
+    costs: dict[str, dict[str, Any]] = {}
+    deepest = max(plan.depths)
+    for arm in plan.arms:
+        per_seed = [seed_runs(plan, arm, seed, runs_of[arm.name]) for seed in seeds_of[arm.name]]
+        costs[arm.name] = {
+            "mode": arm.mode, "runs": per_seed[0], "seeds": len(per_seed),
+            "steps": sum(runs[n]["trained_steps"] for n in per_seed[0]),
+            "seconds": sum(runs[n]["stage_seconds"] for names in per_seed for n in names) / len(per_seed),
+            "train_seconds": sum(runs[n]["train_seconds"] for names in per_seed for n in names) / len(per_seed),
+            "steps_per_removed_layer": budgets[arm.name][deepest].total / deepest, "one_shot": None}
+    for arm in plan.arms:
+        if arm.mode == "one_shot":
+            continue
+        same = [a for a in plan.arms if a.mode == "one_shot" and a.overrides == arm.overrides
+                and costs[a.name]["steps"]]
+        match = next((a for a in same if a.final_share == arm.final_share), same[0] if same else None)
+        if match is not None:
+            ref, cost = costs[match.name], costs[arm.name]
+            costs[arm.name]["one_shot"] = {"arm": match.name, "steps_ratio": cost["steps"] / ref["steps"],
+                                           "seconds_ratio": cost["seconds"] / ref["seconds"] if ref["seconds"]
+                                           else None}
+    return costs
 
 
 def run(plan: Plan) -> dict[str, Any]:
@@ -224,23 +292,31 @@ def run(plan: Plan) -> dict[str, Any]:
     baseline = prepare(plan)
     runs: dict[str, dict[str, Any]] = {}
     runs_of = {arm.name: arm_runs(plan, arm) for arm in plan.arms}
-    for arm in plan.arms:
-        for depth in sorted(set(runs_of[arm.name].values())):
-            layers = baseline["ranking"][str(depth)] if arm.mode == "one_shot" else None
-            print(f"gradual compare: run {arm.run_name(depth)}", flush=True)
-            runs[arm.run_name(depth)] = fit_run(plan, arm, depth, layers)
+    seeds_of = {arm.name: arm_seeds(plan, arm, budgets[arm.name]) for arm in plan.arms}
+    for seed in plan.seeds:  # seed by seed: the first seed's comparison is complete before the next seed starts
+        for arm in [a for a in plan.arms if seed in seeds_of[a.name]]:
+            for depth in sorted(set(runs_of[arm.name].values())):
+                layers = baseline["ranking"][str(depth)] if arm.mode == "one_shot" else None
+                name = arm.run_name(depth, plan.seed_tag(seed))
+                print(f"gradual compare: run {name}", flush=True)
+                runs[name] = fit_run(plan, arm, depth, layers, seed)
     points = sorted((p for arm in plan.arms
-                     for p in arm_points(arm, runs_of[arm.name], runs, budgets[arm.name], plan.out)),
-                    key=lambda p: p["removed"])
+                     for p in arm_points(plan, arm, seeds_of[arm.name], runs_of[arm.name], runs, budgets[arm.name],
+                                         baseline["scores"])), key=lambda p: p["removed"])
     no_recovery = {str(d): next((a.name for a in plan.arms if budgets[a.name][d].total == 0), None)
                    for d in plan.depths}
+    first = {a.name: seeds_of[a.name][0] for a in plan.arms}
     result = {"model": (plan.base.get("model") or {}).get("model", "smollm2-135m-instruct"),
-              "depths": plan.depths, "budget_per_layer": plan.budget_per_layer,
-              "arms": [{**asdict(a), "runs": {str(d): a.run_name(r) for d, r in runs_of[a.name].items()},
+              "depths": plan.depths, "budget_per_layer": plan.budget_per_layer, "seeds": plan.seeds,
+              "arms": [{**asdict(a), "runs": {str(d): n for d, n in seed_run_names(plan, a, first[a.name],
+                                                                                  runs_of[a.name]).items()},
+                        "seeds": seeds_of[a.name],
                         "budget": {str(d): asdict(b) for d, b in budgets[a.name].items()}} for a in plan.arms],
               "in_data_tasks": baseline.get("in_data_tasks", []), "baseline": baseline["scores"],
               "ranking": baseline["ranking"], "no_recovery": no_recovery, "points": points,
-              "curves": {a.name: arm_curve(a, runs_of[a.name], runs) for a in plan.arms},
+              "curves": {a.name: arm_curve(plan, a, seeds_of[a.name], runs_of[a.name], runs, baseline["scores"])
+                         for a in plan.arms},
+              "curve_costs": curve_costs(plan, seeds_of, runs_of, runs, budgets),
               "timings": {"prepare_s": baseline["timings"]["total_s"],
                           "runs": {name: {"seconds": r["seconds"], "optimizer_steps": r["optimizer_steps"]}
                                    for name, r in runs.items()},
