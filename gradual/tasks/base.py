@@ -1,9 +1,11 @@
-"""Seeded problems with an evaluation split and a disjoint training split.
+"""Seeded problems in three disjoint splits: evaluation (`eval`), training (`train`: recovery data and few-shot
+examples) and layer selection (`select`: the problems `selection.metric: task_ablation` scores to choose layers).
 
-Each problem comes from a generator called with its own seed; evaluation seeds and training seeds come from
-disjoint ranges. Seeds alone do not stop two seeds from producing the same question (a task with 1,000 possible
-questions repeats itself quickly), so a problem also belongs to a split by a stable hash of its question text:
-the splits cannot share a question, and `assert_disjoint` checks that on the actual text.
+Each problem comes from a generator called with its own seed; each split's seeds come from its own range. Seeds
+alone do not stop two seeds from producing the same question (a task with 1,000 possible questions repeats itself
+quickly), so a problem also belongs to a split by a stable hash of its question text: the splits cannot share a
+question, and `assert_disjoint` checks that on the actual text. The evaluation half of the hash is what it was
+before `select` existed (so `docs/baselines.md` stays valid); `select` takes a quarter of the former training half.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from dataclasses import dataclass, field
 from gradual.errors import UsageError
 from gradual.tasks.extract import KINDS
 
-SPLITS = ("eval", "train")
+SPLITS = ("eval", "train", "select")
 _INTEGER = re.compile(r"-?\d+")  # numeric tasks score integers; the rare fractional word-problem answer is skipped
-_SPLIT_BASE = {"eval": 0, "train": 1_000_000_000}
+_SPLIT_BASE = {"eval": 0, "train": 1_000_000_000, "select": 2_000_000_000}
 _SEEDS_PER_CALL = 1_000_000  # seed s of a split draws from [base + s * 1e6, base + (s + 1) * 1e6)
 
 
@@ -37,6 +39,14 @@ class Problem:
     label: int
     seed: int
     brackets: str = ""
+
+
+def split_of(task: str, question: str) -> str:
+    """The split a question of `task` belongs to, by a stable hash of its text (`Task.in_split`)."""
+    digest = hashlib.sha256(f"{task}\x00{question}".encode()).digest()
+    if digest[0] % 2 == 0:
+        return "eval"
+    return "select" if digest[1] % 4 == 0 else "train"
 
 
 Generator = Callable[[random.Random], tuple[str, str]]
@@ -75,9 +85,9 @@ class Task:
         return self.num_choices > 1
 
     def in_split(self, question: str, split: str) -> bool:
-        """Stable hash partition of the question text: even bucket -> eval, odd -> train."""
-        digest = hashlib.sha256(f"{self.name}\x00{question}".encode()).digest()
-        return (digest[0] % 2 == 0) == (split == "eval")
+        """Stable hash partition of the question text: an even first byte -> eval; an odd one -> select when the
+        second byte is a multiple of 4, else train."""
+        return split_of(self.name, question) == split
 
     def _candidates(self, base: int, count: int) -> Sequence[tuple[str, str]]:
         """`count` raw (question, answer) pairs from seeds base, base+1, ..."""
@@ -138,14 +148,22 @@ class Task:
         return [(self.chat_message(p), p.answer) for p in self.problems("train", n, seed)]
 
 
-def assert_disjoint(task: Task, n_train: int, n_eval: int, seed: int = 0) -> None:
+def assert_disjoint(task: Task, n_train: int, n_eval: int, seed: int = 0, n_select: int = 0) -> None:
     """Refuse (UsageError) when the first n_train training problems share a question text with the first n_eval
-    evaluation problems, so recovery data can never contain an evaluation item."""
-    train = {p.question for p in task.problems("train", n_train, seed)}
-    shared = sorted(train & {p.question for p in task.problems("eval", n_eval, seed)})
-    if shared:
-        raise UsageError(f"task {task.name}: {len(shared)} training questions also appear in the evaluation split, "
-                         f"e.g. {shared[0]!r}; the splits must be disjoint")
+    evaluation problems, so recovery data can never contain an evaluation item; with `n_select`, also when the first
+    n_select selection problems share one with either, so the layer choice never sees an evaluation or a recovery
+    item."""
+    drawn = {"training": {p.question for p in task.problems("train", n_train, seed)},
+             "evaluation": {p.question for p in task.problems("eval", n_eval, seed)}}
+    if n_select:
+        drawn["selection"] = {p.question for p in task.problems("select", n_select, seed)}
+    names = list(drawn)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sorted(drawn[a] & drawn[b])
+            if shared:
+                raise UsageError(f"task {task.name}: {len(shared)} {a} questions also appear in the {b} split, "
+                                 f"e.g. {shared[0]!r}; the splits must be disjoint")
 
 
 def fewshot_examples(task: Task, k: int = 5) -> list[Problem]:
