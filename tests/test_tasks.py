@@ -176,34 +176,38 @@ def test_problem_arguments_are_checked():
 
 # --- difficulty -------------------------------------------------------------------------------------------------------
 
-# sha256 (first 16 hex) of the first 50 problems (seed 0) of each task and split, pinned: `small` must keep producing
-# exactly these. The evaluation problems are those docs/baselines.md and every measured run scored (unchanged since the
-# tasks were introduced); the training problems changed once, when the `select` split took a quarter of the training
-# half of the hash (recovery data and few-shot examples measured before then were drawn from the earlier split).
+# sha256 (first 16 hex) of the first 50 evaluation and training problems (seed 0) and of the 5 few-shot worked examples
+# of each task, pinned: `small` must keep producing exactly these. The evaluation problems and the worked examples make
+# every evaluation prompt docs/baselines.md and the measured runs scored (unchanged since the tasks were introduced);
+# the training problems changed once, when the `select` split took a quarter of the training half of the hash
+# (recovery data measured before then was drawn from the earlier training split).
 SMALL_PROBLEMS = {
-    "successor": ("2958d4085ac5b1bd", "a437c0f85858d74d"),
-    "copy": ("c2a2fc85babdda26", "ea5ec144d9f59047"),
-    "uppercase": ("d4bae6c579cd23e5", "a95bd83374177b98"),
-    "category": ("372549b55a4f517f", "a9cd2c4572dbd612"),
-    "chain_sum": ("8d29cc33e0fe9c86", "74e0e73de58f7d3e"),
-    "products": ("845e9bf51b7ea53d", "f31ba62906667ac1"),
-    "basic_arithmetic": ("8001a9fe9673a09a", "3a53bdc5792a5c09"),
-    "gsm_symbolic": ("e8837a206a30dc34", "2b4f5caa9d4bbac6"),
-    "brackets": ("6570b93af8c4435d", "6988f91cc7497a4a"),
+    "successor": ("2958d4085ac5b1bd", "a437c0f85858d74d", "1b59293a0df89cfd"),
+    "copy": ("c2a2fc85babdda26", "ea5ec144d9f59047", "bd5394e859275726"),
+    "uppercase": ("d4bae6c579cd23e5", "a95bd83374177b98", "71e8a85cffe64599"),
+    "category": ("372549b55a4f517f", "a9cd2c4572dbd612", "131b8de87031b180"),
+    "chain_sum": ("8d29cc33e0fe9c86", "74e0e73de58f7d3e", "d5c7580ab0567ad3"),
+    "products": ("845e9bf51b7ea53d", "f31ba62906667ac1", "5e99d784d3017f74"),
+    "basic_arithmetic": ("8001a9fe9673a09a", "3a53bdc5792a5c09", "43dedc6865a8fe00"),
+    "gsm_symbolic": ("e8837a206a30dc34", "2b4f5caa9d4bbac6", "21d7cbab745e5f37"),
+    "brackets": ("6570b93af8c4435d", "6988f91cc7497a4a", "97f14d2503b10b22"),
 }
 
 
-def problems_digest(task: Task, split: str) -> str:
+def problems_digest(problems: list) -> str:
     h = hashlib.sha256()
-    for p in task.problems(split, 50, 0):
+    for p in problems:
         h.update(json.dumps(dataclasses.astuple(p)).encode())
     return h.hexdigest()[:16]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_small_difficulty_reproduces_the_original_problems(name):
-    assert get_task(name) is get_task(name, "small") is TASKS[name]
-    assert (problems_digest(TASKS[name], "eval"), problems_digest(TASKS[name], "train")) == SMALL_PROBLEMS[name]
+    task = TASKS[name]
+    assert get_task(name) is get_task(name, "small") is task
+    digests = tuple(problems_digest(ps) for ps in (task.problems("eval", 50, 0), task.problems("train", 50, 0),
+                                                    fewshot_examples(task)))
+    assert digests == SMALL_PROBLEMS[name]
 
 
 def _numbers(question: str) -> list[int]:

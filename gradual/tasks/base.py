@@ -5,7 +5,9 @@ Each problem comes from a generator called with its own seed; each split's seeds
 alone do not stop two seeds from producing the same question (a task with 1,000 possible questions repeats itself
 quickly), so a problem also belongs to a split by a stable hash of its question text: the splits cannot share a
 question, and `assert_disjoint` checks that on the actual text. The evaluation half of the hash is what it was
-before `select` existed (so `docs/baselines.md` stays valid); `select` takes a quarter of the former training half.
+before `select` existed, and so are the few-shot worked examples (`fewshot_examples`, drawn from the former training
+half), so every evaluation prompt and `docs/baselines.md` stay as measured; `select` takes a quarter of the former
+training half, less the worked examples a few-shot prompt shows, so a selection prompt never shows its own answer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ SPLITS = ("eval", "train", "select")
 _INTEGER = re.compile(r"-?\d+")  # numeric tasks score integers; the rare fractional word-problem answer is skipped
 _SPLIT_BASE = {"eval": 0, "train": 1_000_000_000, "select": 2_000_000_000}
 _SEEDS_PER_CALL = 1_000_000  # seed s of a split draws from [base + s * 1e6, base + (s + 1) * 1e6)
+_FEWSHOT_SEED = 999  # the worked examples' pool: training seed 999
+_FEWSHOT_POOL = 50  # the pool of up to 5 worked examples
+SELECTION_SHOTS = 5  # worked examples in a selection prompt; selection problems avoid them
 
 
 @dataclass(frozen=True)
@@ -108,14 +113,33 @@ class Task:
             self._cache[key] = self._make_problems(split, n, seed)
         return list(self._cache[key])
 
+    def fewshot_pool(self, n: int = _FEWSHOT_POOL) -> list[Problem]:
+        """The first `n` problems worked examples are taken from: training seed 999 over the training *and*
+        selection halves of the hash, i.e. the training split as it was before `select` existed, so the few-shot
+        prompts stay those every measured evaluation used."""
+        if n < 1:
+            raise UsageError(f"n={n} is invalid; it must be >= 1")
+        key = ("fewshot", n, _FEWSHOT_SEED)
+        if key not in self._cache:
+            self._cache[key] = self._draw(_SPLIT_BASE["train"] + _FEWSHOT_SEED * _SEEDS_PER_CALL, n, "few-shot",
+                                          lambda q: self.in_split(q, "train") or self.in_split(q, "select"))
+        return list(self._cache[key])
+
     def _make_problems(self, split: str, n: int, seed: int) -> list[Problem]:
         base = _SPLIT_BASE[split] + seed * _SEEDS_PER_CALL
+        if split != "select":
+            return self._draw(base, n, split, lambda q: self.in_split(q, split))
+        shown = {p.question for p in fewshot_examples(self, SELECTION_SHOTS)}
+        return self._draw(base, n, split, lambda q: self.in_split(q, split) and q not in shown)
+
+    def _draw(self, base: int, n: int, what: str, accept: Callable[[str], bool]) -> list[Problem]:
+        """`n` problems from seeds base, base+1, ... whose question `accept`s, distinct while there are enough."""
         seen: set[str] = set()
         out: list[Problem] = []
         offset, batch = 0, max(4 * n, 64)
         while len(out) < n and offset < _SEEDS_PER_CALL and offset < 50 * n + 2000:
             for i, (q, a) in enumerate(self._candidates(base + offset, batch)):
-                if q in seen or not self.in_split(q, split) or (self.kind == "number" and not _INTEGER.fullmatch(a)):
+                if q in seen or not accept(q) or (self.kind == "number" and not _INTEGER.fullmatch(a)):
                     continue
                 seen.add(q)
                 out.append(self._problem(q, a, base + offset + i))
@@ -123,7 +147,7 @@ class Task:
                     break
             offset += batch
         if not out:
-            raise RuntimeError(f"task {self.name} produced no {split} problems")
+            raise RuntimeError(f"task {self.name} produced no {what} problems")
         return [out[i % len(out)] for i in range(n)]
 
     def _problem(self, question: str, answer: str, seed: int) -> Problem:
@@ -167,14 +191,15 @@ def assert_disjoint(task: Task, n_train: int, n_eval: int, seed: int = 0, n_sele
 
 
 def fewshot_examples(task: Task, k: int = 5) -> list[Problem]:
-    """Worked examples for the few-shot prompt, from the training split so they never leak evaluation items.
+    """Worked examples for the few-shot prompt, from `Task.fewshot_pool` (outside the evaluation split) so they never
+    leak evaluation items; selection problems avoid the first `SELECTION_SHOTS` examples.
 
     Examples with distinct answers are preferred: a small model copies the answers it has just seen, so five
     examples showing two labels would bias a label task towards them.
     """
     if k < 1:
         return []
-    pool = task.problems("train", max(10 * k, 50), seed=999)
+    pool = task.fewshot_pool(max(10 * k, _FEWSHOT_POOL))
     chosen: list[Problem] = []
     for p in pool:
         if p.answer not in {c.answer for c in chosen}:
