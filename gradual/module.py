@@ -225,7 +225,7 @@ class GradualModule(StageHistory, L.LightningModule):
 
             s = self.selection
             self._selection_score = TaskScore(self.tokenizer, s.tasks or [], n=s.n, fmt=s.fmt, score=s.task_score,
-                                              difficulty=s.difficulty, batch_size=s.calibration_batch_size)
+                                              difficulty=s.difficulty)
         return self._selection_score
 
     def calibration_batches(self) -> list[dict[str, torch.Tensor]]:

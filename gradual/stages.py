@@ -159,8 +159,7 @@ class Selection:
         calibration: the calibration texts the metric runs on: a .txt (one text a line) or .jsonl (field `text`)
             file; null (default) = the built-in texts (`gradual/resources/calibration.txt`).
         num_calibration: calibration texts used (a seeded subset; default 32).
-        calibration_batch_size: calibration texts per forward pass (default 8; also `task_ablation`'s prompts per
-            forward pass).
+        calibration_batch_size: calibration texts per forward pass (default 8).
         calibration_max_length: tokens per calibration text (longer texts are cut; capped at the model's
             positions; default 256).
         tasks: `task_ablation`: the built-in generative tasks it scores (required there, refused with another
@@ -168,7 +167,10 @@ class Selection:
             or training (recovery data) splits (`gradual.tasks.base`). A task named here is not held out from the
             choice, though none of its evaluation problems is: for a held-out group that nothing was tuned on,
             evaluate other tasks there.
-        n: `task_ablation`: problems per task (>= 1, default 16; the same problems at every stage).
+        n: `task_ablation`: problems per task (>= 1, default 16; the same problems at every stage, scored in one
+            batch per task). Each scoring costs n forward passes per task on the shared few-shot prefix, and a stage
+            of k layers runs about 1 + k × (unprotected layers) of them (SmolLM2-135M: ~8 s per scoring of 2 tasks ×
+            16 on one busy CPU thread, ~4 min a stage).
         fmt: `task_ablation`: `fewshot` (default, 5 worked examples) or `chat` (the model's chat template).
         task_score: `task_ablation`: `loglik` (default: the reference answers' mean per-token log-likelihood,
             continuous and without decoding) or `accuracy` (greedy exact match; `gradual.tasks.selection` says why

@@ -42,12 +42,14 @@ class TaskScore:
         fmt: `fewshot` (`SELECTION_SHOTS` worked examples, which no selection problem is) or `chat`.
         score: `loglik` or `accuracy` (module docstring).
         difficulty: `small` or `large` (`gradual.tasks.builtin`).
-        batch_size: contexts per forward pass.
+        batch_size: contexts per forward pass; None (default) = all of a task's problems, so the few-shot prefix
+            runs once per task per scoring (SmolLM2-135M, one busy CPU thread, 2 tasks × 16 problems: 8.0 s a
+            scoring, 9.7 s in batches of 8).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], n: int = 16, fmt: str = "fewshot",
-                 score: str = "loglik", difficulty: str = "small", batch_size: int = 8) -> None:
-        self.tokenizer, self.fmt, self.score, self.batch_size = tokenizer, fmt, score, batch_size
+                 score: str = "loglik", difficulty: str = "small", batch_size: int | None = None) -> None:
+        self.tokenizer, self.fmt, self.score, self.batch_size = tokenizer, fmt, score, batch_size or n
         self.tasks: list[Task] = [get_task(name, difficulty) for name in tasks]
         self.problems: dict[str, list[Problem]] = {t.name: t.problems(SPLIT, n, SEED) for t in self.tasks}
         self.pairs: dict[str, list[tuple[str, str]]] = {}
