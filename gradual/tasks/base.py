@@ -1,13 +1,14 @@
-"""Seeded problems in three disjoint splits: evaluation (`eval`), training (`train`: recovery data and few-shot
-examples) and layer selection (`select`: the problems `selection.metric: task_ablation` scores to choose layers).
+"""Seeded problems with an evaluation split, a disjoint training split, and a selection split.
 
-Each problem comes from a generator called with its own seed; each split's seeds come from its own range. Seeds
-alone do not stop two seeds from producing the same question (a task with 1,000 possible questions repeats itself
-quickly), so a problem also belongs to a split by a stable hash of its question text: the splits cannot share a
-question, and `assert_disjoint` checks that on the actual text. The evaluation half of the hash is what it was
-before `select` existed, and so are the few-shot worked examples (`fewshot_examples`, drawn from the former training
-half), so every evaluation prompt and `docs/baselines.md` stay as measured; `select` takes a quarter of the former
-training half, less the worked examples a few-shot prompt shows, so a selection prompt never shows its own answer.
+Each problem comes from a generator called with its own seed; evaluation, training and selection seeds come from
+disjoint ranges. Seeds alone do not stop two seeds from producing the same question (a task with 1,000 possible
+questions repeats itself quickly), so a problem also belongs to a side by a stable hash of its question text: the
+evaluation side cannot share a question with the other, and `assert_disjoint` checks that on the actual text.
+
+The selection split (`select`, the problems `selection.metric: task_ablation` scores to choose layers) draws from
+the training side of the hash with its own seeds, leaving out the few-shot worked examples a prompt shows: it never
+holds an evaluation problem. It can repeat a question the recovery data trains on (a small task has few distinct
+questions); carving it out of the training side would have changed every recovery set measured so far.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ SPLITS = ("eval", "train", "select")
 _INTEGER = re.compile(r"-?\d+")  # numeric tasks score integers; the rare fractional word-problem answer is skipped
 _SPLIT_BASE = {"eval": 0, "train": 1_000_000_000, "select": 2_000_000_000}
 _SEEDS_PER_CALL = 1_000_000  # seed s of a split draws from [base + s * 1e6, base + (s + 1) * 1e6)
-_FEWSHOT_SEED = 999  # the worked examples' pool: training seed 999
-_FEWSHOT_POOL = 50  # the pool of up to 5 worked examples
 SELECTION_SHOTS = 5  # worked examples in a selection prompt; selection problems avoid them
 
 
@@ -44,14 +43,6 @@ class Problem:
     label: int
     seed: int
     brackets: str = ""
-
-
-def split_of(task: str, question: str) -> str:
-    """The split a question of `task` belongs to, by a stable hash of its text (`Task.in_split`)."""
-    digest = hashlib.sha256(f"{task}\x00{question}".encode()).digest()
-    if digest[0] % 2 == 0:
-        return "eval"
-    return "select" if digest[1] % 4 == 0 else "train"
 
 
 Generator = Callable[[random.Random], tuple[str, str]]
@@ -90,9 +81,9 @@ class Task:
         return self.num_choices > 1
 
     def in_split(self, question: str, split: str) -> bool:
-        """Stable hash partition of the question text: an even first byte -> eval; an odd one -> select when the
-        second byte is a multiple of 4, else train."""
-        return split_of(self.name, question) == split
+        """Stable hash partition of the question text: even bucket -> eval, odd -> train and select."""
+        digest = hashlib.sha256(f"{self.name}\x00{question}".encode()).digest()
+        return (digest[0] % 2 == 0) == (split == "eval")
 
     def _candidates(self, base: int, count: int) -> Sequence[tuple[str, str]]:
         """`count` raw (question, answer) pairs from seeds base, base+1, ..."""
@@ -113,33 +104,14 @@ class Task:
             self._cache[key] = self._make_problems(split, n, seed)
         return list(self._cache[key])
 
-    def fewshot_pool(self, n: int = _FEWSHOT_POOL) -> list[Problem]:
-        """The first `n` problems worked examples are taken from: training seed 999 over the training *and*
-        selection halves of the hash, i.e. the training split as it was before `select` existed, so the few-shot
-        prompts stay those every measured evaluation used."""
-        if n < 1:
-            raise UsageError(f"n={n} is invalid; it must be >= 1")
-        key = ("fewshot", n, _FEWSHOT_SEED)
-        if key not in self._cache:
-            self._cache[key] = self._draw(_SPLIT_BASE["train"] + _FEWSHOT_SEED * _SEEDS_PER_CALL, n, "few-shot",
-                                          lambda q: self.in_split(q, "train") or self.in_split(q, "select"))
-        return list(self._cache[key])
-
     def _make_problems(self, split: str, n: int, seed: int) -> list[Problem]:
         base = _SPLIT_BASE[split] + seed * _SEEDS_PER_CALL
-        if split != "select":
-            return self._draw(base, n, split, lambda q: self.in_split(q, split))
-        shown = {p.question for p in fewshot_examples(self, SELECTION_SHOTS)}
-        return self._draw(base, n, split, lambda q: self.in_split(q, split) and q not in shown)
-
-    def _draw(self, base: int, n: int, what: str, accept: Callable[[str], bool]) -> list[Problem]:
-        """`n` problems from seeds base, base+1, ... whose question `accept`s, distinct while there are enough."""
-        seen: set[str] = set()
+        seen: set[str] = {p.question for p in fewshot_examples(self, SELECTION_SHOTS)} if split == "select" else set()
         out: list[Problem] = []
         offset, batch = 0, max(4 * n, 64)
         while len(out) < n and offset < _SEEDS_PER_CALL and offset < 50 * n + 2000:
             for i, (q, a) in enumerate(self._candidates(base + offset, batch)):
-                if q in seen or not accept(q) or (self.kind == "number" and not _INTEGER.fullmatch(a)):
+                if q in seen or not self.in_split(q, split) or (self.kind == "number" and not _INTEGER.fullmatch(a)):
                     continue
                 seen.add(q)
                 out.append(self._problem(q, a, base + offset + i))
@@ -147,7 +119,7 @@ class Task:
                     break
             offset += batch
         if not out:
-            raise RuntimeError(f"task {self.name} produced no {what} problems")
+            raise RuntimeError(f"task {self.name} produced no {split} problems")
         return [out[i % len(out)] for i in range(n)]
 
     def _problem(self, question: str, answer: str, seed: int) -> Problem:
@@ -173,33 +145,26 @@ class Task:
 
 
 def assert_disjoint(task: Task, n_train: int, n_eval: int, seed: int = 0, n_select: int = 0) -> None:
-    """Refuse (UsageError) when the first n_train training problems share a question text with the first n_eval
-    evaluation problems, so recovery data can never contain an evaluation item; with `n_select`, also when the first
-    n_select selection problems share one with either, so the layer choice never sees an evaluation or a recovery
-    item."""
-    drawn = {"training": {p.question for p in task.problems("train", n_train, seed)},
-             "evaluation": {p.question for p in task.problems("eval", n_eval, seed)}}
-    if n_select:
-        drawn["selection"] = {p.question for p in task.problems("select", n_select, seed)}
-    names = list(drawn)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            shared = sorted(drawn[a] & drawn[b])
-            if shared:
-                raise UsageError(f"task {task.name}: {len(shared)} {a} questions also appear in the {b} split, "
-                                 f"e.g. {shared[0]!r}; the splits must be disjoint")
+    """Refuse (UsageError) when the first n_train training problems, or the first n_select selection problems, share a
+    question text with the first n_eval evaluation problems, so neither recovery data nor the layer choice ever sees
+    an evaluation item."""
+    evaluation = {p.question for p in task.problems("eval", n_eval, seed)}
+    for split, n, name in (("train", n_train, "training"), ("select", n_select, "selection")):
+        shared = sorted({p.question for p in task.problems(split, n, seed)} & evaluation) if n else []
+        if shared:
+            raise UsageError(f"task {task.name}: {len(shared)} {name} questions also appear in the evaluation split, "
+                             f"e.g. {shared[0]!r}; the splits must be disjoint")
 
 
 def fewshot_examples(task: Task, k: int = 5) -> list[Problem]:
-    """Worked examples for the few-shot prompt, from `Task.fewshot_pool` (outside the evaluation split) so they never
-    leak evaluation items; selection problems avoid the first `SELECTION_SHOTS` examples.
+    """Worked examples for the few-shot prompt, from the training split so they never leak evaluation items.
 
     Examples with distinct answers are preferred: a small model copies the answers it has just seen, so five
     examples showing two labels would bias a label task towards them.
     """
     if k < 1:
         return []
-    pool = task.fewshot_pool(max(10 * k, _FEWSHOT_POOL))
+    pool = task.problems("train", max(10 * k, 50), seed=999)
     chosen: list[Problem] = []
     for p in pool:
         if p.answer not in {c.answer for c in chosen}:

@@ -1,5 +1,6 @@
 """The score `selection.metric: task_ablation` ranks layers by: built-in generative tasks' problems from the `select`
-split, so no evaluation problem and no recovery training problem takes part in choosing (`gradual.tasks.base`).
+split, so no evaluation problem takes part in choosing (`gradual.tasks.base`; a selection problem can repeat a
+recovery training question of a small task).
 
 The seed paper (arXiv 2602.01997) chooses the layers to prune by how much the model's generative task performance
 drops without them. Two scores of one model on the same problems (`TASK_SCORES`):
