@@ -19,9 +19,11 @@ Metrics (`METRICS`):
 - ``taylor`` (Shortened LLaMA Taylor+): Σ |w · ∂L/∂w| over the layer's weights, from one backward pass of the
   mean calibration NLL. The model's requires_grad flags and existing .grad tensors are restored afterwards.
 - ``random``: a seeded random permutation of 0..N−1 (a baseline for comparisons).
-- ``task_ablation`` (the seed paper's greedy search step): `score_fn(model)` (higher is better) is evaluated
-  with each layer skipped; importance = baseline − score, the drop the skip causes. The layer whose skip hurts
-  least goes first. `LayerScores.baseline` is the unskipped score.
+- ``task_ablation`` (the seed paper's greedy search step, arXiv 2602.01997): `score_fn(model)` (higher is better)
+  is evaluated with each layer skipped; importance = baseline − score, the drop the skip causes. The layer whose skip
+  hurts least goes first. `LayerScores.baseline` is the unskipped score. `greedy_ablation` is the whole search for k
+  layers: one such round per layer removed, each on top of the layers already chosen. In `gradual fit` the score is
+  `gradual.tasks.selection.TaskScore`: generative tasks' problems of the `select` split.
 
 The hidden-state metrics take ONE forward pass over the batches, with hooks on the decoder layers (HF's
 `hidden_states[-1]` is after the final norm, so it cannot serve as the last layer's output). Cosines are
@@ -261,6 +263,39 @@ def score_layers(model: nn.Module, batches: Iterable[Batch] | None, metric: str,
     with eval_mode(model), torch.no_grad():
         baseline, skipped = _skip_each(model, num, lambda m: float(score_fn(m)), progress, metric)
     return LayerScores(metric, [baseline - s for s in skipped], originals, baseline=baseline)
+
+
+def greedy_ablation(model: nn.Module, k: int, score_fn: ScoreFn, *, protect_first: int = 0, protect_last: int = 0,
+                    progress: bool = True) -> tuple[LayerScores, list[int], list[float]]:
+    """The seed paper's greedy layer search (arXiv 2602.01997) for `k` layers: in round r, every unprotected layer
+    not yet chosen is skipped in turn on top of the r − 1 already chosen, and the one whose skip leaves the highest
+    score is chosen (ties: the shallower). One round per layer removed: 1 + Σ_r (C − r + 1) scorings for C
+    candidates, never the C^k of an exhaustive search.
+
+    Returns the first round's `LayerScores` (`task_ablation`: baseline − score with the layer skipped; protected
+    layers are not scored and read +inf, most important), the chosen current indices in the order chosen, and the
+    score after each round's choice."""
+    num = len(decoder_layers(model))
+    candidates = LayerScores("task_ablation", [0.0] * num, [0] * num)._candidates(protect_first, protect_last)
+    if not 0 <= k <= len(candidates):
+        raise UsageError(f"cannot choose {k} layers; {len(candidates)} of {num} are unprotected")
+    chosen: list[int] = []
+    after: list[float] = []
+    first: dict[int, float] = {}
+    with eval_mode(model), torch.no_grad():
+        baseline = float(score_fn(model))
+        for r in range(k):
+            scored = {}
+            for index in tqdm([c for c in candidates if c not in chosen], desc=f"task_ablation {r + 1}/{k}",
+                              disable=not progress, leave=False):
+                with skip_layers(model, [*chosen, index]):
+                    scored[index] = float(score_fn(model))
+            first = first or scored
+            best = max(scored, key=lambda i: (-math.inf if math.isnan(scored[i]) else scored[i], -i))
+            chosen.append(best)
+            after.append(scored[best])
+    scores = [baseline - first[i] if i in first else math.inf for i in range(num)]
+    return LayerScores("task_ablation", scores, original_indices(model), baseline=baseline), chosen, after
 
 
 def format_table(scores: LayerScores) -> str:

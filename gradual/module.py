@@ -47,7 +47,8 @@ class GradualModule(StageHistory, L.LightningModule):
         quantize: `nf4` for QLoRA (4-bit base through bitsandbytes); merged stages are saved de-quantised.
         trust_remote_code: run the model repository's own code (off unless you trust it).
         schedule: how many layers go per stage and in total, and the recovery steps per stage.
-        selection: the importance metric and calibration data used on the current model at every stage.
+        selection: the importance metric and its data, used on the current model at every stage (or once, on the
+            unpruned model, with `rescore: false`).
         lora: LoRA adapter settings (fresh adapters every stage, merged at its end).
         recovery: how a stage heals: what a recovery step minimises (`sft`, the data's tokens as in the paper; `kd`,
             forward KL to the original model, loaded once as a frozen teacher; `kd+sft`) and which weights train
@@ -103,6 +104,7 @@ class GradualModule(StageHistory, L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
         self._calibration: list[dict[str, torch.Tensor]] | None = None
+        self._selection_score: importance.ScoreFn | None = None
         self._stage_start = 0.0
         self._losses: list[float] = []
         self._run_dir_checked = False
@@ -195,10 +197,36 @@ class GradualModule(StageHistory, L.LightningModule):
 
     def choose_layers(self, k: int) -> tuple[list[int], dict[str, Any]]:
         """Current indices of the `k` layers to remove now, and the scores that chose them (`pipeline.choose_layers`:
-        chosen on rank 0, shared by every rank)."""
+        chosen on rank 0, shared by every rank). With `selection.rescore: false`, stages after the first follow the
+        ranking stage 1 recorded on the unpruned model (`state.json` keeps it, so a resumed run follows it too)."""
         removed = [i for r in self.history for i in r.removed]
         return pipeline.choose_layers(self.model, k, self.selection, self.calibration_batches, self.seed + self.stage,
-                                      explicit=self.schedule.layers, removed=removed)
+                                      explicit=self.schedule.layers, removed=removed, ranking=self.first_ranking(),
+                                      score_fn=self.selection_score())
+
+    def first_ranking(self) -> list[int] | None:
+        """Under `selection.rescore: false`, once stage 1 is recorded: the ranking it made of the unpruned model's
+        layers (original indices, removal order); None otherwise (the current model is scored)."""
+        if self.selection.rescore or len(self.history) < 2 or self.schedule.layers is not None:
+            return None
+        ranking = self.history[1].importance.get("ranking")
+        if ranking is None:
+            raise RuntimeError(f"selection.rescore is false, but stage 1's record in {self.run_dir} holds no ranking "
+                               "of the unpruned model's layers; start the run again with overwrite: true")
+        return list(ranking)
+
+    def selection_score(self) -> importance.ScoreFn | None:
+        """`task_ablation`'s score (`gradual.tasks.selection.TaskScore`): its problems and prompts are built once
+        per run; None for the other metrics."""
+        if self.selection.metric != "task_ablation":
+            return None
+        if self._selection_score is None:
+            from gradual.tasks.selection import TaskScore
+
+            s = self.selection
+            self._selection_score = TaskScore(self.tokenizer, s.tasks or [], n=s.n, fmt=s.fmt, score=s.task_score,
+                                              difficulty=s.difficulty)
+        return self._selection_score
 
     def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
         """The selection's calibration batches (tokenised once per run) on the module's device."""

@@ -1,7 +1,8 @@
 """One pruning stage, step by step. `GradualModule`'s Lightning hooks call these in this order:
 
 1. **choose** (`choose_layers`): the current layers to remove — the importance metric scored on the current, healed
-   model (`gradual.importance`), or the next of `schedule.layers`; chosen on rank 0 and broadcast.
+   model (`gradual.importance`; `task_ablation` greedily, on the `select` split's problems), the next of the first
+   stage's ranking (`selection.rescore: false`), or the next of `schedule.layers`; chosen on rank 0 and broadcast.
 2. **repair** (`repair_cuts`, with `model.repair: lstsq`): a least-squares map folded into the block before each cut.
 3. **remove** (`gradual.surgery.remove_layers`).
 4. **make trainable** (`make_trainable`): fresh LoRA adapters, or full weights (all layers, or those near the cuts).
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ import torch
 
 from gradual import importance, ranks, sharding, surgery
 from gradual.distill import Recovery
+from gradual.errors import UsageError
 from gradual.lora import LoraSettings, attach_lora, has_4bit, merge_lora, quantize_nf4
 from gradual.repair import apply_repairs, plan_repairs
 from gradual.stages import Selection
@@ -38,24 +41,57 @@ def timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def score_and_choose(model: torch.nn.Module, k: int, selection: Selection, calibration: Callable[[], Batches],
-                     seed: int, explicit: Sequence[int] | None = None,
-                     removed: Sequence[int] = ()) -> tuple[list[int], dict[str, Any]]:
-    """Current indices of the `k` layers to remove now, and what chose them (the scores, or `explicit`), on this
-    process alone.
+                     seed: int, explicit: Sequence[int] | None = None, removed: Sequence[int] = (),
+                     ranking: Sequence[int] | None = None,
+                     score_fn: importance.ScoreFn | None = None) -> tuple[list[int], dict[str, Any]]:
+    """Current indices of the `k` layers to remove now, and what chose them, on this process alone.
+
+    The record holds the metric, its scores per current layer (None where a layer was not scored: protected under
+    `task_ablation`), their original indices and `ranking`: every unprotected original index in removal order (the
+    chosen ones first), which `selection.rescore: false` follows at the later stages. `task_ablation` adds the
+    unskipped score (`baseline`) and the score with the chosen layers skipped after each greedy round
+    (`round_scores`).
 
     Args:
         explicit: `schedule.layers` (original indices, in order); the next `k` not yet in `removed` are taken.
+        ranking: the first stage's `ranking` under `selection.rescore: false`: the next `k` still in the model are
+            taken, nothing is scored.
         calibration: the selection's calibration batches, called only when a metric scores them.
         seed: seeds the metric's ties and `random` (the run's seed plus the stage).
+        score_fn: `task_ablation`'s score (`gradual.tasks.selection.TaskScore`), searched greedily
+            (`importance.greedy_ablation`).
     """
+    kept = surgery.original_indices(model)
     if explicit is not None:
-        kept = surgery.original_indices(model)
         todo = [i for i in explicit if i not in set(removed)][:k]
         return [kept.index(i) for i in todo], {"metric": "explicit", "layers": todo}
-    scores = importance.score_layers(model, calibration(), selection.metric, span=selection.span, seed=seed)
-    chosen = scores.choose(k, protect_first=selection.protect_first, protect_last=selection.protect_last)
-    return chosen, {"metric": scores.metric, "scores": [float(s) for s in scores.scores],
-                    "original": list(scores.original_indices)}
+    if ranking is not None:
+        todo = [i for i in ranking if i in kept][:k]
+        if len(todo) < k:
+            raise RuntimeError(f"the unpruned model's ranking {list(ranking)} has {len(todo)} layers left, not {k}")
+        return sorted(kept.index(i) for i in todo), {"metric": selection.metric, "rescored": False, "layers": todo,
+                                                     "ranking": list(ranking)}
+    record: dict[str, Any] = {}
+    if selection.metric == "task_ablation":
+        if score_fn is None:
+            raise UsageError("selection.metric='task_ablation' needs a score_fn (gradual.tasks.selection.TaskScore)")
+        scores, picked, after = importance.greedy_ablation(model, k, score_fn, protect_first=selection.protect_first,
+                                                           protect_last=selection.protect_last)
+        record = {"baseline": scores.baseline, "round_scores": [_finite(s) for s in after]}
+    else:
+        scores = importance.score_layers(model, calibration(), selection.metric, span=selection.span, seed=seed)
+        chosen = scores.choose(k, protect_first=selection.protect_first, protect_last=selection.protect_last)
+        picked = [i for i in scores.order(selection.protect_first, selection.protect_last) if i in chosen]
+        picked += [i for i in chosen if i not in picked]
+    order = picked + [i for i in scores.order(selection.protect_first, selection.protect_last) if i not in picked]
+    return sorted(picked), {"metric": scores.metric, "scores": [_finite(s) for s in scores.scores],
+                            "original": list(scores.original_indices),
+                            "ranking": [scores.original_indices[i] for i in order], **record}
+
+
+def _finite(value: float) -> float | None:
+    """A score as JSON can hold it: None for one that is not finite (not scored, or a diverged model's NaN)."""
+    return float(value) if math.isfinite(value) else None
 
 
 def choose_layers(*args: Any, **kwargs: Any) -> tuple[list[int], dict[str, Any]]:

@@ -73,7 +73,7 @@ def _removal_line(module: Any, datamodule: Any, trainer: Trainer) -> str:
     schedule, plan = module.schedule, module.plan
     total = sum(k for k, _ in plan)
     how = (f"original layers {', '.join(map(str, schedule.layers[:total]))}" if schedule.layers is not None
-           else f"chosen by {module.selection.metric}")
+           else f"chosen by {_selection(module.selection)}")
     groups: list[tuple[int, int, int]] = []  # (count, layers, steps) of consecutive equal stages
     for k, steps in plan:
         if groups and groups[-1][1:] == (k, steps):
@@ -87,6 +87,15 @@ def _removal_line(module: Any, datamodule: Any, trainer: Trainer) -> str:
     return (f"remove {total} of {module.depth0} layers, {schedule.mode} mode, {how}: {len(plan)} stage"
             f"{'s' if len(plan) != 1 else ''} = {' + '.join(parts)}; a step trains {batch} examples{per_rank} of "
             f"<= {_positions(datamodule)} tokens")
+
+
+def _selection(selection: Any) -> str:
+    """The metric, with what `task_ablation` scores and whether the unpruned model's ranking is kept."""
+    what = selection.metric
+    if what == "task_ablation":
+        what += (f" ({selection.task_score} on {selection.n} selection-split problems of "
+                 f"{_names(selection.tasks or [])}, {selection.fmt})")
+    return what + ("" if selection.rescore else ", ranked once on the unpruned model")
 
 
 def _names(items: Sequence[str], most: int = 6) -> str:

@@ -150,7 +150,9 @@ class Selection:
             `block_influence` (default, ShortGPT: 1 − mean cosine of a layer's input and output hidden states),
             `angular_distance` (Gromov et al., over blocks of `span` layers), `reverse` (deepest first, the last
             layer kept for last), `calibration_loss` (the calibration loss with the layer skipped), `taylor`
-            (Σ |w · ∂L/∂w| of its weights) or `random` (seeded by `model.seed` and the stage).
+            (Σ |w · ∂L/∂w| of its weights), `random` (seeded by `model.seed` and the stage) or `task_ablation`
+            (the seed paper's greedy search, arXiv 2602.01997: the layer whose skip lowers the score on `tasks`
+            least, one scoring per unprotected layer per layer removed; `gradual.tasks.selection`).
         span: `angular_distance`: how many consecutive layers one score covers (>= 1, default 1).
         protect_first: the first layers the metric never removes (>= 0, default 1: layer 0).
         protect_last: the last layers the metric never removes (>= 0, default 1: the last layer).
@@ -160,6 +162,24 @@ class Selection:
         calibration_batch_size: calibration texts per forward pass (default 8).
         calibration_max_length: tokens per calibration text (longer texts are cut; capped at the model's
             positions; default 256).
+        tasks: `task_ablation`: the built-in generative tasks it scores (required there, refused with another
+            metric); their problems come from the `select` split, which shares no question with the evaluation
+            or training (recovery data) splits (`gradual.tasks.base`). A task named here is not held out from the
+            choice, though none of its evaluation problems is: for a held-out group that nothing was tuned on,
+            evaluate other tasks there.
+        n: `task_ablation`: problems per task (>= 1, default 16; the same problems at every stage, scored in one
+            batch per task). Each scoring costs n forward passes per task on the shared few-shot prefix, and a stage
+            of k layers runs about 1 + k × (unprotected layers) of them (SmolLM2-135M: ~8 s per scoring of 2 tasks ×
+            16 on one busy CPU thread, ~4 min a stage).
+        fmt: `task_ablation`: `fewshot` (default, 5 worked examples) or `chat` (the model's chat template).
+        task_score: `task_ablation`: `loglik` (default: the reference answers' mean per-token log-likelihood,
+            continuous and without decoding) or `accuracy` (greedy exact match; `gradual.tasks.selection` says why
+            `loglik` is the default).
+        difficulty: `task_ablation`: the tasks' `small` (default) or `large` problems.
+        rescore: true (default): every stage scores the current, healed model. false: the unpruned model is ranked
+            once, at stage 1, and every later stage removes the next layers of that ranking still in the model
+            (kept in stage 1's record, so a resumed run follows it), which separates the schedule's effect from the
+            choice's.
     """
 
     metric: str = "block_influence"
@@ -170,20 +190,45 @@ class Selection:
     num_calibration: int = 32
     calibration_batch_size: int = 8
     calibration_max_length: int = 256
+    tasks: list[str] | None = None
+    n: int = 16
+    fmt: str = "fewshot"
+    task_score: str = "loglik"
+    difficulty: str = "small"
+    rescore: bool = True
 
     def __post_init__(self) -> None:
         """Each setting on its own, checked once, when the selection is built."""
+        from gradual.tasks.builtin import DIFFICULTIES, TASKS
+        from gradual.tasks.evaluate import FORMATS
+        from gradual.tasks.selection import TASK_SCORES
+
         if self.metric not in importance.METRICS:
             raise UsageError(f"selection.metric={self.metric!r} is unknown; allowed: {', '.join(importance.METRICS)}")
-        if self.metric == "task_ablation":
-            raise UsageError("selection.metric='task_ablation' needs a score callable; use it from Python "
-                             "(gradual.importance.score_layers) or pick another metric for `gradual fit`")
+        if self.metric == "task_ablation" and not self.tasks:
+            raise UsageError(f"selection.tasks={self.tasks!r}: metric 'task_ablation' scores built-in generative "
+                             f"tasks; name at least one of: {', '.join(TASKS)}")
+        if self.metric != "task_ablation" and self.tasks is not None:
+            raise UsageError(f"selection.tasks={self.tasks!r} is used only by metric 'task_ablation', not "
+                             f"{self.metric!r}; set metric: task_ablation or remove tasks")
+        unknown = [t for t in self.tasks or [] if t not in TASKS]
+        if unknown:
+            raise UsageError(f"selection.tasks has unknown task(s) {', '.join(map(repr, unknown))}; allowed: "
+                             f"{', '.join(TASKS)}")
+        if self.fmt not in FORMATS:
+            raise UsageError(f"selection.fmt={self.fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
+        if self.task_score not in TASK_SCORES:
+            raise UsageError(f"selection.task_score={self.task_score!r} is unknown; allowed: {', '.join(TASK_SCORES)}")
+        if self.difficulty not in DIFFICULTIES:
+            raise UsageError(f"selection.difficulty={self.difficulty!r} is unknown; allowed: {', '.join(DIFFICULTIES)}")
+        if not isinstance(self.rescore, bool):
+            raise UsageError(f"selection.rescore={self.rescore!r} is invalid; allowed: true, false")
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise UsageError(f"selection.calibration={self.calibration!r} does not exist; give a .txt/.jsonl file "
                              "or leave it empty for the built-in prompts")
         if self.protect_first < 0 or self.protect_last < 0:
             raise UsageError("selection.protect_first/protect_last must be >= 0")
-        for name in ("span", "num_calibration", "calibration_batch_size", "calibration_max_length"):
+        for name in ("span", "num_calibration", "calibration_batch_size", "calibration_max_length", "n"):
             if getattr(self, name) < 1:
                 raise UsageError(f"selection.{name}={getattr(self, name)} is invalid; it must be >= 1")
 

@@ -197,6 +197,9 @@ BAD_INPUTS = {
                     "/nonexistent/prompts.jsonl"),
     "code_not_enabled": ({"trainer__callbacks__0__init_args__tasks": ["humaneval"]}, "enable_code"),
     "zero_baseline": ({"trainer__callbacks__1__init_args__monitor": "successor"}, "zero baseline"),
+    "task_ablation_tasks": ({"model__selection__metric": "task_ablation"}, "selection.tasks=None"),
+    "selection_task": ({"model__selection__metric": "task_ablation", "model__selection__tasks": ["poetry"]},
+                       "'poetry'"),
 }
 
 
@@ -417,3 +420,87 @@ def test_the_default_schedule_plans_down_to_the_protected_layers_and_runs(tmp_pa
     stages = json.loads((run_dir / "results.json").read_text())["stages"]
     assert [s["depth"] for s in stages] == [6, 5, 4, 3, 2]
     assert [s["kept"] for s in stages][-1] == [0, 5]
+
+
+def test_task_ablation_from_fit_chooses_on_selection_problems_only(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`selection.metric: task_ablation` runs end to end, and the problems it scores are the `select` split's: none is
+    a problem the evaluation scored, though both use `successor`."""
+    import gradual.tasks.selection as selection_module
+    from gradual.tasks.base import Task
+
+    drawn: dict[str, set[str]] = {"eval": set(), "train": set(), "select": set()}
+    real_problems = Task.problems
+
+    def problems(self: Task, split: str = "eval", n: int = 100, seed: int = 0) -> list:
+        out = real_problems(self, split, n, seed)
+        drawn[split] |= {p.question for p in out}
+        return out
+
+    scored: list[str] = []
+    real_logprobs = selection_module.continuation_logprobs
+
+    def logprobs(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], **kwargs: Any) -> Any:
+        scored.extend(context.rsplit("Q: ", 1)[1].removesuffix("\nA:") for context, _ in pairs)
+        return real_logprobs(model, tokenizer, pairs, **kwargs)
+
+    monkeypatch.setattr(Task, "problems", problems)
+    monkeypatch.setattr(selection_module, "continuation_logprobs", logprobs)
+    config, run_dir = write_config(tmp_path, model__selection__metric="task_ablation",
+                                   model__selection__tasks=["successor", "category"], model__selection__n=4,
+                                   model__schedule__max_layers=2)
+    assert main(["fit", "--config", str(config)]) == 0
+    stages = json.loads((run_dir / "results.json").read_text())["stages"]
+    assert len(stages) == 3 and (run_dir / "final" / "model.safetensors").is_file()
+    for stage in stages[1:]:
+        record = stage["importance"]
+        assert record["metric"] == "task_ablation" and stage["removed"] == record["ranking"][:1]
+        scores = [s for s in record["scores"] if s is not None]
+        assert len(scores) == stage["depth"] + 1 - 2 and record["scores"][0] is None, "protected layers not scored"
+        layer = record["original"][record["scores"].index(min(scores))]
+        assert stage["removed"] == [layer], "the layer whose skip lowers the score least goes"
+    # per stage: the baseline and one scoring per unprotected layer (4, then 3), each of 4 problems of 2 tasks
+    assert len(scored) == (1 + 4 + 1 + 3) * 4 * 2
+    assert set(scored) == drawn["select"] and len(drawn["select"]) == 8
+    assert drawn["eval"] and drawn["train"], "the evaluation and the recovery data drew their own problems"
+    assert not set(scored) & drawn["eval"]
+
+
+def _ranked_config(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """`random` layer choice (a new permutation every stage when re-scored), the ranking kept, every stage saved."""
+    return write_config(
+        tmp_path, name, model__selection__metric="random", model__selection__rescore=False,
+        trainer__callbacks=[{"class_path": "gradual.callbacks.TaskEvaluation",
+                             "init_args": {"tasks": ["successor"], "n": 4, "forms": ["classification"]}},
+                            {"class_path": "gradual.callbacks.Report"},
+                            {"class_path": "gradual.callbacks.StageCheckpoint", "init_args": {"keep": "all"}}])
+
+
+def test_rescore_false_removes_layers_in_the_unpruned_rankings_order_also_after_a_resume(tmp_path: Path) -> None:
+    from gradual.importance import score_layers
+    from gradual.surgery import original_indices
+
+    unpruned = load_model("tiny:llama:6")
+    ranking = score_layers(unpruned, None, "random", seed=0, progress=False).order(1, 1)  # stage 1 scores with seed 0
+    pruned = load_model("tiny:llama:6")
+    remove_layers(pruned, [ranking[0]])
+    rescored = score_layers(pruned, None, "random", seed=1, progress=False).order(1, 1)
+    assert original_indices(pruned)[rescored[0]] != ranking[1], "re-scoring would choose another layer at stage 2"
+
+    config, run_dir = _ranked_config(tmp_path, "kept")
+    assert main(["fit", "--config", str(config)]) == 0
+    stages = json.loads((run_dir / "results.json").read_text())["stages"]
+    assert stages[1]["importance"]["ranking"] == ranking
+    assert [s["removed"] for s in stages[1:]] == [[r] for r in ranking[:3]]
+    assert [s["importance"].get("rescored") for s in stages[1:]] == [None, False, False]
+
+    # interrupted after stage 1: the resumed run reads the ranking from state.json (here altered, so nothing but the
+    # saved ranking can produce the order it follows) rather than scoring the healed stage-1 model
+    state = json.loads((run_dir / "state.json").read_text())
+    altered = [ranking[0], *reversed(ranking[1:])]
+    state["history"][1]["importance"]["ranking"] = altered
+    (run_dir / "state.json").write_text(json.dumps({**state, "resume_from": "stage_1", "finished": False}))
+    assert main(["fit", "--config", str(config)]) == 0
+    resumed = json.loads((run_dir / "results.json").read_text())["stages"]
+    assert [s["removed"] for s in resumed[1:]] == [[r] for r in altered[:3]]
+    assert resumed[1]["timings"] == stages[1]["timings"], "stage 1 was not redone"

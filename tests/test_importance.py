@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from gradual import pipeline
 from gradual.errors import UsageError
 from gradual.importance import (
     METRICS,
@@ -16,8 +18,13 @@ from gradual.importance import (
     calibration_batches,
     calibration_texts,
     format_table,
+    greedy_ablation,
     score_layers,
 )
+from gradual.stages import Selection
+from gradual.surgery import original_indices, remove_layers, skip_layers
+from gradual.tasks import get_task
+from gradual.tasks.selection import TaskScore
 from gradual.tiny import tiny_model, tiny_tokenizer
 
 NUM_LAYERS = 6
@@ -288,6 +295,81 @@ def test_task_ablation_uses_the_score_drop(identity_model, own_text, batchings):
     assert scores.order()[0] == IDENTITY and scores.scores[IDENTITY] == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         assert torch.equal(identity_model(**probe).logits, before)  # every skip was undone
+
+
+def test_greedy_ablation_chooses_one_layer_per_round_on_top_of_those_chosen(identity_model, own_text):
+    batch = own_text[0]
+    skipped = []
+
+    def score_fn(model):
+        skipped.append(1)
+        return -model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss.item()
+
+    scores, chosen, after = greedy_ablation(identity_model, 2, score_fn, protect_first=1, protect_last=1,
+                                            progress=False)
+    assert len(skipped) == 1 + 4 + 3, "the baseline, then the 4 unprotected layers, then the 3 left"
+    single = score_layers(identity_model, None, "task_ablation", score_fn=score_fn, progress=False)
+    assert scores.baseline == pytest.approx(single.baseline)
+    assert scores.scores[1:5] == pytest.approx(single.scores[1:5]) and scores.scores[0] == scores.scores[5] == math.inf
+    assert chosen[0] == IDENTITY
+    with torch.no_grad():
+        pairs = {}
+        for c in (1, 2, 4):
+            with skip_layers(identity_model, [IDENTITY, c]):
+                pairs[c] = score_fn(identity_model)
+    assert chosen[1] == max(pairs, key=pairs.get) and after[1] == pytest.approx(pairs[chosen[1]])
+    assert after[0] == pytest.approx(single.baseline - single.scores[IDENTITY])
+
+
+def test_a_stage_record_ranks_every_unprotected_layer_and_a_kept_ranking_is_followed(identity_model, own_text):
+    batch = own_text[0]
+
+    def score_fn(model):
+        return -model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss.item()
+
+    selection = Selection(metric="task_ablation", tasks=["successor"], protect_first=1, protect_last=1)
+    chosen, record = pipeline.score_and_choose(identity_model, 1, selection, lambda: [], 0, score_fn=score_fn)
+    assert chosen == [IDENTITY] and record["ranking"][0] == IDENTITY and sorted(record["ranking"]) == [1, 2, 3, 4]
+    assert record["scores"][0] is None and record["scores"][5] is None, "protected layers are not scored"
+    json.dumps(record, allow_nan=False)
+    model = tiny_llama(identity_model.config.vocab_size)
+    remove_layers(model, [2])
+    kept = original_indices(model)
+    chosen, record = pipeline.score_and_choose(model, 2, selection, lambda: [], 0, ranking=[2, 5, 1, 4, 3],
+                                               score_fn=lambda m: pytest.fail("a kept ranking scores nothing"))
+    assert [kept[i] for i in chosen] == [1, 5] and record["layers"] == [5, 1] and record["rescored"] is False
+
+
+def test_task_score_reads_only_the_selection_split(tokenizer, monkeypatch):
+    """The prompts TaskScore scores are the selection split's problems: none is an evaluation or training problem,
+    and its loglik is each answer's mean per-token log-probability, averaged per task, then over tasks."""
+    import gradual.tasks.selection as selection_module
+
+    scored = []
+    real = selection_module.continuation_logprobs
+
+    def spy(model, tok, pairs, **kwargs):
+        scored.extend(pairs)
+        return real(model, tok, pairs, **kwargs)
+
+    monkeypatch.setattr(selection_module, "continuation_logprobs", spy)
+    model = tiny_model("llama", num_layers=2)
+    score = TaskScore(tokenizer, ["successor", "category"], n=6)
+    value = score(model)
+    assert len(scored) == 12
+    questions = {context.rsplit("Q: ", 1)[1].removesuffix("\nA:") for context, _ in scored}
+    tasks = [get_task("successor"), get_task("category")]
+    assert questions == {p.question for t in tasks for p in t.problems("select", 6)}
+    assert not questions & {p.question for t in tasks for p in t.problems("eval", 500)}
+    per_task = score.per_task(model)
+    assert value == pytest.approx(sum(per_task.values()) / 2)
+    prompt, answer = score.pairs["successor"][0]
+    assert answer == " " + get_task("successor").problems("select", 6)[0].answer
+    first = real(model, tokenizer, [(prompt, answer)], progress=False)[0] / score.lengths["successor"][0]
+    rest = real(model, tokenizer, score.pairs["successor"][1:], progress=False)
+    means = [first] + [lp / n for lp, n in zip(rest, score.lengths["successor"][1:], strict=True)]
+    assert per_task["successor"] == pytest.approx(sum(means) / 6, abs=1e-5)
+    assert 0.0 <= TaskScore(tokenizer, ["successor"], n=3, score="accuracy")(model) <= 1.0
 
 
 def test_protected_layers_never_appear(identity_model, batchings):

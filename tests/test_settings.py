@@ -72,6 +72,25 @@ def test_lm_eval_evaluation_refuses_its_settings_when_built(kwargs: dict, needle
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    (dict(metric="task_ablation"), "selection.tasks=None: metric 'task_ablation' scores built-in generative tasks"),
+    (dict(metric="task_ablation", tasks=[]), "selection.tasks=[]: metric 'task_ablation'"),
+    (dict(tasks=["copy"]), "selection.tasks=['copy'] is used only by metric 'task_ablation', not 'block_influence'"),
+    (dict(metric="task_ablation", tasks=["humaneval"]), "unknown task(s) 'humaneval'; allowed: successor, copy"),
+    (dict(metric="task_ablation", tasks=["copy"], n=0), "selection.n=0 is invalid"),
+    (dict(metric="task_ablation", tasks=["copy"], fmt="oneshot"), "selection.fmt='oneshot' is unknown; allowed: "
+     "fewshot, chat"),
+    (dict(metric="task_ablation", tasks=["copy"], task_score="em"), "selection.task_score='em' is unknown; allowed: "
+     "loglik, accuracy"),
+    (dict(difficulty="medium"), "selection.difficulty='medium' is unknown; allowed: small, large"),
+    (dict(rescore="no"), "selection.rescore='no' is invalid; allowed: true, false"),
+])
+def test_a_selection_refuses_task_ablation_and_ranking_settings_when_built(kwargs: dict, needle: str) -> None:
+    with pytest.raises(UsageError) as err:
+        Selection(**kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_selection_checks_its_fields_when_built_and_the_depth_when_asked() -> None:
     for kwargs, needle in ((dict(span=0), "selection.span=0"), (dict(protect_last=-1), "protect_last must be >= 0"),
                            (dict(metric="magic"), "selection.metric='magic'")):

@@ -118,6 +118,30 @@ def test_train_and_eval_splits_are_disjoint(name):
     assert len(few) == 5 and not few & {p.question for p in task.problems("eval", 100)}
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_selection_split_holds_no_evaluation_problem_and_no_worked_example(name):
+    task = get_task(name)
+    assert_disjoint(task, n_train=300, n_eval=300, n_select=64)
+    select = task.problems("select", 64)
+    assert min(p.seed for p in select) >= _SPLIT_BASE["select"] > max(p.seed for p in task.problems("train", 300))
+    assert all(not task.in_split(p.question, "eval") for p in select)
+    assert len({p.question for p in select}) >= 30, "enough distinct questions to choose layers on"
+    few = {p.question for p in fewshot_examples(task)}
+    assert not few & {p.question for p in select}, "no worked example of a prompt is a scored selection problem"
+
+
+def test_assert_disjoint_checks_the_selection_split_too():
+    class SelectLeaks(Task):  # training kept apart from evaluation, but selection draws from both sides
+        def in_split(self, question, split):
+            return split == "select" or Task.in_split(self, question, split)
+
+    base = get_task("successor")
+    leaky = SelectLeaks("leaky", "number", base.generate, base.distractors, base.instruction)
+    assert_disjoint(leaky, 300, 50)
+    with pytest.raises(UsageError, match="leaky: .* selection questions also appear in the evaluation split"):
+        assert_disjoint(leaky, 300, 50, n_select=200)
+
+
 def test_assert_disjoint_refuses_shared_question_text():
     # A task whose split rule ignores the text: different seeds, same 3 possible questions.
     class Leaky(Task):
@@ -142,7 +166,7 @@ def test_train_prompts_for_recovery_data():
 
 def test_problem_arguments_are_checked():
     task = get_task("successor")
-    with pytest.raises(UsageError, match="split 'test'"):
+    with pytest.raises(UsageError, match="split 'test' is unknown; allowed: eval, train, select"):
         task.problems("test", 5)
     with pytest.raises(UsageError, match="n=0"):
         task.problems("eval", 0)

@@ -1,9 +1,14 @@
-"""Seeded problems with an evaluation split and a disjoint training split.
+"""Seeded problems with an evaluation split, a disjoint training split, and a selection split.
 
-Each problem comes from a generator called with its own seed; evaluation seeds and training seeds come from
+Each problem comes from a generator called with its own seed; evaluation, training and selection seeds come from
 disjoint ranges. Seeds alone do not stop two seeds from producing the same question (a task with 1,000 possible
-questions repeats itself quickly), so a problem also belongs to a split by a stable hash of its question text:
-the splits cannot share a question, and `assert_disjoint` checks that on the actual text.
+questions repeats itself quickly), so a problem also belongs to a side by a stable hash of its question text: the
+evaluation side cannot share a question with the other, and `assert_disjoint` checks that on the actual text.
+
+The selection split (`select`, the problems `selection.metric: task_ablation` scores to choose layers) draws from
+the training side of the hash with its own seeds, leaving out the few-shot worked examples a prompt shows: it never
+holds an evaluation problem. It can repeat a question the recovery data trains on (a small task has few distinct
+questions); carving it out of the training side would have changed every recovery set measured so far.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from dataclasses import dataclass, field
 from gradual.errors import UsageError
 from gradual.tasks.extract import KINDS
 
-SPLITS = ("eval", "train")
+SPLITS = ("eval", "train", "select")
 _INTEGER = re.compile(r"-?\d+")  # numeric tasks score integers; the rare fractional word-problem answer is skipped
-_SPLIT_BASE = {"eval": 0, "train": 1_000_000_000}
+_SPLIT_BASE = {"eval": 0, "train": 1_000_000_000, "select": 2_000_000_000}
 _SEEDS_PER_CALL = 1_000_000  # seed s of a split draws from [base + s * 1e6, base + (s + 1) * 1e6)
+SELECTION_SHOTS = 5  # worked examples in a selection prompt; selection problems avoid them
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class Task:
         return self.num_choices > 1
 
     def in_split(self, question: str, split: str) -> bool:
-        """Stable hash partition of the question text: even bucket -> eval, odd -> train."""
+        """Stable hash partition of the question text: even bucket -> eval, odd -> train and select."""
         digest = hashlib.sha256(f"{self.name}\x00{question}".encode()).digest()
         return (digest[0] % 2 == 0) == (split == "eval")
 
@@ -100,7 +106,7 @@ class Task:
 
     def _make_problems(self, split: str, n: int, seed: int) -> list[Problem]:
         base = _SPLIT_BASE[split] + seed * _SEEDS_PER_CALL
-        seen: set[str] = set()
+        seen: set[str] = {p.question for p in fewshot_examples(self, SELECTION_SHOTS)} if split == "select" else set()
         out: list[Problem] = []
         offset, batch = 0, max(4 * n, 64)
         while len(out) < n and offset < _SEEDS_PER_CALL and offset < 50 * n + 2000:
@@ -138,14 +144,16 @@ class Task:
         return [(self.chat_message(p), p.answer) for p in self.problems("train", n, seed)]
 
 
-def assert_disjoint(task: Task, n_train: int, n_eval: int, seed: int = 0) -> None:
-    """Refuse (UsageError) when the first n_train training problems share a question text with the first n_eval
-    evaluation problems, so recovery data can never contain an evaluation item."""
-    train = {p.question for p in task.problems("train", n_train, seed)}
-    shared = sorted(train & {p.question for p in task.problems("eval", n_eval, seed)})
-    if shared:
-        raise UsageError(f"task {task.name}: {len(shared)} training questions also appear in the evaluation split, "
-                         f"e.g. {shared[0]!r}; the splits must be disjoint")
+def assert_disjoint(task: Task, n_train: int, n_eval: int, seed: int = 0, n_select: int = 0) -> None:
+    """Refuse (UsageError) when the first n_train training problems, or the first n_select selection problems, share a
+    question text with the first n_eval evaluation problems, so neither recovery data nor the layer choice ever sees
+    an evaluation item."""
+    evaluation = {p.question for p in task.problems("eval", n_eval, seed)}
+    for split, n, name in (("train", n_train, "training"), ("select", n_select, "selection")):
+        shared = sorted({p.question for p in task.problems(split, n, seed)} & evaluation) if n else []
+        if shared:
+            raise UsageError(f"task {task.name}: {len(shared)} {name} questions also appear in the evaluation split, "
+                             f"e.g. {shared[0]!r}; the splits must be disjoint")
 
 
 def fewshot_examples(task: Task, k: int = 5) -> list[Problem]:
