@@ -341,7 +341,7 @@ def test_a_stage_record_ranks_every_unprotected_layer_and_a_kept_ranking_is_foll
 
 
 def test_task_score_reads_only_the_selection_split(tokenizer, monkeypatch):
-    """The prompts TaskScore scores are the selection split's problems: none is an evaluation or training problem,
+    """The prompts TaskScore scores are the selection split's problems: none is an evaluation problem,
     and its loglik is each answer's mean per-token log-probability, averaged per task, then over tasks."""
     import gradual.tasks.selection as selection_module
 
