@@ -259,6 +259,22 @@ def test_large_reference_answers_are_right():
             assert eval(expression.group(1)) == int(p.answer), p.question  # only digits, spaces and + - * ( )
 
 
+def test_evaluation_scores_each_distinct_problem_once(tiny, caplog):
+    """Small `category` has 122 distinct evaluation questions: n=200 scores those once each (a repeated problem would
+    count twice and narrow the bootstrap interval falsely), says so in `n`, and warns; n below that is unchanged."""
+    model, tok = tiny
+    drawn = get_task("category").problems("eval", 200)
+    distinct = list(dict.fromkeys(p.question for p in drawn))
+    assert len(distinct) < 200
+    with caplog.at_level("WARNING", logger="gradual.tasks.evaluate"):
+        res = evaluate(model, tok, ["category"], n=200, forms=("classification",), records=True, progress=False)
+    assert res["mc_category"].n == len(distinct) == len(res["mc_category"].items)
+    assert [r["question"] for r in res["mc_category"].records] == distinct
+    assert f"category has {len(distinct)} distinct evaluation problems" in caplog.text
+    few = evaluate(model, tok, ["category"], n=8, forms=("classification",), records=True, progress=False)
+    assert [r["question"] for r in few["mc_category"].records] == [p.question for p in drawn[:8]]
+
+
 def test_difficulty_reaches_evaluation_and_recovery_prompts(tiny):
     from gradual.callbacks import TaskEvaluation
 

@@ -6,6 +6,7 @@ Result keys: `<task>` for the generative form, `mc_<task>` for the classificatio
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -22,6 +23,8 @@ from gradual.tasks.builtin import TASKS, check_difficulty, get_task
 from gradual.tasks.extract import FAILURES, classify_failure, extract_answer
 from gradual.tasks.result import TaskResult
 from gradual.tasks.scoring import continuation_logprobs
+
+log = logging.getLogger(__name__)
 
 FORMS = ("generative", "classification")
 FORMATS = ("fewshot", "chat")
@@ -157,6 +160,21 @@ def check_task_settings(tasks: Sequence[str], forms: Sequence[str] = FORMS, fmt:
     check_difficulty(difficulty)
 
 
+def distinct_problems(task: Task, n: int, seed: int = 0) -> list[Problem]:
+    """The first `n` evaluation problems of `task`, each distinct question once (fewer, with a warning, when the
+    split holds fewer than `n`)."""
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for p in task.problems("eval", n, seed):
+        if p.question not in seen:
+            seen.add(p.question)
+            problems.append(p)
+    if len(problems) < n:
+        log.warning("task %s has %d distinct evaluation problems at this difficulty; n=%d scores those %d once each",
+                    task.name, len(problems), n, len(problems))
+    return problems
+
+
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], n: int = 100,
              forms: Sequence[str] = FORMS, fmt: str = "fewshot", batch_size: int = 16,
              max_new_tokens: int | None = None, seed: int = 0, progress: bool = True, records: bool = False,
@@ -169,7 +187,9 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: 
     task's own budget (short for few-shot answers, longer for chat replies that reason first); `shots` is the number
     of worked examples in the few-shot format. A prompt longer than the model's positions (less the reply's budget)
     keeps its last tokens and is counted in its result's `truncated`; a budget the positions cannot hold is refused
-    before any work.
+    before any work. A task whose evaluation split has fewer than `n` distinct questions (small `uppercase`,
+    `category`, `products`: 122-171) is scored on those once each, with a warning, and its result's `n` says so:
+    scoring a repeated problem again adds no information, and its copies would narrow the intervals falsely.
     """
     check_task_settings(tasks, forms, fmt, enable_code, difficulty)
     if n < 1 or batch_size < 1 or shots < 0:
@@ -183,7 +203,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: 
         prompt_room(model, budget, "max_new_tokens")  # refuse a budget the model cannot hold before any work
     results: dict[str, TaskResult] = {}
     for task in tqdm(builtin, desc="tasks", disable=not progress, leave=False):
-        problems = task.problems("eval", n, seed)
+        problems = distinct_problems(task, n, seed)
         if "generative" in forms:
             results[task.name] = evaluate_generative(model, tokenizer, task, problems, fmt, batch_size,
                                                      max_new_tokens, progress, records, shots)
