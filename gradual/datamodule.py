@@ -131,7 +131,8 @@ class RecoveryDataModule(LightningDataModule):
             limit = min(self.max_length, self.max_positions or self.max_length)
             total = sum(len(part.examples) for part in self.parts)
             examples, sources, self.part_counts = [], [], []
-            bar = tqdm(total=total, desc="tokenize recovery data", unit="example", leave=False, disable=total < 1000)
+            bar = tqdm(total=total, desc="tokenize recovery data", unit="example", leave=False,
+                       disable=True if total < 1000 else None)
             for k, part in enumerate(self.parts):
                 kept = clamped = 0
                 for raw in part.examples:

@@ -203,7 +203,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     was_training = model.training
     model.eval()
     new_tokens, start = 0, time.perf_counter()
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt", leave=False)
+    bar = tqdm(total=len(prompts), desc=desc, disable=None if progress else True, unit="prompt", leave=False)
     try:
         for lo in range(0, len(order), batch_size):
             idx = order[lo:lo + batch_size]

@@ -287,7 +287,7 @@ def greedy_ablation(model: nn.Module, k: int, score_fn: ScoreFn, *, protect_firs
         for r in range(k):
             scored = {}
             for index in tqdm([c for c in candidates if c not in chosen], desc=f"task_ablation {r + 1}/{k}",
-                              disable=not progress, leave=False):
+                              disable=None if progress else True, leave=False):
                 with skip_layers(model, [*chosen, index]):
                     scored[index] = float(score_fn(model))
             first = first or scored
@@ -361,7 +361,7 @@ def _hidden_state_scores(model: nn.Module, layers: nn.ModuleList, batches: list[
     device = _input_device(model)
     try:
         with torch.inference_mode():
-            for batch in tqdm(batches, desc="hidden states", disable=not progress, leave=False):
+            for batch in tqdm(batches, desc="hidden states", disable=None if progress else True, leave=False):
                 mask = batch["attention_mask"].bool()
                 positions = torch.arange(mask.shape[1]).expand_as(mask)
                 current.update(mask=mask, last=torch.where(mask, positions, 0).amax(dim=1), states={})
@@ -414,7 +414,7 @@ def _skip_each(model: nn.Module, num: int, measure: Callable[[nn.Module], float]
     """`measure` on the intact model, then with each layer skipped in place in turn."""
     baseline = measure(model)
     values = []
-    for index in tqdm(range(num), desc=desc, disable=not progress, leave=False):
+    for index in tqdm(range(num), desc=desc, disable=None if progress else True, leave=False):
         with skip_layers(model, [index]):
             values.append(measure(model))
     return baseline, values
@@ -436,7 +436,7 @@ def _taylor_scores(model: nn.Module, layers: nn.ModuleList, batches: list[Batch]
             for p in group:
                 p.requires_grad_(True)
         with torch.inference_mode(False), torch.enable_grad():
-            for batch in tqdm(batches, desc="taylor", disable=not progress, leave=False):
+            for batch in tqdm(batches, desc="taylor", disable=None if progress else True, leave=False):
                 plain = {k: batch[k].clone() for k in ("input_ids", "attention_mask")}
                 nll, _ = _nll_sum(model, plain, device)
                 (nll / count).backward()

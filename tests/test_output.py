@@ -170,3 +170,17 @@ def test_the_demo_plan_estimates_its_measured_recovery_time(tmp_path: Path, caps
                      run=False)
     estimate = next(line for line in plan_lines(cli.model, cli.datamodule, cli.trainer) if "estimate: training" in line)
     assert "training at most ~21 min (72 steps x <= 17.4 s, every example filling max_length 160;" in estimate
+
+
+def test_evaluation_and_scoring_bars_write_nothing_to_a_file(capfd: pytest.CaptureFixture[str]) -> None:
+    """With progress on and standard error a file (a job's log), the evaluation's, generation's and layer scoring's
+    own bars stay silent: a log is not filled with carriage-return redraws. (A terminal still gets them.)"""
+    from gradual.importance import calibration_batches, score_layers
+    from gradual.tasks import evaluate
+    from gradual.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    evaluate(model, tok, ["successor"], n=4, progress=True)
+    score_layers(model, calibration_batches(tok, ["one text", "another text"]), "block_influence", progress=True)
+    err = capfd.readouterr().err
+    assert "\r" not in err and "successor" not in err and "hidden states" not in err

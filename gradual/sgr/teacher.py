@@ -133,7 +133,7 @@ def teacher_responses(model: PreTrainedModel | None, tokenizer: PreTrainedTokeni
     backend = (_VLLMBackend(teacher, tokenizer, stop_ids, cfg.vllm_args, cfg.decoding.seed) if teacher is not None
                else _TransformersBackend(model, tokenizer, cfg.batch_size, progress and rank == 0))
     bar = tqdm(total=len(items), initial=len(done), desc="sgr prompts", unit="prompt",
-               disable=not progress or rank != 0)
+               disable=None if progress and rank == 0 else True)
     try:
         for c, lo in enumerate(range(0, len(todo), cfg.chunk_size)):
             mine = split_for_rank(todo[lo:lo + cfg.chunk_size], rank, world)

@@ -202,7 +202,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: 
     for budget in budgets + [code_tokens] * bool(code and enable_code):  # without enable_code, humaneval refuses
         prompt_room(model, budget, "max_new_tokens")  # refuse a budget the model cannot hold before any work
     results: dict[str, TaskResult] = {}
-    for task in tqdm(builtin, desc="tasks", disable=not progress, leave=False):
+    for task in tqdm(builtin, desc="tasks", disable=None if progress else True, leave=False):
         problems = distinct_problems(task, n, seed)
         if "generative" in forms:
             results[task.name] = evaluate_generative(model, tokenizer, task, problems, fmt, batch_size,

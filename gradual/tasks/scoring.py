@@ -83,7 +83,7 @@ def _cached(model: PreTrainedModel, encoded: list[tuple[list[int], list[int]]], 
         groups.setdefault(tuple(ctx), []).append(i)
     contexts = sorted(groups, key=len)
     scores = [0.0] * len(encoded)
-    bar = tqdm(total=len(encoded), desc=desc, disable=not progress, unit="choice", leave=False)
+    bar = tqdm(total=len(encoded), desc=desc, disable=None if progress else True, unit="choice", leave=False)
     try:
         for lo in range(0, len(contexts), batch_size):
             batch = contexts[lo:lo + batch_size]
@@ -122,7 +122,7 @@ def _batched(model: PreTrainedModel, encoded: list[tuple[list[int], list[int]]],
     order = sorted(range(len(encoded)), key=lambda i: (-(len(encoded[i][0]) + len(encoded[i][1])), i))
     device = next(model.parameters()).device
     scores = [0.0] * len(encoded)
-    bar = tqdm(total=len(encoded), desc=desc, disable=not progress, unit="choice", leave=False)
+    bar = tqdm(total=len(encoded), desc=desc, disable=None if progress else True, unit="choice", leave=False)
     try:
         for lo in range(0, len(order), batch_size):
             idx = order[lo:lo + batch_size]
