@@ -268,7 +268,7 @@ def fit_command(argv: Sequence[str]) -> int:
             except ValueError as e:  # jsonargparse wraps errors raised while instantiating callbacks
                 raise (usage_error_in(e) or e) from None
             module = cli.model
-            module.check_run_dir()
+            module.check_run_dir(cli.trainer, cli.datamodule)
         state = module.saved_state()
         if state and state.get("finished"):
             print(f"run in {module.run_dir} is already complete; see {module.run_dir / 'report.md'}")

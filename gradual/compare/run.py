@@ -144,7 +144,7 @@ def fit_run(plan: Plan, arm: Arm, depth: int, layers: list[int] | None) -> dict[
     (configs / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cli = make_cli(config)
     module = cli.model
-    module.check_run_dir()
+    module.check_run_dir(cli.trainer, cli.datamodule)
     state = module.saved_state()
     t = time.perf_counter()
     steps = None
