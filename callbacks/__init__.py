@@ -43,6 +43,12 @@ A callback that needs a stage's verdict reads it once the stage is concluded: fr
 shared by all arms), `RecordRetention` (in place of `RetentionStopping`: `record_retention`, never proposes) and
 `DataLedger` (reads the batches; writes its own ledger file).
 
+The run's identity (`gradual.identity`: a run directory is resumed only by the same run) holds each callback's
+`settings()`: `TaskEvaluation`, `LmEvalEvaluation` and `RetentionStopping` define it (less their batch sizes and
+progress bars); `Report`, `StageCheckpoint` and `ProgressLog` change no result and define none. A callback of your
+own that changes results (a stop rule) joins the identity by defining `settings()`; an `EarlyStopping` joins it by
+its monitor and thresholds.
+
 `ProgressLog` only reads: training progress as plain lines (`gradual fit` uses it in place of Lightning's progress bar
 when standard output is not a terminal).
 """

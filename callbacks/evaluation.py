@@ -189,6 +189,13 @@ class TaskEvaluation(_Evaluation):
         self.batch_size, self.max_new_tokens, self.seed = batch_size, max_new_tokens, seed
         self.enable_code, self.progress = enable_code, progress
 
+    def settings(self) -> dict[str, Any]:
+        """What decides the scores (`gradual.identity.HasSettings`: part of the run's identity); not `batch_size` or
+        `progress`."""
+        return {"tasks": list(self.tasks), "n": self.n, "forms": list(self.forms), "fmt": self.fmt,
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed, "enable_code": self.enable_code,
+                "difficulty": self.difficulty, "on_error": self.on_error}
+
     def units(self) -> list[str]:
         return list(self.tasks)
 
@@ -243,6 +250,11 @@ class LmEvalEvaluation(_Evaluation):
         self.tasks, self.include_path, self.limit = list(tasks), include_path, limit
         self.num_fewshot, self.batch_size = num_fewshot, batch_size
         self._keys: list[str] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the scores (`gradual.identity.HasSettings`: part of the run's identity); not `batch_size`."""
+        return {"tasks": list(self.tasks), "include_path": self.include_path, "limit": self.limit,
+                "num_fewshot": self.num_fewshot, "on_error": self.on_error}
 
     def units(self) -> list[str]:
         return list(self.tasks)

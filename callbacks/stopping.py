@@ -78,6 +78,11 @@ class RetentionStopping(EarlyStopping):
     def state_key(self) -> str:
         return self._generate_state_key(monitor=self.monitor, threshold=self.threshold)
 
+    def settings(self) -> dict[str, Any]:
+        """The rule (`gradual.identity.HasSettings`: part of the run's identity, so a run is not resumed under
+        another threshold or monitor). A subclass with settings of its own adds them here."""
+        return {"threshold": self.threshold, "monitor": self.key}
+
     def state_dict(self) -> dict[str, Any]:
         """The retention judged per stage (None: undefined), and the epoch and reason of a stop (JSON values)."""
         return {"judged": [[stage, value] for stage, value in sorted(self.judged.items())],

@@ -257,36 +257,33 @@ def fit_command(argv: Sequence[str]) -> int:
     import shutil
 
     from gradual.lightning_cli import GradualCLI, held_logs
+    from gradual.lightning_compat import rank_command
 
-    saved_argv = sys.argv
-    try:
-        with held_logs():  # Lightning's start-up notices print once the run is accepted
-            try:
-                cli = GradualCLI(args=list(argv), run=False, parser_kwargs={"exit_on_error": False})
-            except argparse.ArgumentError as e:  # a value the parser rejects (type, allowed literals, unknown key)
-                raise UsageError(parser_error_line(str(e))) from None
-            except ValueError as e:  # jsonargparse wraps errors raised while instantiating callbacks
-                raise (usage_error_in(e) or e) from None
-            module = cli.model
-            module.check_run_dir()
-        state = module.saved_state()
-        if state and state.get("finished"):
-            print(f"run in {module.run_dir} is already complete; see {module.run_dir / 'report.md'}")
-            return 0
-        if cli.trainer.is_global_zero:  # what is about to happen, before the first model loads
-            from gradual.runplan import plan_lines
-
-            print("\n".join(plan_lines(module, cli.datamodule, cli.trainer, state)), flush=True)
-        existed = module.run_dir.exists()
-        sys.argv = [saved_argv[0], "fit", *argv]  # Lightning's DDP launcher starts the other ranks with sys.argv
+    with held_logs():  # Lightning's start-up notices print once the run is accepted
         try:
+            cli = GradualCLI(args=list(argv), run=False, parser_kwargs={"exit_on_error": False})
+        except argparse.ArgumentError as e:  # a value the parser rejects (type, allowed literals, unknown key)
+            raise UsageError(parser_error_line(str(e))) from None
+        except ValueError as e:  # jsonargparse wraps errors raised while instantiating callbacks
+            raise (usage_error_in(e) or e) from None
+        module = cli.model
+        module.check_run_dir(cli.trainer, cli.datamodule)
+    state = module.saved_state()
+    if state and state.get("finished"):
+        print(f"run in {module.run_dir} is already complete; see {module.run_dir / 'report.md'}")
+        return 0
+    if cli.trainer.is_global_zero:  # what is about to happen, before the first model loads
+        from gradual.runplan import plan_lines
+
+        print("\n".join(plan_lines(module, cli.datamodule, cli.trainer, state)), flush=True)
+    existed = module.run_dir.exists()
+    try:
+        with rank_command(["fit", *argv]):  # the other DDP ranks run this command
             cli.trainer.fit(module, datamodule=cli.datamodule)
-        except UsageError:
-            if not existed and cli.trainer.is_global_zero:
-                shutil.rmtree(module.run_dir, ignore_errors=True)
-            raise
-    finally:
-        sys.argv = saved_argv
+    except UsageError:
+        if not existed and cli.trainer.is_global_zero:
+            shutil.rmtree(module.run_dir, ignore_errors=True)
+        raise
     if cli.trainer.is_global_zero:
         print(f"done: {module.stop_reason}; final model (stage {module.chosen_stage()}) in {module.run_dir / 'final'}")
     return 0

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
+import json
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from gradual import models, ranks
 from gradual.errors import UsageError
 from gradual.generation import DEFAULT_SYSTEM_PROMPT
+from gradual.identity import without_neutral
 from gradual.mixture import DataSource, check_sources, source_texts
 from gradual.sampler import StageSampler, check_weights
 from gradual.sgr import PromptItem, SGRConfig, build_pairs, load_prompts, sdft_pairs
@@ -41,6 +44,11 @@ from gradual.training_examples import (
 
 log = logging.getLogger(__name__)
 VLLM_TEACHER_DIR = "sgr_teacher"  # under run_dir: the previous stage's model, saved for vLLM to load
+
+
+def _digest(examples: Sequence[dict[str, str]]) -> str:
+    """A content hash of in-memory examples (their order included), to identify them in `state.json`."""
+    return hashlib.sha256(json.dumps(list(examples), sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -86,9 +94,20 @@ class RecoveryDataModule(LightningDataModule):
         self.mega_batch_mult, self.num_workers = mega_batch_mult, num_workers
         self.tokenizer, self.max_positions = tokenizer, max_positions
         self.parts: list[Part] = [Part("pairs", 1.0, load_pairs(pairs))] if pairs is not None else []
+        self._settings: dict[str, Any] = {"pairs": _digest(self.parts[0].examples) if self.parts else None,
+                                          "batch_size": batch_size, "max_length": max_length,
+                                          "system_prompt": system_prompt, "chat": chat, "seed": seed,
+                                          "mega_batch_mult": mega_batch_mult}
         self.num_dropped = self.num_clamped = 0
         self.part_counts: list[dict[str, int]] = []
         self._dataset: TokenizedPairs | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that decide which examples train and how (`gradual.identity.HasSettings`): part of the run's
+        identity. The pairs given (a list or a file) are identified by a digest of their content; `samples_per_epoch`
+        is left out (the module sizes every stage: `plan_stages`), as are `num_workers` and data set later
+        (`set_parts`)."""
+        return copy.deepcopy(self._settings)
 
     def set_parts(self, parts: Sequence[Part]) -> None:
         """Replace the data by weighted parts (see `Part`); tokenised on the next `train_dataloader` call."""
@@ -232,6 +251,10 @@ class GradualDataModule(RecoveryDataModule):
                  max_length: int = 512, seed: int = 0, trust_remote_code: bool = False) -> None:
         models.check_dtype(dtype, "data.dtype", nullable=True)
         sgr = copy.deepcopy(sgr)  # set up below (`cache_dir`); the default is a shared instance
+        given = {"model": model, "sgr": without_neutral(asdict(sgr)),
+                 "sources": None if sources is None else [asdict(s) for s in sources],
+                 "dtype": dtype or "float32", "batch_size": batch_size, "max_length": max_length, "seed": seed,
+                 "trust_remote_code": trust_remote_code}
         super().__init__(batch_size=batch_size, samples_per_epoch=batch_size, max_length=max_length,
                          system_prompt=sgr.system_prompt, chat=sgr.chat, seed=seed,
                          max_positions=models.model_positions(model, trust_remote_code))
@@ -244,6 +267,13 @@ class GradualDataModule(RecoveryDataModule):
         self.pools = [self._pool(s, s.kind if kinds.count(s.kind) == 1 else f"{s.kind} #{i + 1}")
                       for i, s in enumerate(self.sources)]
         self.answered_after = 0  # stages done when the current pairs' teacher answered (0: the original model)
+        self._settings = given
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's settings as given (`gradual.identity.HasSettings`): part of the run's identity, with
+        `dtype` as the teacher generates in (null: float32, what `gradual fit` sets from `model.dtype`) and without
+        the SGR generation's batch and chunk sizes (`gradual.identity.RESULT_NEUTRAL`)."""
+        return copy.deepcopy(self._settings)
 
     def _pool(self, source: DataSource, name: str) -> SourcePool:
         """Read what `source` needs before any model runs (prompts, documents, texts), refusing bad input."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import typing
@@ -102,31 +101,18 @@ class GradualCLI(LightningCLI):
         parser.link_arguments("model.run_dir", "trainer.default_root_dir")
 
     def instantiate_classes(self) -> None:
-        """Build everything, then hand the module what else defines the run (data, callbacks, global seed), so a
-        run directory is resumed only by the same run (`GradualModule.run_config`)."""
+        """Build everything, then check what the classes accept but the run would refuse later (before any data or
+        model loads). The run's identity needs nothing from here: the module reads it from what it is fitted with
+        (`GradualModule.run_config`)."""
         super().instantiate_classes()
         check_strategy(self.trainer.strategy, self.model.recovery.params)
         check_settings(self.model, self.datamodule, self.trainer)
         if isinstance(self.datamodule, GradualDataModule):
             self.datamodule.warn_on_difficulty_mismatch(self.trainer.callbacks)
         in_data = self.datamodule.recovery_tasks() if hasattr(self.datamodule, "recovery_tasks") else []
-        self.model.in_data_tasks = in_data
         for callback in self.trainer.callbacks:
             if hasattr(callback, "check_callbacks"):
                 callback.check_callbacks(self.trainer.callbacks, in_data)
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        data = _plain(config.get("data")) or {}
-        if isinstance(data.get("sgr"), dict):
-            data["sgr"] = _drop(data["sgr"], _RESULT_NEUTRAL)
-        callbacks = [_plain(c) for c in (config.trainer.get("callbacks") or [])]
-        callbacks = [c for c in callbacks if not (isinstance(c, dict) and c.get("class_path") in _DISPLAY_ONLY)]
-        for c in callbacks:
-            if isinstance(c, dict) and isinstance(c.get("init_args"), dict):
-                c["init_args"] = _drop(c["init_args"], _RESULT_NEUTRAL)
-        self.model.run_context = _json({"seed_everything": config.get("seed_everything"), "data": data,
-                                        "callbacks": callbacks, "trainer": training_settings(self.trainer),
-                                        "optimizer": _plain(config.model.get("optimizer")),
-                                        "lr_scheduler": _plain(config.model.get("lr_scheduler"))})
 
     def before_instantiate_classes(self) -> None:
         """CSV logs in the run directory unless a logger is configured (TensorBoard, W&B, ...); the SGR teacher in the
@@ -142,9 +128,6 @@ class GradualCLI(LightningCLI):
             config.trainer.logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                      "init_args": {"save_dir": config.model.run_dir, "name": "logs"}}
 
-
-_DISPLAY_ONLY = frozenset({"gradual.callbacks.ProgressLog", "gradual.callbacks.progress.ProgressLog"})
-"""Callbacks that only show progress: listing one (or not) does not make a run directory hold another run."""
 
 _ADVERT_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                    "lightning_utilities.core.rank_zero")
@@ -268,20 +251,6 @@ def check_settings(module: GradualModule, datamodule: Any, trainer: Trainer) -> 
             check_lm_eval_tasks(callback.tasks, callback.include_path, "LmEvalEvaluation")
 
 
-def training_settings(trainer: Trainer) -> dict[str, Any]:
-    """The Trainer settings that decide which examples a stage trains on, how many steps it takes and what one step
-    does: part of the run's identity, so a resume under other values (say `accumulate_grad_batches: 2` after 1, which
-    would train twice the examples per step, some a finished stage already used) is refused, naming them. The world
-    size (devices × nodes) splits every step across ranks; the precision and clipping change each update. Settings of
-    speed or display (progress bar, logging, the accelerator) are left out."""
-    return {"accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "world_size": trainer.num_devices * trainer.num_nodes,
-            "limit_train_batches": trainer.limit_train_batches, "overfit_batches": trainer.overfit_batches,
-            "max_steps": trainer.max_steps, "max_epochs": trainer.max_epochs, "min_epochs": trainer.min_epochs,
-            "gradient_clip_val": trainer.gradient_clip_val, "gradient_clip_algorithm": trainer.gradient_clip_algorithm,
-            "precision": str(trainer.precision)}
-
-
 def _check_optimizer(module: GradualModule) -> None:
     """Build the configured optimizer and scheduler on one dummy parameter, as `configure_optimizers` builds them:
     torch refuses a bad `lr` or `betas` only then, after the model loaded."""
@@ -328,20 +297,6 @@ def check_strategy(strategy: Any, params: str) -> None:
         raise UsageError(f"trainer.strategy: ModelParallelStrategy tensor_parallel_size={tp!r} is not supported; "
                          "gradual shards full-weight recovery over the data-parallel dimension only: set "
                          "data_parallel_size to the number of processes and tensor_parallel_size: 1")
-
-
-_RESULT_NEUTRAL = frozenset({"batch_size", "chunk_size", "progress"})
-"""Generation/evaluation settings that change speed or display, not results: a run may resume with other values
-(e.g. a smaller batch after running out of memory). The training batch size (`data.batch_size`) is not among them."""
-
-
-def _drop(d: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if k not in keys}
-
-
-def _json(value: Any) -> Any:
-    """`value` as it reads back from JSON (tuples as lists, unknown objects as strings), as `state.json` holds it."""
-    return json.loads(json.dumps(value, default=str))
 
 
 def _plain(value: Any) -> Any:

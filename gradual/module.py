@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
 
-from gradual import importance, models, pipeline, rundir, sharding, surgery
+from gradual import identity, importance, models, pipeline, rundir, sharding, surgery
 from gradual.datamodule import GradualDataModule, RecoveryDataModule
 from gradual.distill import Recovery, RecoveryObjective, Teacher
 from gradual.errors import UsageError
@@ -107,33 +107,51 @@ class GradualModule(StageHistory, L.LightningModule):
         self._selection_score: importance.ScoreFn | None = None
         self._stage_start = 0.0
         self._losses: list[float] = []
-        self._run_dir_checked = False
-        self.run_context: dict[str, Any] = {}
+        self._identity: dict[str, Any] | None = None  # what `check_run_dir` checked the run directory under
 
     # ----------------------------------------------------------------- identity and resume
-    def run_config(self) -> dict[str, Any]:
+    def run_config(self, trainer: L.Trainer | None = None, datamodule: L.LightningDataModule | None = None
+                   ) -> dict[str, Any]:
         """What defines a run: a different one in the same directory is refused unless `overwrite` is set.
 
-        Besides the module's own settings, `run_context` holds the recovery data settings, the callbacks (tasks,
-        threshold, monitor, ...) and the global seed, set by `GradualCLI`: a run with other data or another stop
-        rule would otherwise resume this one and mix two histories.
+        The module's own settings, and what it is fitted with (`gradual.identity.run_identity`): the data module's
+        and the callbacks' `settings()` (tasks, threshold, monitor, ...), the Trainer's training settings, the
+        optimizer and scheduler, the global seed. A run with other data or another stop rule would otherwise
+        resume this one and mix two histories. Read from `trainer` and `datamodule` when given (before fit: the
+        ones the run will be fitted with), else, once `check_run_dir` ran, the identity it checked (what
+        `state.json` records), else from the Trainer the module is attached to and its data module.
         """
-        return {"model": self.model_name, "dtype": self.dtype_name, "quantize": self.quantize,
-                "schedule": asdict(self.schedule), "selection": asdict(self.selection), "lora": asdict(self.lora),
-                "recovery": asdict(self.recovery), "warmup_steps": self.warmup_steps, "seed": self.seed,
-                "repair": self.repair, **self.run_context}
+        if trainer is None and datamodule is None and self._identity is not None:
+            return self._identity
+        if trainer is None:
+            try:
+                trainer = self.trainer
+            except RuntimeError:
+                raise RuntimeError("GradualModule.run_config needs the Trainer and data module of the run: pass "
+                                   "them, or call it during fit") from None
+        own = {"model": self.model_name, "dtype": self.dtype_name, "quantize": self.quantize,
+               "schedule": asdict(self.schedule), "selection": asdict(self.selection), "lora": asdict(self.lora),
+               "recovery": asdict(self.recovery), "warmup_steps": self.warmup_steps, "seed": self.seed,
+               "repair": self.repair}
+        return identity.run_identity(own, trainer, trainer.datamodule if datamodule is None else datamodule,
+                                     self.optimizer_factory, self.scheduler_factory, len(self.plan))
 
     def saved_state(self) -> dict[str, Any] | None:
         """The run directory's `state.json` (None for a fresh directory)."""
         return rundir.read_state(self.run_dir)
 
-    def check_run_dir(self) -> None:
-        """Refuse to mix runs (`gradual.rundir.check_run_dir`): once, on rank 0 as the launcher numbered it (before
-        any process group exists), before anything is written."""
-        if self._run_dir_checked or rank_zero_only.rank != 0:
+    def check_run_dir(self, trainer: L.Trainer | None = None, datamodule: L.LightningDataModule | None = None
+                      ) -> None:
+        """Refuse to mix runs (`gradual.rundir.check_run_dir`) under the run's identity (`run_config` of `trainer`
+        and `datamodule`, or during fit of those the module is attached to), which is then kept for `state.json`.
+        Once per module, before anything is written: `gradual fit` calls it before `trainer.fit`, and `prepare_data`
+        at the start of any fit. Checked on rank 0 as the launcher numbered it (before any process group exists)."""
+        if self._identity is not None:
             return
-        self._run_dir_checked = True
-        rundir.check_run_dir(self.run_dir, self.run_config(), self.overwrite)
+        config = self.run_config(trainer, datamodule)
+        if rank_zero_only.rank == 0:
+            rundir.check_run_dir(self.run_dir, config, self.overwrite)
+        self._identity = config
 
     # ----------------------------------------------------------------- model life cycle
     def configure_model(self) -> None:
@@ -154,8 +172,15 @@ class GradualModule(StageHistory, L.LightningModule):
         if not self.history:
             self.history = [StageRecord(stage=0, depth=self.depth, kept=surgery.original_indices(self.model))]
 
+    def prepare_data(self) -> None:
+        """Check the run directory (`check_run_dir`) before any data is built: Lightning calls this hook (on each
+        node's first process) after the data module's `prepare_data`, which gradual's data modules do not define,
+        and before any `setup`, where `GradualDataModule` has the teacher answer its prompts."""
+        self.check_run_dir()
+
     def setup(self, stage: str) -> None:
-        """Check the run directory and size every stage's data: `steps × accumulation` batches per rank."""
+        """Take the run's identity (on every rank; checked in `prepare_data`), the data's in-data tasks, and size
+        every stage's data: `steps × accumulation` batches per rank."""
         self.check_run_dir()
         dm = self.trainer.datamodule
         if isinstance(dm, GradualDataModule):

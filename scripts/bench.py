@@ -434,7 +434,7 @@ def run_stage(spec: StageSpec, run_dir: Path) -> tuple[GradualModule, StepTimer,
                         callbacks=callbacks)
     start = time.perf_counter()
     data = stage_data(spec)
-    module.check_run_dir()
+    module.check_run_dir(trainer, data)
     trainer.fit(module, datamodule=data)
     return module, timer, time.perf_counter() - start
 

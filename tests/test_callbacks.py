@@ -250,7 +250,7 @@ class SnapshotAtStage2(Callback):
 def _fit_with_rule(config: Path, *extra: Callback) -> tuple[GradualCLI, RetentionStopping]:
     cli = GradualCLI(args=["--config", str(config)], run=False)
     cli.trainer.callbacks.extend(extra)
-    cli.model.check_run_dir()
+    cli.model.check_run_dir(cli.trainer, cli.datamodule)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli, next(c for c in cli.trainer.callbacks if isinstance(c, RetentionStopping))
 

@@ -185,7 +185,7 @@ def test_baseline_is_evaluated_once_and_matches_a_plain_fit(comparison: tuple[di
     config = yaml.safe_load(SMOKE.read_text())
     config["model"]["run_dir"] = str(tmp_path / "plain")
     cli = GradualCLI(args=["--config", yaml.safe_dump(config)], run=False)
-    cli.model.check_run_dir()
+    cli.model.check_run_dir(cli.trainer, cli.datamodule)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.model.history[0].scores == result["baseline"]
 

@@ -49,7 +49,7 @@ def fit_with(config: Path, *callbacks: Any) -> GradualCLI:
     Lightning always runs last)."""
     cli = GradualCLI(args=["--config", str(config)], run=False)
     cli.trainer.callbacks.extend(callbacks)
-    cli.model.check_run_dir()
+    cli.model.check_run_dir(cli.trainer, cli.datamodule)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli
 

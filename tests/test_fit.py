@@ -52,7 +52,7 @@ def write_config(tmp_path: Path, name: str = "run", **changes: object) -> tuple[
 
 def fit_in_process(config: Path) -> GradualCLI:
     cli = GradualCLI(args=["--config", str(config)], run=False)
-    cli.model.check_run_dir()
+    cli.model.check_run_dir(cli.trainer, cli.datamodule)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli
 
@@ -287,7 +287,7 @@ def fit_recording_teachers(config: Path, monkeypatch: pytest.MonkeyPatch) -> tup
     recorder = _StageRecorder()
     cli = GradualCLI(args=["--config", str(config)], run=False)
     cli.trainer.callbacks.append(recorder)
-    cli.model.check_run_dir()
+    cli.model.check_run_dir(cli.trainer, cli.datamodule)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return recorder, produced
 

@@ -6,16 +6,23 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 from test_callbacks import bare_trainer
 from test_fit import write_config
 
-from gradual.callbacks import RetentionStopping, TaskEvaluation
+from gradual.callbacks import Report, RetentionStopping, StageCheckpoint, TaskEvaluation
 from gradual.callbacks.stopping import log_retention
 from gradual.cli import main, parser_error_line
+from gradual.datamodule import GradualDataModule
 from gradual.errors import UsageError
-from gradual.stages import StageHistory, StageRecord
+from gradual.generation import DecodingConfig
+from gradual.lora import LoraSettings
+from gradual.module import GradualModule
+from gradual.sgr import SGRConfig
+from gradual.stages import Schedule, Selection, StageHistory, StageRecord
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -102,6 +109,57 @@ def test_the_same_run_is_recognised(finished_run: tuple[Path, Path], override: l
     config, run_dir = finished_run
     assert main(["fit", "--config", str(config), *override]) == 0
     assert "already complete" in capsys.readouterr().out
+
+
+def python_built(run_dir: Path, sgr_cache: Path, max_length: int = 384,
+                 threshold: float = 0.5) -> tuple[GradualModule, GradualDataModule, L.Trainer]:
+    """The `finished_run` config's module, data module and Trainer as Python code builds them, without the CLI."""
+    L.seed_everything(0)  # the config's seed_everything
+    module = GradualModule(model="tiny:llama:6", schedule=Schedule(max_layers=1, steps_per_stage=1),
+                           selection=Selection(num_calibration=8, calibration_max_length=64),
+                           lora=LoraSettings(r=4, alpha=8, dropout=0.0), warmup_steps=1, run_dir=str(run_dir))
+    sgr = SGRConfig(tasks=["successor", "copy"], n_per_task=4, cache_dir=str(sgr_cache),
+                    decoding=DecodingConfig(do_sample=False, max_new_tokens=8))
+    data = GradualDataModule(model="tiny:llama:6", sgr=sgr, batch_size=2, max_length=max_length)
+    callbacks = [TaskEvaluation(tasks=["successor", "category"], n=8, max_new_tokens=6),
+                 RetentionStopping(threshold=threshold, monitor="classification_mean"), Report(), StageCheckpoint()]
+    trainer = L.Trainer(accelerator="cpu", devices=1, gradient_clip_val=1.0, callbacks=callbacks, logger=False,
+                        enable_progress_bar=False, use_distributed_sampler=False,
+                        reload_dataloaders_every_n_epochs=1, limit_val_batches=0, num_sanity_val_steps=0)
+    return module, data, trainer
+
+
+def test_a_run_built_in_python_with_the_same_settings_is_the_same_run(finished_run: tuple[Path, Path]) -> None:
+    """No CLI: the module takes its identity from the Trainer, data module and callbacks it is given, before
+    `trainer.fit` as during it."""
+    _, run_dir = finished_run
+    state = (run_dir / "state.json").read_bytes()
+    module, data, trainer = python_built(run_dir, run_dir.parent / "sgr")
+    with pytest.raises(RuntimeError, match="needs the Trainer and data module"):
+        module.run_config()  # not fitting, and told nothing: no identity to give
+    module.check_run_dir(trainer, data)  # resumes: no refusal
+    assert module.run_config() == json.loads(state)["config"]
+    module, data, trainer = python_built(run_dir, run_dir.parent / "sgr")
+    trainer.fit(module, datamodule=data)  # checked as the fit starts; the run is complete: nothing left to train
+    assert module.run_config() == json.loads(state)["config"] and data.parts, "accepted: the data were built"
+    assert (run_dir / "state.json").read_bytes() == state
+
+
+@pytest.mark.parametrize(("changes", "key"), [({"max_length": 200}, "data.max_length"),
+                                              ({"threshold": 0.3}, "callbacks.1.init_args.threshold")],
+                         ids=["data", "threshold"])
+def test_a_run_built_in_python_with_other_settings_is_refused_in_one_line_when_it_fits(
+        finished_run: tuple[Path, Path], changes: dict[str, Any], key: str) -> None:
+    """Refused by `trainer.fit` itself, before the data module builds any data."""
+    _, run_dir = finished_run
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    module, data, trainer = python_built(run_dir, run_dir.parent / "sgr", **changes)
+    with pytest.raises(UsageError) as refused:
+        trainer.fit(module, datamodule=data)
+    assert str(refused.value).splitlines() == [str(refused.value)]
+    assert f"already holds a different run (changed: {key})" in str(refused.value)
+    assert data.parts == [], "no recovery data was built"
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
 
 
 def _callbacks_yaml(tmp_path: Path, monitor: str, forms: list[str]) -> Path:

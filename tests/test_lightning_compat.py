@@ -4,11 +4,14 @@ these fail when a Lightning release changes one."""
 from __future__ import annotations
 
 import inspect
+import sys
 
 import lightning as L
+import pytest
+from lightning.fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd, _SubprocessScriptLauncher
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-from gradual.lightning_compat import rewrap_ddp, start_at_epoch, tensor_parallel_size
+from gradual.lightning_compat import rank_command, rewrap_ddp, start_at_epoch, tensor_parallel_size
 
 
 def test_ddp_strategy_can_rewrap_a_module_and_register_its_hooks() -> None:
@@ -29,3 +32,16 @@ def test_the_tensor_parallel_size_of_a_model_parallel_strategy_is_read() -> None
     assert tensor_parallel_size(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)) == 2
     assert tensor_parallel_size(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)) == 1
     assert tensor_parallel_size(DDPStrategy()) == 1
+
+
+def test_the_ddp_launcher_starts_the_other_ranks_with_the_fit_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning starts the other ranks from `sys.argv`; within `rank_command` that is this fit, restored after."""
+    assert "_basic_subprocess_cmd()" in inspect.getsource(_SubprocessScriptLauncher._call_children_scripts)
+    monkeypatch.setattr(sys, "argv", ["/bin/wrapper", "--its", "own"])
+    with rank_command(["fit", "--config", "run.yaml"]):
+        assert sys.argv == ["/bin/wrapper", "fit", "--config", "run.yaml"]
+        assert list(_basic_subprocess_cmd())[-3:] == ["fit", "--config", "run.yaml"]
+    assert sys.argv == ["/bin/wrapper", "--its", "own"]
+    with pytest.raises(KeyboardInterrupt), rank_command(["fit"]):
+        raise KeyboardInterrupt
+    assert sys.argv == ["/bin/wrapper", "--its", "own"]

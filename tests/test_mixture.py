@@ -367,7 +367,7 @@ def fit_with(config: Path, callback: L.Callback) -> GradualCLI:
     """`gradual fit` in process with one more callback."""
     cli = GradualCLI(args=["--config", str(config)], run=False)
     cli.trainer.callbacks.append(callback)
-    cli.model.check_run_dir()
+    cli.model.check_run_dir(cli.trainer, cli.datamodule)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli
 

@@ -127,9 +127,10 @@ def test_progress_lines_replace_the_bar_only_when_stdout_is_not_a_terminal(
 
 def test_listing_progress_log_keeps_the_run_identity(tmp_path: Path) -> None:
     """A display setting: a run started without it resumes with it (and the other way round)."""
-    plain = build(tmp_path, name="a").model.run_config()
+    a = build(tmp_path, name="a")
+    plain = a.model.run_config(a.trainer, a.datamodule)
     listed = build(tmp_path, name="b", callbacks=callbacks_with({**PROGRESS_LOG, "init_args": {"interval": 60}}))
-    assert listed.model.run_config() == plain
+    assert listed.model.run_config(listed.trainer, listed.datamodule) == plain
 
 
 def test_a_line_comes_at_a_stages_first_and_last_step_and_otherwise_after_the_interval(

@@ -35,6 +35,10 @@ class SeedBaseline(Callback):
     def __init__(self, path: str) -> None:
         self.path = Path(path)
 
+    def settings(self) -> dict[str, Any]:
+        """The baseline's file (`gradual.identity.HasSettings`: part of the run's identity)."""
+        return {"path": str(self.path)}
+
     def on_train_start(self, trainer: L.Trainer, pl_module: StageLoop) -> None:
         if pl_module.history[0].scores:
             return
@@ -48,6 +52,11 @@ class RecordRetention(Callback):
     where `RetentionStopping` stands in a `gradual fit` config (an arm's config names it, and so does the identity
     of its run directory). The evaluations already record each stage's retention and intervals (`log_retention`);
     this records the same values again and keeps those intervals (recording retention alone would clear them)."""
+
+    def settings(self) -> dict[str, Any]:
+        """None to record; listed in the run's identity all the same (`gradual.identity.HasSettings`): a run
+        without a stop rule is another run than one with it."""
+        return {}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: StageLoop) -> None:
         pl_module.record_retention(retention(pl_module.record.scores, pl_module.history[0].scores,

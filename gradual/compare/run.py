@@ -8,7 +8,6 @@ import argparse
 import copy
 import gc
 import json
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import yaml
 from gradual.compare.arms import BASELINE_FILE, arm_config, arm_runs, arm_seeds, check_budgets, recipe
 from gradual.compare.plan import Arm, Budget, Plan, check_out, load_plan, save_plan
 from gradual.compare.pooling import pool_point, pooled_figures
-from gradual.errors import UsageError, parser_error_line, usage_error_in
+from gradual.errors import UsageError, fit_error_line, usage_error_in
 from gradual.sgr import SGRConfig
 
 
@@ -60,16 +59,6 @@ class FitParser:
     def check(self, config: dict[str, Any], parse: Any = None) -> Any:
         """Parse `config`; a rejection raises argparse.ArgumentError."""
         return (parse or self.parser.parse_object)(copy.deepcopy(config))
-
-
-def fit_error_line(message: str) -> str:
-    """The parser's rejection as one line. An unknown key inside a section typed `X | None` is reported by
-    jsonargparse as a failed union ("allowed: null"); name the unknown key instead."""
-    unknown = re.search(r"Option '([^']+)' is not accepted", message)
-    keys = re.findall(r'Parser key "([^"]+)":', message)
-    if unknown and keys:
-        return f"{'.'.join([*keys, unknown.group(1)])} is not a `gradual fit` option"
-    return parser_error_line(message)
 
 
 def validate_arms(plan: Plan) -> dict[str, dict[int, Budget]]:
@@ -146,7 +135,7 @@ def fit_run(plan: Plan, arm: Arm, depth: int, layers: list[int] | None, seed: in
     (configs / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cli = make_cli(config)
     module = cli.model
-    module.check_run_dir()
+    module.check_run_dir(cli.trainer, cli.datamodule)
     state = module.saved_state()
     t = time.perf_counter()
     steps = None
