@@ -142,7 +142,9 @@ def test_shipped_config_parses_with_equal_budgets() -> None:
         for depth in set(arm_runs(plan, arm).values()):
             fit.check(arm_config(plan, arm, depth))
     budgets = compare.check_budgets(plan, 30)
-    assert {b[d].total for b in budgets.values() for d in plan.depths} == {0, 48, 96}
+    assert plan.depths == [4, 8, 12]
+    assert {b[d].total for b in budgets.values() for d in plan.depths} == {0, 48, 96, 144}
+    assert budgets["gradual_kd_tasks"][12].total == budgets["lora_kd_tasks"][12].total == 144
     assert budgets["gradual_kd_final"][8].total == budgets["lora_kd_tasks"][8].total == 96
     assert (budgets["gradual_kd_final"][8].steps_per_stage, budgets["gradual_kd_final"][8].final_steps) == (6, 48)
     assert (budgets["gradual_kd_final"][4].steps_per_stage, budgets["gradual_kd_final"][4].final_steps) == (6, 24)
