@@ -2,8 +2,8 @@
 
 Three pieces, as in NVIDIA ModelOpt's distillation API:
 - `Teacher`: the original, unpruned model — loaded once, frozen, in eval mode, kept outside the LightningModule's
-  module tree (so optimizers, DDP and checkpoints never see it). Under DDP every rank runs its own copy on its own
-  batch.
+  module tree (so optimizers, DDP and checkpoints never see it); or, with `recovery.teacher: previous`, a frozen copy
+  of the model each stage starts from. Under DDP every rank runs its own copy on its own batch.
 - The losses: `forward_kl` (per-token KL(teacher ‖ student) over the full vocabulary at temperature τ — the recipe
   Minitron found best for healing a pruned model, arXiv 2407.14679 / 2408.11796) and `hidden_state_loss` (the
   student's layer outputs against the teacher's at the same original index).
@@ -31,6 +31,7 @@ from gradual.errors import UsageError
 IGNORE_INDEX = -100
 LOSSES = ("sft", "kd", "kd+sft")
 PARAMS = ("lora", "full", "near_cut")
+TEACHERS = ("original", "previous")
 
 
 @dataclass
@@ -53,6 +54,13 @@ class Recovery:
             each side of every cut, plus the final norm; LLM-Streamline arXiv 2403.19135 and arXiv 2411.15558 found
             training whole layers near the cut heals better than a small LoRA).
         near_cut_layers: k of `near_cut`: kept layers trained on each side of a cut.
+        teacher: whom a removal stage distils from: `original` (default: the unpruned model, loaded once) or
+            `previous` (the model as the stage found it: the previous stage's healed model, before this stage's
+            removal — a smaller step to imitate, but errors compound). `previous` is a frozen copy made at each
+            stage's start in the student's dtype (`teacher_dtype` and `teacher_quantize` apply to the original
+            only): on a GPU it costs one more model's weights beside the student, as the original would, and the
+            original is then loaded only for a consolidation stage (`schedule.final_steps`), which always distils
+            from it.
     """
 
     loss: str = "sft"
@@ -64,6 +72,7 @@ class Recovery:
     teacher_quantize: str | None = None
     params: str = "lora"
     near_cut_layers: int = 1
+    teacher: str = "original"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -81,6 +90,11 @@ class Recovery:
             raise UsageError(f"recovery.params={self.params!r} is unknown; allowed: {', '.join(PARAMS)}")
         if self.near_cut_layers < 1:
             raise UsageError(f"recovery.near_cut_layers={self.near_cut_layers} is invalid; it must be >= 1")
+        if self.teacher not in TEACHERS:
+            raise UsageError(f"recovery.teacher={self.teacher!r} is unknown; allowed: {', '.join(TEACHERS)}")
+        if self.teacher == "previous" and not self.needs_teacher:
+            raise UsageError(f"recovery.teacher={self.teacher!r} is used only by distillation; allowed with "
+                             f"loss={self.loss!r} and hidden_weight 0: original (or set loss: kd or kd+sft)")
 
     @property
     def needs_teacher(self) -> bool:
@@ -92,8 +106,9 @@ class Recovery:
 # ---------------------------------------------------------------------------------------------------------------
 
 class Teacher:
-    """The original model, frozen in eval mode. A plain object, not an `nn.Module` attribute of the student's module,
-    so it is never trained, wrapped by DDP or written into a checkpoint.
+    """A frozen model in eval mode: the original (`load`), or a stage's starting model (`recovery.teacher:
+    previous`). A plain object, not an `nn.Module` attribute of the student's module, so it is never trained,
+    wrapped by DDP or written into a checkpoint.
 
     Args:
         model: the loaded teacher (its `config.gradual_original_layers`, if any, maps its layers to original indices).

@@ -51,8 +51,9 @@ class GradualModule(StageHistory, L.LightningModule):
             unpruned model, with `rescore: false`).
         lora: LoRA adapter settings (fresh adapters every stage, merged at its end).
         recovery: how a stage heals: what a recovery step minimises (`sft`, the data's tokens as in the paper; `kd`,
-            forward KL to the original model, loaded once as a frozen teacher; `kd+sft`) and which weights train
-            (`lora`, `full`, `near_cut`).
+            forward KL to the original model, loaded once as a frozen teacher, or with `teacher: previous` to a
+            frozen copy of the model each stage starts from; `kd+sft`) and which weights train (`lora`, `full`,
+            `near_cut`).
         optimizer: optimizer factory (defaults to the paper's AdamW: lr 2e-4, betas (0.9, 0.99), wd 1e-4).
         lr_scheduler: scheduler factory (defaults to linear warm-up over `warmup_steps`, then constant).
         warmup_steps: warm-up steps of the default scheduler, restarted with every stage's fresh adapters.
@@ -77,7 +78,8 @@ class GradualModule(StageHistory, L.LightningModule):
         # copies: the defaults are shared instances (dataclass defaults make `gradual fit --help` list every field)
         self.schedule, self.selection = copy.deepcopy(schedule), copy.deepcopy(selection)
         self.lora, self.recovery = copy.deepcopy(lora), copy.deepcopy(recovery)
-        self.teacher: Teacher | None = None
+        self.teacher: Teacher | None = None  # the original model
+        self.stage_teacher: Teacher | None = None  # `recovery.teacher: previous`: the current stage's starting model
         self.objective: RecoveryObjective | None = None
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -192,13 +194,16 @@ class GradualModule(StageHistory, L.LightningModule):
     def on_fit_start(self) -> None:
         """On resume, continue Lightning's epoch count at the stage reached, so data and logs line up. The epoch
         limit becomes the planned number of stages (unless the Trainer's is lower), so the progress bar reads
-        "Epoch 1/3" rather than the open-ended loop's "Epoch 1/-2". A distilling run loads its teacher (the original
-        model, also on resume) once here."""
-        if (self.recovery.needs_teacher or self.schedule.final_steps) and self.teacher is None:
+        "Epoch 1/3" rather than the open-ended loop's "Epoch 1/-2". A run that distils from the original model (its
+        removal stages under `recovery.teacher: original`, or a consolidation stage) loads it once here, also on
+        resume; `teacher: previous` copies its teachers at each stage's start (`on_train_epoch_start`)."""
+        previous = self.recovery.teacher == "previous"
+        original = (self.recovery.needs_teacher and not previous) or self.schedule.final_steps
+        if original and self.teacher is None:
             self.teacher = Teacher.load(self.model_name, dtype=self.recovery.teacher_dtype or self.dtype_name,
                                         quantize=self.recovery.teacher_quantize,
                                         trust_remote_code=self.trust_remote_code)
-        self.objective = RecoveryObjective(self.recovery, self.teacher)
+        self.objective = None if previous else RecoveryObjective(self.recovery, self.teacher)
         loop = self.trainer.fit_loop
         if loop.max_epochs is None or loop.max_epochs < 0 or loop.max_epochs > len(self.plan):
             loop.max_epochs = max(1, len(self.plan))
@@ -266,7 +271,9 @@ class GradualModule(StageHistory, L.LightningModule):
     def on_train_epoch_start(self) -> None:
         """Start a stage (`gradual.pipeline`, steps 1-4): choose, repair, remove, record, make the chosen weights
         trainable and rebuild the optimizer around them. A consolidation stage (`schedule.final_steps`) removes
-        nothing and distils from the original model. The previous stage's `retention/` metrics go first: a stage
+        nothing and distils from the original model; a removal stage distils from it too, or under
+        `recovery.teacher: previous` from a copy of the model taken here, before anything changes it (the choice
+        leaves it as it is; a repair would not). The previous stage's `retention/` metrics go first: a stage
         that is never evaluated (abandoned) publishes none, and a stop rule must not judge it on another stage's."""
         metrics = self.trainer.callback_metrics
         for name in [name for name in metrics if name.startswith(METRIC)]:
@@ -275,6 +282,7 @@ class GradualModule(StageHistory, L.LightningModule):
         stage = len(self.history)
         L.seed_everything(self.seed + stage, verbose=False)
         self._stage_start, self._losses, timings = time.perf_counter(), [], {}
+        self.objective = self._stage_objective(k, steps)
         with pipeline.timed(timings, "scoring_s"):
             chosen, scores = self.choose_layers(k) if k else ([], {"metric": "consolidation"})
         if self.repair is not None and chosen:
@@ -286,14 +294,27 @@ class GradualModule(StageHistory, L.LightningModule):
                                         removed_total=sorted(self.history[-1].removed_total + removed),
                                         kept=surgery.original_indices(self.model), importance=scores, steps=steps,
                                         consolidation=k == 0, timings=timings))
-        self.objective = RecoveryObjective(replace(self.recovery, loss="kd") if k == 0 else self.recovery,
-                                           self.teacher)
         if steps > 0:
             self.model = pipeline.make_trainable(self.model, self.recovery, self.lora, self.quantize,
                                                  max(self.original0) + 1)
             self._rebuild_optimizer()
         self.model.train()
         self.log_dict({"stage": float(stage), "depth": float(self.depth)}, prog_bar=True, on_epoch=True)
+
+    def _stage_objective(self, k: int, steps: int) -> RecoveryObjective | None:
+        """The objective of a stage removing `k` layers with `steps` steps (None: one that trains nothing under
+        `teacher: previous`). The last stage's copied teacher is dropped first, so at most one copy is alive. A 4-bit
+        start (stage 1 under `quantize: nf4`) is not copied but reloaded de-quantised, as `baseline_model` does."""
+        self.stage_teacher = None
+        if k == 0:
+            return RecoveryObjective(replace(self.recovery, loss="kd"), self.teacher)
+        if self.recovery.teacher == "original":
+            return RecoveryObjective(self.recovery, self.teacher)
+        if not steps:
+            return None
+        start = self.baseline_model() if has_4bit(self.model) else copy.deepcopy(self.model)
+        self.stage_teacher = Teacher(start)
+        return RecoveryObjective(self.recovery, self.stage_teacher)
 
     def _rebuild_optimizer(self) -> None:
         """New adapters are new parameters: rebuild the optimizer (and the DDP wrapper, or the FSDP sharding of

@@ -84,9 +84,12 @@ def _removal_line(module: Any, datamodule: Any, trainer: Trainer) -> str:
              for n, k, steps in groups]
     batch = getattr(datamodule, "batch_size", 0) * trainer.accumulate_grad_batches
     per_rank = " per process" if trainer.world_size > 1 else ""
+    removals = [steps for k, steps in plan if k]
+    growth = (f" (steps_growth {schedule.steps_growth:g}: {sum(removals)} removal steps, as {len(removals)} x "
+              f"{schedule.steps_per_stage})" if schedule.steps_growth != 1 else "")
     return (f"remove {total} of {module.depth0} layers, {schedule.mode} mode, {how}: {len(plan)} stage"
-            f"{'s' if len(plan) != 1 else ''} = {' + '.join(parts)}; a step trains {batch} examples{per_rank} of "
-            f"<= {_positions(datamodule)} tokens")
+            f"{'s' if len(plan) != 1 else ''} = {' + '.join(parts)}{growth}; a step trains {batch} examples"
+            f"{per_rank} of <= {_positions(datamodule)} tokens")
 
 
 def _selection(selection: Any) -> str:
@@ -130,7 +133,8 @@ def _recovery_line(module: Any, datamodule: Any) -> str:
     rows = datamodule.describe() if hasattr(datamodule, "describe") else []
     sgr = getattr(datamodule, "sgr", None)
     data = "; ".join(_source(row, sgr) for row in rows) or type(datamodule).__name__
-    return f"recovery: {recovery.loss} loss on {weights}; data: {data}"
+    teacher = ", from each stage's starting model (a copy)" if recovery.teacher == "previous" else ""
+    return f"recovery: {recovery.loss} loss{teacher} on {weights}; data: {data}"
 
 
 def _evaluation_line(trainer: Trainer) -> str:

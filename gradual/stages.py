@@ -8,6 +8,7 @@ bookkeeping can be exercised without one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,11 @@ class Schedule:
             default 50).
         final_steps: recovery steps of a consolidation stage after the last removal, which removes nothing and
             distils (`kd`) from the original model (>= 0; 0, the default = no consolidation stage).
+        steps_growth: `gradual` mode: how the removal stages share their steps (> 0; 1, the default = equally).
+            Stage k's share grows as growth^(k−1), scaled so the removal stages still train `steps_per_stage` ×
+            stages in all (the budget `gradual compare` keeps equal): 1.25 gives later stages, which remove layers
+            from an already shallower model, more steps; below 1, earlier ones. `removal_steps` rounds the shares
+            so that the total is exact and every stage is within one step of its share.
     """
 
     mode: Literal["gradual", "one_shot"] = "gradual"
@@ -49,6 +55,18 @@ class Schedule:
     layers: list[int] | None = None
     steps_per_stage: int = 50
     final_steps: int = 0
+    steps_growth: float = 1.0
+
+    def __post_init__(self) -> None:
+        """The settings added since `validate` was written, checked once when the schedule is built."""
+        growth = self.steps_growth
+        if isinstance(growth, bool) or not isinstance(growth, int | float) or not (math.isfinite(growth)
+                                                                                     and growth > 0):
+            raise UsageError(f"schedule.steps_growth={growth!r} is invalid; allowed: a finite number > 0 (1 = equal "
+                             "steps per stage)")
+        if growth != 1 and self.mode == "one_shot":
+            raise UsageError(f"schedule.steps_growth={growth!r} shares steps between gradual stages; a one_shot "
+                             "run has one stage: allowed there: 1")
 
     def total_to_remove(self, depth: int, protected: int = 0) -> int:
         """How many layers the whole run may remove from a model of `depth` layers. Without a count of its own
@@ -83,12 +101,30 @@ class Schedule:
             return self.steps_per_stage * max(1, -(-n_removed // self.layers_per_stage))
         return self.steps_per_stage
 
+    def removal_steps(self, n: int) -> list[int]:
+        """Steps of each of `n` gradual removal stages: `steps_per_stage` × n in all, shared as growth^(k−1).
+        Each stage takes its share rounded down and the steps left go one each to the largest remainders (later
+        stages first on a tie), so the total is exact, no stage is a step or more off its share, and a growing
+        share never gives an earlier stage more steps than a later one."""
+        if self.steps_growth == 1:
+            return [self.steps_per_stage] * n
+        total = self.steps_per_stage * n
+        weights = [self.steps_growth ** k for k in range(n)]
+        shares = [total * w / sum(weights) for w in weights]
+        steps = [math.floor(share) for share in shares]
+        by_remainder = sorted(range(n), key=lambda k: (shares[k] - steps[k], k), reverse=True)
+        for k in by_remainder[:total - sum(steps)]:
+            steps[k] += 1
+        return steps
+
     def stages(self, depth: int, protected: int = 0) -> list[tuple[int, int]]:
         """The run's plan, one (layers removed, recovery steps) pair per stage: the removals (without a count of
         their own, down to the `protected` layers, `total_to_remove`), then, with `final_steps`, a consolidation
         stage that removes nothing and distils from the original model (Minitron's advice: most of the budget in a
         final pass from the original teacher)."""
-        plan = [(k, self.steps_for_stage(k)) for k in self.stage_sizes(depth, protected)]
+        sizes = self.stage_sizes(depth, protected)
+        steps = [self.steps_for_stage(k) for k in sizes] if self.mode == "one_shot" else self.removal_steps(len(sizes))
+        plan = list(zip(sizes, steps, strict=True))
         if self.final_steps and plan:
             plan.append((0, self.final_steps))
         return plan

@@ -16,6 +16,7 @@ from gradual.cli import main
 from gradual.compare import Arm, FitParser, arm_budget, arm_config, arm_runs, load_plan, run
 from gradual.compare.outputs import flag_below_no_recovery, write_outputs
 from gradual.lightning_cli import GradualCLI
+from gradual.stages import Schedule
 from gradual.tasks import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +149,34 @@ def test_shipped_config_parses_with_equal_budgets() -> None:
     assert budgets["gradual_kd_final"][8].total == budgets["lora_kd_tasks"][8].total == 96
     assert (budgets["gradual_kd_final"][8].steps_per_stage, budgets["gradual_kd_final"][8].final_steps) == (6, 48)
     assert (budgets["gradual_kd_final"][4].steps_per_stage, budgets["gradual_kd_final"][4].final_steps) == (6, 24)
+    later = next(a for a in plan.arms if a.name == "gradual_kd_later")
+    assert budgets["gradual_kd_later"][8].total == 96 and arm_runs(plan, later) == {4: 4, 8: 8, 12: 12}
+    assert Schedule(**arm_config(plan, later, 4)["model"]["schedule"]).stages(30) == [(1, 8), (1, 11), (1, 13),
+                                                                                     (1, 16)]
+
+
+def test_an_arm_with_steps_growth_splits_the_same_budget_unequally(tmp_path: Path) -> None:
+    """`model.schedule.steps_growth` in an arm: `gradual compare` gives it k × budget_per_layer steps at each depth
+    (counted by the fit's `Schedule.total_steps`), later stages more, one run per depth; with a consolidation too."""
+    arms = [{"name": "plain", "mode": "gradual"},
+            {"name": "later", "mode": "gradual", "overrides": {"model.schedule.steps_growth": 1.5}},
+            {"name": "later_final", "mode": "gradual", "final_share": 0.5,
+             "overrides": {"model.schedule.steps_growth": 1.5}}]
+    plan = load_plan(["--config", str(compare_config(tmp_path, {"depths": [2, 4], "budget_per_layer": 5,
+                                                                 "out": str(tmp_path / "out"), "arms": arms}))])
+    budgets = compare.check_budgets(plan, 6)
+    assert {name: {d: b.total for d, b in by_depth.items()} for name, by_depth in budgets.items()} == {
+        name: {2: 10, 4: 20} for name in ("plain", "later", "later_final")}
+    stages = {a.name: Schedule(**arm_config(plan, a, 4)["model"]["schedule"]).stages(6) for a in plan.arms}
+    # 20 as 1 : 1.5 : 2.25 : 3.375 = 2.46 + 3.69 + 5.54 + 8.31; rounded down 18, the 2 left to the largest remainders
+    assert stages["plain"] == [(1, 5)] * 4 and stages["later"] == [(1, 2), (1, 4), (1, 6), (1, 8)]
+    # half of 20 in the consolidation, 2 per removal stage (8 in all, shared 1 + 2 + 2 + 3), the remainder 2 joins it
+    assert stages["later_final"] == [(1, 1), (1, 2), (1, 2), (1, 3), (0, 12)]
+    assert {a.name: arm_runs(plan, a) for a in plan.arms} == {"plain": {2: 4, 4: 4}, "later": {2: 2, 4: 4},
+                                                              "later_final": {2: 2, 4: 4}}
+    fit = FitParser(arm_config(plan, Arm("baseline", "one_shot"), 4))
+    for arm in plan.arms:
+        fit.check(arm_config(plan, arm, 4))
 
 
 def test_seeds_set_model_seed_and_seed_everything_in_their_own_run_dirs(tmp_path: Path) -> None:

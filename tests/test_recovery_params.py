@@ -1,17 +1,21 @@
-"""What a stage trains (`recovery.params`) and the budget schedule (`schedule.final_steps`), on a tiny Llama."""
+"""What a stage trains (`recovery.params`), whom it distils from (`recovery.teacher`) and the budget schedule
+(`schedule.final_steps`, `schedule.steps_growth`), on a tiny Llama."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_fit import SMOKE, fit_in_process, write_config
+from test_fit import SMOKE, fit_in_process, logits, write_config
 
+from gradual import runplan, surgery
 from gradual.cli import main
+from gradual.lightning_cli import GradualCLI
 from gradual.models import load_model
 from gradual.stages import Schedule
 from gradual.surgery import near_cuts
@@ -92,6 +96,10 @@ def test_a_consolidation_that_fails_the_threshold_rolls_back(tmp_path: Path) -> 
     (["--model.quantize", "nf4", "--model.recovery.params", "full"], "recovery.params='full' trains full weights"),
     (["--model.recovery.params", "half"], "recovery.params='half' is unknown"),
     (["--model.schedule.final_steps", "-1"], "schedule.final_steps=-1 is invalid"),
+    (["--model.schedule.steps_growth", "0"], "schedule.steps_growth=0.0 is invalid"),
+    (["--model.schedule.mode", "one_shot", "--model.schedule.steps_growth", "1.5"], "a one_shot run has one stage"),
+    (["--model.recovery.teacher", "student"], "recovery.teacher='student' is unknown; allowed: original, previous"),
+    (["--model.recovery.teacher", "previous"], "recovery.teacher='previous' is used only by distillation"),
 ])
 def test_bad_recovery_settings_are_one_line(argv: list[str], needle: str, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -100,3 +108,64 @@ def test_bad_recovery_settings_are_one_line(argv: list[str], needle: str, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("gradual: error:") and needle in err[-1], err
     assert not run_dir.exists()
+
+
+class TeacherProbe(L.Callback):
+    """Logits, on fixed inputs, of each stage's teacher as its first batch meets it, and of each stage's final
+    (merged) model."""
+
+    def __init__(self) -> None:
+        self.teacher: dict[int, torch.Tensor] = {}
+        self.final: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.teacher[pl_module.record.stage] = logits(pl_module.objective.teacher.model)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.final[pl_module.record.stage] = logits(pl_module.model)
+
+
+def probed_fit(tmp_path: Path, **changes: object) -> tuple[GradualCLI, TeacherProbe, Path]:
+    """A kd fit of the smoke config without its stop rule (every planned stage runs), probed by `TeacherProbe`."""
+    callbacks = [c for c in yaml.safe_load(SMOKE.read_text())["trainer"]["callbacks"]
+                 if not c["class_path"].endswith("RetentionStopping")]
+    config, run_dir = write_config(tmp_path, trainer__callbacks=callbacks, model__recovery__loss="kd", **changes)
+    cli, probe = GradualCLI(args=["--config", str(config)], run=False), TeacherProbe()
+    cli.trainer.callbacks.insert(0, probe)
+    cli.model.check_run_dir()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, probe, run_dir
+
+
+def test_teacher_previous_distils_each_stage_from_the_model_it_started_from(tmp_path: Path) -> None:
+    """`recovery.teacher: previous`: stage 2's teacher is stage 1's final model (exactly), stage 1's the unpruned
+    model, and the consolidation stage still distils from the original."""
+    cli, probe, run_dir = probed_fit(tmp_path, model__schedule__max_layers=2, model__schedule__steps_per_stage=1,
+                                     model__schedule__final_steps=1, model__recovery__teacher="previous")
+    unpruned = logits(load_model("tiny:llama:6"))
+    assert sorted(probe.teacher) == [1, 2, 3]
+    assert torch.equal(probe.teacher[1], unpruned)
+    assert torch.equal(probe.teacher[2], probe.final[1]) and not torch.equal(probe.final[1], unpruned)
+    assert torch.equal(probe.teacher[3], unpruned), "the consolidation stage distils from the original"
+    assert cli.model.stage_teacher is None and surgery.num_layers(cli.model.teacher.model) == 6
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [s["steps"] for s in results["stages"]] == [0, 1, 1, 1] and results["config"]["recovery"]["teacher"] \
+        == "previous"
+
+
+def test_steps_growth_trains_each_stage_its_planned_steps_from_the_original(tmp_path: Path) -> None:
+    """`schedule.steps_growth: 2` over 3 stages of the smoke config's 2 steps: 1 + 2 + 3 = 6 steps, each stage
+    trains its own (results.json, the optimizer's count, the `plan:` line); the default teacher is the original
+    at every stage."""
+    cli, probe, run_dir = probed_fit(tmp_path, model__schedule__steps_growth=2.0)
+    unpruned = logits(load_model("tiny:llama:6"))
+    assert sorted(probe.teacher) == [1, 2, 3] and all(torch.equal(t, unpruned) for t in probe.teacher.values())
+    assert not torch.equal(probe.final[1], unpruned)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [s["steps"] for s in results["stages"]] == [0, 1, 2, 3] and cli.trainer.global_step == 6
+    assert results["config"]["schedule"]["steps_growth"] == 2.0 and "teacher" not in results["config"]["recovery"]
+    removal = runplan.plan_lines(cli.model, cli.datamodule, cli.trainer)[1]
+    assert "3 stages = 1 x (1 layer, 1 steps) + 1 x (1 layer, 2 steps) + 1 x (1 layer, 3 steps) (steps_growth 2: " \
+           "6 removal steps, as 3 x 2)" in removal, removal

@@ -1,8 +1,9 @@
 """The module's bookkeeping without a Trainer: the recovery optimizer's warm-up, the API callbacks record through,
-and the run directory's state and resume point."""
+the run directory's state and resume point, and the schedule's split of the recovery steps over the stages."""
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from gradual import rundir
 from gradual.errors import UsageError
 from gradual.module import GradualModule
-from gradual.stages import StageHistory, StageRecord
+from gradual.stages import Schedule, StageHistory, StageRecord
 
 
 def _rates(module: GradualModule, steps: int) -> list[float]:
@@ -91,3 +92,44 @@ def test_a_run_directory_resumes_only_the_same_run(tmp_path: Path):
         rundir.check_run_dir(run, other, overwrite=False)
     rundir.check_run_dir(run, other, overwrite=True)
     assert not run.exists() and rundir.resume_point(run) is None
+
+
+@pytest.mark.parametrize("growth", [0.5, 0.8, 1.0, 1.25, 2.0])
+@pytest.mark.parametrize("per", [0, 1, 7, 12])
+def test_steps_growth_shares_the_same_total_exactly(growth: float, per: int) -> None:
+    """At every depth the removal stages train `steps_per_stage` × stages in all (what `gradual compare` keeps
+    equal), each stage within one step of its share growth^(k−1), none negative; 1 is today's equal split."""
+    for layers in [1, 2, 3, 4, 5, 8, 12, 29]:
+        schedule = Schedule(max_layers=layers, steps_per_stage=per, final_steps=3, steps_growth=growth)
+        plan = schedule.stages(30)
+        steps = [s for k, s in plan[:-1]]
+        assert [k for k, _ in plan] == [1] * layers + [0] and plan[-1] == (0, 3)
+        assert sum(steps) == per * layers and schedule.total_steps(30) == per * layers + 3
+        shares = [growth ** k for k in range(layers)]
+        ideal = [per * layers * w / sum(shares) for w in shares]
+        assert all(s >= 0 and abs(s - i) < 1 for s, i in zip(steps, ideal, strict=True)), (steps, ideal)
+        if growth == 1:
+            assert steps == [per] * layers
+        if growth > 1:
+            assert steps == sorted(steps)
+        if growth < 1:
+            assert steps == sorted(steps, reverse=True)
+    assert Schedule(max_layers=4, steps_per_stage=12, steps_growth=1.25).stages(30) == [(1, 8), (1, 11), (1, 13),
+                                                                                         (1, 16)]
+    uneven = Schedule(max_layers=5, layers_per_stage=2, steps_per_stage=6, steps_growth=2.0)
+    assert uneven.stages(30) == [(2, 3), (2, 5), (1, 10)] and uneven.total_steps(30) == 18
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"steps_growth": 0}, "schedule.steps_growth=0 is invalid; allowed: a finite number > 0"),
+    ({"steps_growth": -1.5}, "schedule.steps_growth=-1.5 is invalid"),
+    ({"steps_growth": float("inf")}, "schedule.steps_growth=inf is invalid"),
+    ({"steps_growth": float("nan")}, "schedule.steps_growth=nan is invalid"),
+    ({"steps_growth": True}, "schedule.steps_growth=True is invalid"),
+    ({"steps_growth": 1.25, "mode": "one_shot"}, "a one_shot run has one stage: allowed there: 1"),
+])
+def test_bad_steps_growth_is_refused_in_one_line(kwargs: dict, needle: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(needle)) as e:
+        Schedule(**kwargs)
+    assert "\n" not in str(e.value)
+    assert Schedule(mode="one_shot", steps_growth=1).steps_growth == 1

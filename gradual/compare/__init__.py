@@ -11,10 +11,11 @@ any arm runs; keys that would make the arms incomparable (the model, the depth, 
 Equal budget: one budget per removed layer (`compare.budget_per_layer`, by default the base's steps per stage over
 its layers per stage). At depth k every trained arm trains exactly k × budget steps in all: `final_share` of them
 (rounded) in the consolidation stage after the last removal (`schedule.final_steps`), the rest split evenly over the
-removal stages (`schedule.steps_per_stage`); a remainder that does not split evenly goes to the consolidation stage,
-so the totals match exactly (without a consolidation stage such a plan is refused; with one layer per stage every
-budget splits evenly). An arm that sets `model.schedule.steps_per_stage` or `final_steps` itself keeps its
-own steps, and the plan is refused unless they add up to the same total (0 is allowed: an arm without recovery).
+removal stages (`schedule.steps_per_stage`; `schedule.steps_growth` shares the same total unequally, and such an arm
+runs once per depth); a remainder that does not split evenly goes to the consolidation stage, so the totals match
+exactly (without a consolidation stage such a plan is refused; with one layer per stage every budget splits
+evenly). An arm that sets `model.schedule.steps_per_stage` or `final_steps` itself keeps its own steps, and the
+plan is refused unless they add up to the same total (0 is allowed: an arm without recovery).
 
 What the arms share, so a comparison costs little more than its arms' training:
 - the baseline: the unpruned model is evaluated once (`<out>/baseline.json`) and seeds every arm's stage 0;

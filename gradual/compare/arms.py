@@ -24,12 +24,14 @@ def removal_stages(depth: int, per_stage: int) -> int:
 
 def arm_budget(plan: Plan, arm: Arm, depth: int) -> Budget:
     """The arm's steps at `depth`: k × budget split into `final_share` (rounded) for the consolidation stage and
-    equal removal stages, the remainder of the split going to the consolidation stage; or the arm's own steps."""
+    equal removal stages, the remainder of the split going to the consolidation stage; or the arm's own steps.
+    `steps_per_stage` is the removal stages' mean: with `schedule.steps_growth` the fit shares the same total
+    unequally (`Schedule.removal_steps`)."""
     from gradual.stages import Schedule
 
     n = removal_stages(depth, layers_per_stage(plan, arm))
     if arm.explicit_steps:
-        schedule = (apply_overrides(plan.base, arm.overrides).get("model") or {}).get("schedule") or {}
+        schedule = arm_schedule(plan, arm)
         per = schedule.get("steps_per_stage", Schedule.steps_per_stage)
         final = schedule.get("final_steps", Schedule.final_steps)
         return Budget(per, final, per * n + final)
@@ -44,13 +46,24 @@ def arm_budget(plan: Plan, arm: Arm, depth: int) -> Budget:
     return Budget(per, final, total)
 
 
+def arm_schedule(plan: Plan, arm: Arm) -> dict[str, Any]:
+    """The arm's `model.schedule` section: the base config's with the arm's overrides (before compare sets the
+    depth and the steps)."""
+    return (apply_overrides(plan.base, arm.overrides).get("model") or {}).get("schedule") or {}
+
+
 def arm_runs(plan: Plan, arm: Arm) -> dict[int, int]:
     """Target depth → the depth of the run that reaches it. A gradual arm without a consolidation stage and with
     the same steps per stage at every depth runs once to the deepest target (its earlier stages are the shallower
-    points); a consolidation stage comes last, so such an arm, like a one-shot one, runs once per depth."""
+    points); a consolidation stage comes last, so such an arm, like a one-shot one, runs once per depth. So does
+    one with `schedule.steps_growth` ≠ 1: its stages' steps depend on how many stages share the budget, so the
+    deepest run's first stages did not train a shallower depth's budget."""
+    from gradual.stages import Schedule
+
     budgets = [arm_budget(plan, arm, d) for d in plan.depths]
+    growth = arm_schedule(plan, arm).get("steps_growth", Schedule.steps_growth)
     once = arm.mode == "gradual" and not any(b.final_steps for b in budgets) and len(
-        {b.steps_per_stage for b in budgets}) == 1
+        {b.steps_per_stage for b in budgets}) == 1 and growth == 1
     return {d: max(plan.depths) if once else d for d in plan.depths}
 
 
