@@ -31,7 +31,7 @@ from gradual.generation import DEFAULT_SYSTEM_PROMPT
 from gradual.identity import without_neutral
 from gradual.mixture import DataSource, check_sources, source_texts
 from gradual.sampler import StageSampler, check_weights
-from gradual.sgr import PromptItem, SGRConfig, build_pairs, load_prompts, sdft_pairs
+from gradual.sgr import PromptItem, SGRConfig, build_pairs, load_prompts, sdft_pairs, self_documents
 from gradual.training_examples import (
     Part,
     TokenizedPairs,
@@ -203,8 +203,9 @@ class RecoveryDataModule(LightningDataModule):
 
 @dataclass
 class SourcePool:
-    """What a source holds before any model runs: the prompts the teacher answers (`sgr`, `sdft`) or the texts
-    (`tasks`, `text`), the built-in tasks they come from, and for `sdft` how many rewrites the last build kept."""
+    """What a source holds before any model runs: the prompts the teacher answers (`sgr`, `sdft`, `tasks` with
+    `answers: self`) or the texts (`tasks`, `text`), the built-in tasks they come from, and for `sdft` how many
+    rewrites the last build kept."""
 
     source: DataSource
     name: str
@@ -218,13 +219,14 @@ class GradualDataModule(RecoveryDataModule):
     """Every stage's recovery data: a weighted mixture of sources (`gradual.mixture`), by default `data.sgr`'s SGR pairs
     alone.
 
-    With `sgr.teacher: original` (the paper's recipe) the unpruned model answers the `sgr` and `sdft` prompts in
-    `setup`, before the LightningModule loads its own copy, so only one model is in memory at a time; answers are
-    cached on disk, so a resumed run or a second run with the same settings generates nothing. With `sgr.backend:
-    vllm` no model is loaded here at all: vLLM loads the teacher from disk. With `sgr.teacher: previous` every stage
-    after the first trains on fresh answers of the model the finished stages left (`train_dataloader`). `tasks` and
-    `text` sources need no teacher. Every setting is checked, and every prompt, document and text is read, when the
-    module is built: bad input ends before any model loads.
+    With `sgr.teacher: original` (the paper's recipe) the unpruned model answers the `sgr` and `sdft` prompts (and
+    the few-shot prompts of `tasks` with `answers: self`) in `setup`, before the LightningModule loads its own copy,
+    so only one model is in memory at a time; answers are cached on disk, so a resumed run or a second run with the
+    same settings generates nothing. With `sgr.backend: vllm` no model is loaded here at all: vLLM loads the teacher
+    from disk. With `sgr.teacher: previous` every stage after the first trains on fresh answers of the model the
+    finished stages left (`train_dataloader`). `tasks` with reference answers and `text` sources need no teacher.
+    Every setting is checked, and every prompt, document and text is read, when the module is built: bad input ends
+    before any model loads.
 
     Args:
         model: the model to prune (linked from `model.model`); the teacher and the tokenizer come from it.
@@ -278,7 +280,7 @@ class GradualDataModule(RecoveryDataModule):
     def _pool(self, source: DataSource, name: str) -> SourcePool:
         """Read what `source` needs before any model runs (prompts, documents, texts), refusing bad input."""
         from gradual.tasks import TASKS, get_task, task_names
-        from gradual.tasks.documents import fewshot_documents
+        from gradual.tasks.documents import fewshot_documents, fewshot_prompts
 
         if source.kind == "sgr":
             items = load_prompts(self.sgr)
@@ -291,6 +293,11 @@ class GradualDataModule(RecoveryDataModule):
             prompts = replace(self.sgr, source="tasks", tasks=names, n_per_task=source.n_per_task,
                               difficulty=difficulty, responses="sgr", path=None)
             return SourcePool(source, name, items=load_prompts(prompts), tasks=sorted(names))
+        if source.answers == "self":
+            items = [PromptItem(prompt, p.answer, task) for task in names for prompt, p in fewshot_prompts(
+                get_task(task, difficulty), source.n_per_task, source.shots, self.sgr.seed, self.sgr.eval_n,
+                self.sgr.eval_seed)]
+            return SourcePool(source, name, items=items, tasks=sorted(names))
         texts = [doc for task in names for doc in fewshot_documents(
             get_task(task, difficulty), source.n_per_task, source.shots, self.sgr.seed, self.sgr.eval_n,
             self.sgr.eval_seed)]
@@ -305,10 +312,10 @@ class GradualDataModule(RecoveryDataModule):
     def describe(self) -> list[dict[str, Any]]:
         """What each source (weight > 0, in config order) contributes, for the run's results: `name`, `kind`,
         `weight`, `share` (its fraction of every stage's examples), `tasks` (the built-in tasks it drew from) and what
-        its settings gave (`prompts` for sgr/sdft, `documents` and `shots` for tasks, `texts` and `path` for text; null
-        path = the built-in texts). Once the data are built: `examples` (pairs or texts), `rewrites` for sdft (teacher
-        rewrites the task scorer accepted; the other examples are reference answers); once tokenised, `dropped`
-        (nothing to learn within max_length) and `clamped` (cut at the model's positions)."""
+        its settings gave (`prompts` for sgr/sdft, `documents`, `shots` and `answers` for tasks, `texts` and `path` for
+        text; null path = the built-in texts). Once the data are built: `examples` (pairs or texts), `rewrites` for
+        sdft (teacher rewrites the task scorer accepted; the other examples are reference answers); once tokenised,
+        `dropped` (nothing to learn within max_length) and `clamped` (cut at the model's positions)."""
         total = sum(s.weight for s in self.sources)
         rows = []
         for k, pool in enumerate(self.pools):
@@ -318,7 +325,8 @@ class GradualDataModule(RecoveryDataModule):
             if s.kind in ("sgr", "sdft"):
                 row["prompts"] = len(pool.items)
             if s.kind == "tasks":
-                row.update(documents=len(pool.texts), shots=s.shots)
+                row.update(documents=len(pool.items) if s.answers == "self" else len(pool.texts), shots=s.shots,
+                           answers=s.answers)
             if s.kind == "text":
                 row.update(texts=len(pool.texts), path=s.path)
             if len(self.parts) == len(self.pools):
@@ -332,12 +340,14 @@ class GradualDataModule(RecoveryDataModule):
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether a source asks the teacher: `sgr` unless its responses are the dataset's, and `sdft`."""
-        return any(s.kind == "sdft" or (s.kind == "sgr" and self.sgr.responses != "dataset") for s in self.sources)
+        """Whether a source asks the teacher: `sgr` unless its responses are the dataset's, `sdft`, and `tasks` with
+        `answers: self`."""
+        return any(s.kind == "sdft" or (s.kind == "sgr" and self.sgr.responses != "dataset")
+                   or (s.kind == "tasks" and s.answers == "self") for s in self.sources)
 
     def build(self, teacher: torch.nn.Module | None, model_id: str) -> None:
-        """Build every source's examples, `teacher` answering (`sgr`, `sdft`; None with vLLM, which loads `model_id`
-        from disk), and hand them to the sampler as weighted parts."""
+        """Build every source's examples, `teacher` answering (`sgr`, `sdft`, self-answered `tasks`; None with vLLM,
+        which loads `model_id` from disk), and hand them to the sampler as weighted parts."""
         parts = []
         for pool in self.pools:
             s = pool.source
@@ -346,6 +356,10 @@ class GradualDataModule(RecoveryDataModule):
             elif s.kind == "sdft":
                 examples, pool.rewrites = sdft_pairs(teacher, self.tokenizer, replace(self.sgr, responses="sgr"),
                                                      pool.items, model_id=model_id)
+            elif s.kind == "tasks" and s.answers == "self":
+                documents = self_documents(teacher, self.tokenizer, self.sgr, pool.items,
+                                           s.difficulty or self.sgr.difficulty, model_id=model_id)
+                examples = [{"text": d} for d in documents]
             else:
                 examples = [{"text": t} for t in pool.texts]
             parts.append(Part(pool.name, s.weight, examples))

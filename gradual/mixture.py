@@ -7,6 +7,9 @@ Four kinds, combined by weight (each stage holds every source in proportion to i
 - `tasks`: few-shot documents of built-in tasks' training problems in the evaluation's `Q: .../A: ...` format
   (`gradual.tasks.documents`); plain text. Measured on SmolLM2, forward KL on such text restored in-data retention
   far better than KL on SGR answers or generic text.
+  With `answers: self` each document is instead the evaluation's few-shot prompt of one training problem answered by
+  the original model itself (greedy, cached like SGR answers; `gradual.sgr.self_documents`): the seed paper's
+  self-generated responses (arXiv 2602.01997) in the format of use, the reference answers discarded.
 - `text`: plain text from a .txt/.jsonl file, a Hugging Face dataset, or the built-in calibration texts.
 - `sdft`: built-in tasks' training prompts with the teacher's rewrite of the reference answer, kept when the task's
   scorer accepts it, else the reference (`gradual.sgr.pairs.sdft_pairs`); (prompt, response) pairs.
@@ -26,6 +29,7 @@ from gradual.errors import UsageError
 from gradual.tasks.builtin import check_difficulty
 
 KINDS = ("sgr", "tasks", "text", "sdft")
+ANSWERS = ("reference", "self")
 TEXT_FILE_SUFFIXES = (".txt", ".jsonl")
 
 
@@ -43,6 +47,11 @@ class DataSource:
             tasks are `data.sgr.tasks`.
         n_per_task: `tasks`: documents per task; `sdft`: prompts per task (>= 1, default 200).
         shots: `tasks`: worked examples per document (>= 1, default 5, the evaluation's default few-shot count).
+        answers: `tasks`: whose answers the documents hold: `reference` (default: `shots` worked examples with their
+            reference answers per document) or `self` (per training problem, the evaluation's few-shot prompt with
+            `shots` worked examples, answered by `data.sgr.teacher` (the original model by default) greedily up to
+            the end of its first line, as the evaluation decodes; generated once, through `data.sgr`'s backend and
+            answer cache). Other values are refused.
         difficulty: `tasks`/`sdft`: problem difficulty, `small` or `large`; null (default) = `data.sgr.difficulty`.
         path: `text` only: null (default) = the built-in calibration texts (`gradual/resources/calibration.txt`);
             a path ending in .txt (one text a line) or .jsonl (field `text_field`) = a local file; anything else = a
@@ -54,7 +63,8 @@ class DataSource:
 
     Problems are drawn as `data.sgr` draws its task prompts: training split, seed `data.sgr.seed`, refused if they
     share a question with the first `data.sgr.eval_n` evaluation problems of `data.sgr.eval_seed`. `sgr` and `sdft`
-    share `data.sgr`'s teacher, decoding, backend, cache, system prompt and chat settings.
+    share `data.sgr`'s teacher, decoding, backend, cache, system prompt and chat settings; `tasks` with `answers:
+    self` shares its teacher, backend and cache (its decoding is the evaluation's, its prompts are not chat).
     """
 
     kind: str
@@ -62,6 +72,7 @@ class DataSource:
     tasks: list[str] = field(default_factory=list)
     n_per_task: int = 200
     shots: int = 5
+    answers: str = "reference"
     difficulty: str | None = None
     path: str | None = None
     text_field: str = "text"
@@ -77,6 +88,11 @@ class DataSource:
         for name in ("n_per_task", "shots"):
             if getattr(self, name) < 1:
                 raise UsageError(f"data source {self.kind} {name}={getattr(self, name)} is invalid; it must be >= 1")
+        if self.answers not in ANSWERS:
+            raise UsageError(f"data source {self.kind} answers={self.answers!r} is unknown; allowed: "
+                             f"{', '.join(ANSWERS)}")
+        if self.answers != "reference" and self.kind != "tasks":
+            raise UsageError(f"data source {self.kind} has answers={self.answers!r}, but only kind tasks takes answers")
         if self.max_texts is not None and self.max_texts < 1:
             raise UsageError(f"data source {self.kind} max_texts={self.max_texts} is invalid; it must be >= 1 or null")
         if self.difficulty is not None:

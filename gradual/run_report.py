@@ -150,7 +150,8 @@ def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: 
              f"- stop: {stop_reason or 'still running'}",
              f"- held-out tasks (nothing of them fed recovery): {', '.join(held_out) or 'none'}",
              f"- in-data tasks (their problems fed recovery; marked *): {', '.join(sorted(in_data)) or 'none'}",
-             *[f"- recovery data: {d['name']} ({d['kind']}), {d['share']:.0%} of every stage, "
+             *[f"- recovery data: {d['name']} ({d['kind']}"
+               f"{', self-generated answers' if d.get('answers') == 'self' else ''}), {d['share']:.0%} of every stage, "
                f"{d.get('examples', '?')} examples, tasks: {', '.join(d.get('tasks') or []) or 'none'}"
                for d in recovery_data or []], "",
              "Scores per stage, retention against stage 0 in brackets; group columns are mean retentions, each "

@@ -118,6 +118,11 @@ def _source(row: dict[str, Any], sgr: Any) -> str:
             held = f"{row['prompts']} prompts{tasks}, answered by {teacher} before training, cached"
     elif row["kind"] == "sdft":
         held = f"{row['prompts']} problems{tasks}, reference answers rewritten by the teacher before training"
+    elif row["kind"] == "tasks" and row.get("answers") == "self":
+        teacher = "each stage's starting model" if sgr is not None and sgr.teacher == "previous" \
+            else "the original model"
+        held = (f"{row['documents']} few-shot prompts{tasks} with self-generated answers of {teacher} (greedy, "
+                "before training, cached)")
     elif row["kind"] == "tasks":
         held = f"{row['documents']} few-shot documents{tasks}"
     else:

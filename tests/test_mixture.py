@@ -1,6 +1,7 @@
 """The recovery mixture: weighted sources (sgr, tasks, text, sdft), their shares of every stage, resumption and the
 DDP split, the kinds of examples (pairs learn the response, texts every token), the in-data tasks, SDFT, bad input,
-`data.sgr` alone pinned to recorded pairs, order and cache, and a `gradual fit` on a mixture under `kd`."""
+`data.sgr` alone pinned to recorded pairs, order and cache, self-answered task documents (`answers: self`), and a
+`gradual fit` on a mixture under `kd`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from helpers import pairs_of
 from test_fit import write_config
 
@@ -246,6 +248,8 @@ BAD_SOURCES = {
     "empty": ("[]", "data.sources is empty"),
     "misspelt field": ("[{kind: text, wieght: 2}]", "data.sources: unknown field 'wieght'"),
     "zero shots": ("[{kind: tasks, shots: 0}]", "shots=0 is invalid"),
+    "unknown answers": ("[{kind: tasks, answers: model}]", "answers='model' is unknown; allowed: reference, self"),
+    "answers on sdft": ("[{kind: sdft, answers: self}]", "sdft has answers='self', but only kind tasks takes answers"),
 }
 
 
@@ -319,6 +323,126 @@ def test_sdft_keeps_accepted_rewrites_and_falls_back_to_the_reference(tmp_path: 
                                                     for i, it in enumerate(items)]
     [row] = again.describe()
     assert row["rewrites"] == 2 and row["examples"] == 4 and row["tasks"] == ["successor"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Self-answered task documents (answers: self)
+# ---------------------------------------------------------------------------------------------------------------
+
+SELF_SOURCE = {"kind": "tasks", "tasks": ["successor", "category"], "n_per_task": 3, "shots": 1, "answers": "self"}
+
+
+@pytest.fixture
+def generations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A spy on the batched generator the teacher answers through: the number of prompts of every call."""
+    import gradual.sgr.teacher as teacher
+
+    calls: list[int] = []
+    real = teacher.generate
+
+    def spy(model: Any, tokenizer: Any, prompts: list[str], *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(prompts))
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(teacher, "generate", spy)
+    return calls
+
+
+def hf_greedy_line(model: torch.nn.Module, tokenizer: Any, prompt: str, budget: int) -> str:
+    """transformers' own greedy `generate` on the prompt, read as the evaluation reads a few-shot reply."""
+    from gradual.generation import encode_prompt
+    from gradual.tasks.documents import answer_line
+
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=budget,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id,
+                                                                                tokenizer.pad_token_id])
+    return answer_line(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\nQ:")[0])
+
+
+def test_self_documents_hold_the_models_greedy_answers_to_the_evaluation_prompts(tmp_path: Path,
+                                                                                   generations: list[int]) -> None:
+    dm = data_module(tmp_path, [SELF_SOURCE], eval_n=50)
+    dm.setup("fit")
+    items = dm.pools[0].items
+    docs = [e["text"] for e in dm.parts[0].examples]
+    tok, model = tiny_tokenizer(), models.load_model(TINY)
+    expected, answered_otherwise = [], 0
+    for name in ("successor", "category"):
+        task = get_task(name)
+        for it, p in zip([it for it in items if it.task == name], task.problems("train", 3, 0), strict=True):
+            assert it.prompt == build_prompt(task, p, tok, "fewshot", shots=1), "the evaluation's own prompt"
+            line = hf_greedy_line(model, tok, it.prompt, task.fewshot_tokens)
+            if line.strip():
+                expected.append(it.prompt + line + "\n")
+                answered_otherwise += line.strip() != p.answer
+                if line.strip() != p.answer:
+                    assert p.answer not in (it.prompt + line + "\n")[len(it.prompt):], "no reference answer"
+    assert expected and docs == expected, "each document: the prompt, then the model's own first line"
+    assert answered_otherwise > 0, "the tiny model answers otherwise than the references"
+    assert sum(generations) == len(items) and len(list((tmp_path / "cache").glob("*.jsonl"))) == 2
+    [row] = dm.describe()
+    assert row["answers"] == "self" and row["documents"] == 6 and row["examples"] == len(docs)
+
+    again = data_module(tmp_path, [SELF_SOURCE], eval_n=50)
+    again.setup("fit")
+    assert [e["text"] for e in again.parts[0].examples] == docs
+    assert sum(generations) == len(items), "the second build reads the cache: nothing is generated"
+
+
+def test_self_answer_cache_key_follows_the_weights_and_the_decoding(tmp_path: Path, generations: list[int]) -> None:
+    from gradual.sgr import self_documents
+
+    items = data_module(tmp_path, [{**SELF_SOURCE, "tasks": ["successor"]}], eval_n=50).pools[0].items
+    cfg, tok, model = sgr_config(tmp_path), tiny_tokenizer(), models.load_model(TINY)
+
+    def build(**kwargs: Any) -> tuple[int, int]:
+        """(prompts generated, cache files) after one build."""
+        before = sum(generations)
+        self_documents(model, tok, cfg, items, model_id=TINY, progress=False, **kwargs)
+        return sum(generations) - before, len(list((tmp_path / "cache").glob("*.jsonl")))
+
+    assert build() == (3, 1)
+    assert build() == (0, 1), "same weights, prompts and decoding: read from the cache"
+    assert build(max_new_tokens=3) == (3, 2), "another decoding budget: its own cache file"
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert build() == (3, 3), "other weights: answered afresh"
+    assert build(max_new_tokens=3) == (3, 4)
+
+
+def test_reference_task_documents_are_unchanged(tmp_path: Path) -> None:
+    """`answers: reference` (the default) gives the documents and tokens pinned before `answers` existed."""
+    for source in ({}, {"answers": "reference"}):
+        dm = data_module(tmp_path, [{"kind": "tasks", "tasks": ["successor", "category"], "n_per_task": 6,
+                                     "shots": 3, **source}], eval_n=300)
+        dm.setup("fit")
+        dm.samples_per_epoch = 6
+        assert hashlib.sha256(json.dumps(dm.parts[0].examples).encode()).hexdigest() == (
+            "3dc23045b65b88f400227daabeec58ee34e3f1f90e4115ba26dca61c4c7ac7af")
+        assert hashlib.sha256(json.dumps(dm.dataset.examples).encode()).hexdigest() == (
+            "7de20dc3503252d14fee8661449572208fb39db18cdd7fb369f9e02dbeb7aa18")
+        assert not dm.needs_teacher and not list((tmp_path / "cache").glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("loss", ["kd", "sft", "kd+sft"])
+def test_fit_on_self_documents_learns_every_token_and_says_self_generated(loss: str, tmp_path: Path) -> None:
+    from gradual.runplan import plan_lines
+
+    config, run_dir = write_config(tmp_path, data__sources=[{**SELF_SOURCE, "tasks": ["category"]}],
+                                   data__sgr__cache_dir=str(tmp_path / "cache"), model__recovery={"loss": loss},
+                                   model__schedule__max_layers=1, model__schedule__steps_per_stage=2)
+    recorder = _Batches()
+    cli = fit_with(config, recorder)
+    docs = {tuple(tiny_tokenizer()(e["text"])["input_ids"]) for e in cli.datamodule.parts[0].examples}
+    assert recorder.rows and all(labels == ids and tuple(ids) in docs for ids, labels in recorder.rows)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["stages"][-1]["loss"] is not None and np.isfinite(results["stages"][-1]["loss"])
+    assert results["in_data_tasks"] == ["category"] and results["recovery_data"][0]["answers"] == "self"
+    assert "(tasks, self-generated answers)" in (run_dir / "report.md").read_text()
+    [recovery] = [line for line in plan_lines(cli.model, cli.datamodule, cli.trainer) if "recovery:" in line]
+    assert "self-generated answers of the original model" in recovery, recovery
 
 
 # ---------------------------------------------------------------------------------------------------------------

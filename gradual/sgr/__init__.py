@@ -20,7 +20,8 @@ The seed paper heals a pruned model by finetuning it on what the *unpruned* mode
 - `pairs`: the training pairs; for comparisons the dataset's own answers ("dataset SFT") or only the teacher answers
   the task scorer accepts ("sgr_filtered") can be used instead; `sdft_pairs` (the `sdft` source of the recovery
   mixture, `gradual.mixture`) asks the same teacher, through the same generation and cache, to rewrite each task
-  prompt's reference answer, and keeps a rewrite only if the task's scorer accepts it.
+  prompt's reference answer, and keeps a rewrite only if the task's scorer accepts it; `self_documents` (the `tasks`
+  source with `answers: self`) has it answer the evaluation's few-shot prompts of training problems, greedily.
 
 Pairs hold the raw user prompt, not the formatted one: the data module applies the chat template again at
 training time, so training and generation see the same conversation.
@@ -33,9 +34,9 @@ model needs to be in memory.
 """
 
 from gradual.sgr.config import BACKENDS, RESPONSES, SOURCES, TEACHERS, PromptItem, SGRConfig
-from gradual.sgr.pairs import SDFT_TEMPLATE, accepts, build_pairs, sdft_pairs
+from gradual.sgr.pairs import SDFT_TEMPLATE, accepts, build_pairs, sdft_pairs, self_documents
 from gradual.sgr.prompts import hf_rows, load_prompts
 from gradual.sgr.teacher import teacher_responses
 
 __all__ = ["BACKENDS", "RESPONSES", "SDFT_TEMPLATE", "SOURCES", "TEACHERS", "PromptItem", "SGRConfig", "accepts",
-           "build_pairs", "hf_rows", "load_prompts", "sdft_pairs", "teacher_responses"]
+           "build_pairs", "hf_rows", "load_prompts", "sdft_pairs", "self_documents", "teacher_responses"]

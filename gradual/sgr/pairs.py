@@ -97,3 +97,45 @@ def sdft_pairs(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase
     log.info("sdft: %d of %d teacher rewrites accepted by the task scorer; the reference answer kept for the rest",
              kept, len(items))
     return pairs, kept
+
+
+def self_documents(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase | None, cfg: SGRConfig,
+                   items: Sequence[PromptItem], difficulty: str = "small", model_id: str | None = None,
+                   progress: bool = True, max_new_tokens: int | None = None) -> list[str]:
+    """Few-shot documents answered by the teacher itself: each item's prompt (the evaluation's few-shot prompt of a
+    training problem, `tasks.documents.fewshot_prompts`) followed by the teacher's reply up to the end of its first
+    non-blank line (`answer_line`) and a newline. The reference answer is discarded.
+
+    Why: the seed paper (arXiv 2602.01997) heals on the unpruned model's self-generated responses rather than the
+    dataset's answers; here they are given in the format of use, so the student is distilled on the text it is
+    evaluated on, along the teacher's own trajectory. Decoding is the evaluation's (`fewshot_decoding`: greedy, the
+    task's few-shot budget unless `max_new_tokens`, first line), not `cfg.decoding`'s sampled chat answers: the
+    documents then hold what the model says when it is scored. Answers go through `teacher_responses` (its backend,
+    cache and fingerprint, DDP split), the prompts raw (no chat template), one cache file per task and budget.
+    Documents whose reply is blank are dropped, as SGR drops empty answers.
+    """
+    from gradual.tasks.builtin import get_task
+    from gradual.tasks.documents import answer_line
+    from gradual.tasks.evaluate import fewshot_decoding
+
+    if tokenizer is None or (model is None and cfg.backend != "vllm"):
+        raise UsageError("tasks answers='self' needs the original model and tokenizer")
+    by_task: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_task.setdefault(it.task, []).append(i)
+    replies: list[str] = [""] * len(items)
+    for task, idx in by_task.items():
+        budget = max_new_tokens or get_task(task, difficulty).fewshot_tokens
+        asked = replace(cfg, chat=False, system_prompt=None, decoding=fewshot_decoding(budget))
+        answers = teacher_responses(model, tokenizer, [items[i] for i in idx], asked, model_id=model_id,
+                                    progress=progress, raw=True)
+        for i, responses in zip(idx, answers, strict=True):
+            replies[i] = responses[0]
+    documents = [it.prompt + line + "\n" for it, line in zip(items, map(answer_line, replies), strict=True)
+                 if line.strip()]
+    log.info("tasks answers='self': %d documents from %d prompts (%d blank replies dropped)", len(documents),
+             len(items), len(items) - len(documents))
+    if not documents:
+        raise UsageError(f"tasks answers='self': the teacher's replies to all {len(items)} prompts are blank; "
+                         "use answers='reference'")
+    return documents

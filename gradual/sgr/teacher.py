@@ -103,8 +103,11 @@ def _chunk_seed(seed: int, chunk: int, rank: int) -> int:
 
 def teacher_responses(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
                       items: Sequence[PromptItem], cfg: SGRConfig, model_id: str | None = None,
-                      progress: bool = True) -> list[list[str]]:
+                      progress: bool = True, raw: bool = False) -> list[list[str]]:
     """The teacher's `cfg.decoding.num_samples` answers to every prompt, in order, from the cache where present.
+
+    Prompts are user messages formatted by `response_prompt`; with `raw` they are the model's whole input as they
+    stand (few-shot prompts answered in the evaluation's format, `self_documents`), and the cache keys the raw text.
 
     transformers backend: `model` answers. vLLM backend: `model_id` on disk answers and `model` may be None (see
     `cache_key`). Under DDP each chunk's missing prompts are split rank::world and gathered, so every rank returns
@@ -114,7 +117,7 @@ def teacher_responses(model: PreTrainedModel | None, tokenizer: PreTrainedTokeni
     if cfg.backend == "vllm" and world > 1:
         raise UsageError("sgr backend='vllm' does not run under torch.distributed; use backend='transformers'")
     prompts = [it.prompt for it in items]
-    inputs = [response_prompt(tokenizer, p, cfg.system_prompt, cfg.chat) for p in prompts]
+    inputs = prompts if raw else [response_prompt(tokenizer, p, cfg.system_prompt, cfg.chat) for p in prompts]
     model_id = model_id or getattr(getattr(model, "config", None), "name_or_path", "") or None
     fp, stop_ids, teacher = cache_key(model, tokenizer, inputs, cfg, model_id)
     cache = None

@@ -43,10 +43,22 @@ def fewshot_prefix(task: Task, k: int = 5) -> str:
     return worked_examples(fewshot_examples(task, k))
 
 
+def fewshot_prompt(task: Task, problem: Problem, shots: int = 5) -> str:
+    """The few-shot prompt: `shots` worked examples + `Q: ...\\nA:`; no tokenizer needed."""
+    return f"{fewshot_prefix(task, shots)}Q: {problem.question}\nA:"
+
+
+def fewshot_decoding(max_new_tokens: int) -> DecodingConfig:
+    """How a few-shot reply is decoded: greedy, ended with its first non-blank line (`answer_text` reads only that
+    line) or at a stop string. The self-generated recovery documents decode the same way (`sgr.self_documents`)."""
+    return DecodingConfig(do_sample=False, max_new_tokens=max_new_tokens, stop=list(FEWSHOT_STOP),
+                          stop_at_line_end=True)
+
+
 def build_prompt(task: Task, problem: Problem, tokenizer: PreTrainedTokenizerBase, fmt: str, shots: int = 5) -> str:
     """The full prompt string: few-shot examples + `Q: ...\\nA:`, or the chat template with an answer instruction."""
     if fmt == "fewshot":
-        return f"{fewshot_prefix(task, shots)}Q: {problem.question}\nA:"
+        return fewshot_prompt(task, problem, shots)
     return format_prompt(tokenizer, task.chat_message(problem), system=DEFAULT_SYSTEM_PROMPT, chat=True)
 
 
@@ -76,8 +88,7 @@ def evaluate_generative(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     prompts = [build_prompt(task, p, tokenizer, fmt, shots) for p in problems]
     budget = token_budget(task, fmt, max_new_tokens)
     # a few-shot answer is the reply's first non-blank line (`answer_text`): decoding stops when that line ends
-    config = DecodingConfig(do_sample=False, max_new_tokens=budget, stop=FEWSHOT_STOP if fmt == "fewshot" else [],
-                            stop_at_line_end=fmt == "fewshot")
+    config = fewshot_decoding(budget) if fmt == "fewshot" else DecodingConfig(do_sample=False, max_new_tokens=budget)
     outputs = generate(model, tokenizer, prompts, config, batch_size=batch_size, progress=progress, desc=task.name)
     replies = [r[0] for r in outputs]
     accuracy = MeanMetric(sync_on_compute=False)  # local: under DDP only rank 0 evaluates
