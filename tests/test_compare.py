@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from gradual import compare
 from gradual.cli import main
 from gradual.compare import Arm, FitParser, arm_budget, arm_config, arm_runs, load_plan, run
 from gradual.compare.outputs import flag_below_no_recovery, write_outputs
+from gradual.errors import UsageError
 from gradual.lightning_cli import GradualCLI
 from gradual.stages import Schedule
 from gradual.tasks import evaluate
@@ -474,3 +477,29 @@ def test_pooled_intervals_take_in_the_seed_spread(seeded: tuple[dict[str, Any], 
     rows = [r for r in result["differences"] if r["removed"] == 2 and {r["a"], r["b"]} == {"one_shot_sgr",
                                                                                             "gradual_sgr"}]
     assert rows and all(r["verdict"] in ("ahead", "behind", "tie") for r in rows)
+
+
+def test_report_only_writes_the_depths_reached_so_far_and_runs_nothing(
+        comparison: tuple[dict[str, Any], Path, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--report-only` on a comparison in progress: one arm's deeper run is not there yet, the gradual run has one
+    stage of two. The report holds exactly the depths every run has reached, with the figures the full comparison
+    had there; nothing trains or evaluates."""
+    result, tmp, _ = comparison
+    out = tmp_path / "out"
+    shutil.copytree(tmp / "out", out)
+    shutil.rmtree(out / "one_shot_sgr-2")
+    gradual_run = out / "gradual_sgr-2" / "results.json"
+    saved = json.loads(gradual_run.read_text())
+    gradual_run.write_text(json.dumps({**saved, "stages": saved["stages"][:2]}))
+    monkeypatch.setattr(sys.modules["gradual.compare.run"], "fit_run",
+                        lambda *a, **k: pytest.fail("report_only runs nothing"))
+    partial = run(load_plan(["--config", str(tmp / "compare.yaml"), "--out", str(out), "--report-only"]))
+    reached = {(p["arm"], p["removed"]) for p in partial["points"]}
+    everything = {(p["arm"], p["removed"]) for p in result["points"]}
+    assert reached == everything - {("one_shot_sgr", 2), ("gradual_sgr", 2)}
+    for arm, removed in reached:
+        assert point(partial, arm, removed)["retention"] == point(result, arm, removed)["retention"]
+    assert [c["removed"] for c in partial["curves"]["gradual_sgr"]] == [0, 1]
+    assert partial["partial"] is True and "**Partial**" in (out / "compare.md").read_text()
+    with pytest.raises(UsageError, match="holds no comparison yet"):
+        run(load_plan(["--config", str(tmp / "compare.yaml"), "--out", str(tmp_path / "empty"), "--report-only"]))

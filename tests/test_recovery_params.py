@@ -134,7 +134,7 @@ def probed_fit(tmp_path: Path, **changes: object) -> tuple[GradualCLI, TeacherPr
     config, run_dir = write_config(tmp_path, trainer__callbacks=callbacks, model__recovery__loss="kd", **changes)
     cli, probe = GradualCLI(args=["--config", str(config)], run=False), TeacherProbe()
     cli.trainer.callbacks.insert(0, probe)
-    cli.model.check_run_dir()
+    cli.model.check_run_dir(cli.trainer, cli.datamodule)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli, probe, run_dir
 
@@ -165,7 +165,8 @@ def test_steps_growth_trains_each_stage_its_planned_steps_from_the_original(tmp_
     assert not torch.equal(probe.final[1], unpruned)
     results = json.loads((run_dir / "results.json").read_text())
     assert [s["steps"] for s in results["stages"]] == [0, 1, 2, 3] and cli.trainer.global_step == 6
-    assert results["config"]["schedule"]["steps_growth"] == 2.0 and "teacher" not in results["config"]["recovery"]
+    config = results["config"]
+    assert config["schedule"]["steps_growth"] == 2.0 and config["recovery"]["teacher"] == "original"
     removal = runplan.plan_lines(cli.model, cli.datamodule, cli.trainer)[1]
     assert "3 stages = 1 x (1 layer, 1 steps) + 1 x (1 layer, 2 steps) + 1 x (1 layer, 3 steps) (steps_growth 2: " \
            "6 removal steps, as 3 x 2)" in removal, removal

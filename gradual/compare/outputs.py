@@ -290,6 +290,9 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
              "arms remove the layers ranked once on the unpruned model; a gradual arm without consolidation runs "
              "once to the deepest target and its earlier stages give the shallower points (marked with their "
              "stage); any other arm runs once per depth.", "", seeds_line(result), "",
+             *(["**Partial** (`--report-only`): written from the runs on disk so far; a depth missing from an arm's "
+                "rows is still running or not started, and its curve cost counts the runs done so far.", ""]
+               if result.get("partial") else []),
              f"- in-data tasks (their problems fed recovery): {', '.join(in_data) or 'none'}",
              f"- held-out tasks (nothing of them fed recovery): {', '.join(held_out) or 'none'}", "",
              "## Arms", "", arms_table(result["arms"]), "",

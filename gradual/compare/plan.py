@@ -131,6 +131,7 @@ class Plan:
     budget_per_layer: int
     overwrite: bool = False
     seeds: list[int] = field(default_factory=list)
+    report_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -245,7 +246,8 @@ def default_budget(base: dict[str, Any]) -> int:
 
 
 def make_plan(depths: list[int] | str | None = None, arms: str | None = None, out: str | None = None,
-              overwrite: bool = False, seeds: list[int] | str | None = None, compare: SectionHint = None,
+              overwrite: bool = False, seeds: list[int] | str | None = None, report_only: bool = False,
+              compare: SectionHint = None,
               seed_everything: Annotated[int | bool | None, Verbatim("int | bool")] = None,
               model: SectionHint = None, data: SectionHint = None, trainer: SectionHint = None,
               optimizer: SectionHint = None, lr_scheduler: SectionHint = None) -> Plan:
@@ -259,6 +261,8 @@ def make_plan(depths: list[int] | str | None = None, arms: str | None = None, ou
         out: Output folder of the comparison; replaces compare.out (default runs/compare).
         overwrite: Replace an output folder that holds another comparison.
         seeds: Training seeds every arm runs under, comma-separated (e.g. 0,1,2); replaces compare.seeds.
+        report_only: Run nothing: write compare.md/json/png from the runs in the output folder so far (a long
+            comparison's progress: the depths every seed's run has reached; a gradual run's stages so far).
         compare: The comparison: depths (layers to remove, default [4, 8]), arms (a list of {name, mode, overrides,
             final_share}, default the four classic arms), out (the output folder), budget_per_layer (recovery
             steps per removed layer, default the base config's steps per stage over its layers per stage) and seeds
@@ -288,7 +292,10 @@ def make_plan(depths: list[int] | str | None = None, arms: str | None = None, ou
         raise UsageError(f"compare.budget_per_layer={budget!r} is invalid; give recovery steps per removed layer >= 1")
     plan = Plan(base=base, depths=parse_depths(depths if depths is not None else section.get("depths", [4, 8])),
                 arms=select_arms(parse_arms(section.get("arms")), arms),
-                out=Path(out or section.get("out") or "runs/compare"), budget_per_layer=budget, overwrite=overwrite)
+                out=Path(out or section.get("out") or "runs/compare"), budget_per_layer=budget, overwrite=overwrite,
+                report_only=report_only)
+    if report_only and overwrite:
+        raise UsageError("--report-only reads the output folder and --overwrite would clear it; give one")
     chosen = seeds if seeds is not None else section.get("seeds")
     if chosen is not None:
         plan.seeds = parse_seeds(chosen)

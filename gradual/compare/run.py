@@ -146,19 +146,25 @@ def fit_run(plan: Plan, arm: Arm, depth: int, layers: list[int] | None, seed: in
     del module, cli
     gc.collect()
     results = json.loads((run_dir / "results.json").read_text())
-    history = results["stages"]
-    reached = len(history[-1]["removed_total"])
+    reached = len(results["stages"][-1]["removed_total"])
     stop = results.get("stop_reason")
     if stop and stop != "schedule complete":  # an abandoned stage (non-finite loss) or a failed evaluation
         raise UsageError(f"run {name} ended early: {stop}; see {run_dir / 'report.md'}")
     if reached != depth:
         raise UsageError(f"run {name} stopped at {reached} layers removed instead of {depth}; remove callbacks that "
                          "stop training early from the config")
+    return {**read_run(results, config), "seconds": time.perf_counter() - t, "optimizer_steps": steps}
+
+
+def read_run(results: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """What a comparison keeps of a run's `results.json` (its stages so far): history, in-data tasks, recipe, and
+    the steps and stage seconds it recorded."""
+    history = results["stages"]
     trained = sum(r["steps"] for r in history)
     return {"history": history, "in_data": results.get("in_data_tasks", []), "recipe": recipe(config, trained),
             "responses": ((config.get("data") or {}).get("sgr") or {}).get("responses", SGRConfig.responses)
             if trained else None,
-            "seconds": time.perf_counter() - t, "optimizer_steps": steps, "trained_steps": trained,
+            "seconds": 0.0, "optimizer_steps": None, "trained_steps": trained,
             "stage_seconds": sum(stage_seconds(r) for r in history),
             "train_seconds": sum(float((r.get("timings") or {}).get("train_s", 0.0)) for r in history)}
 
@@ -265,25 +271,59 @@ def curve_costs(plan: Plan, seeds_of: dict[str, list[int]], runs_of: dict[str, d
     return costs
 
 
+def reached_so_far(plan: Plan, seeds_of: dict[str, list[int]], runs_of: dict[str, dict[int, int]],
+                   baseline: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[int, int]]]:
+    """`--report-only`: the runs on disk (finished or not: a gradual run's stages so far), and per arm the target
+    depths that every seed's run has reached, each with the run that reaches it."""
+    runs: dict[str, dict[str, Any]] = {}
+    for arm in plan.arms:
+        for seed in seeds_of[arm.name]:
+            for depth in sorted(set(runs_of[arm.name].values())):
+                name = arm.run_name(depth, plan.seed_tag(seed))
+                path = plan.out / name / "results.json"
+                if path.is_file():
+                    layers = baseline["ranking"][str(depth)] if arm.mode == "one_shot" else None
+                    runs[name] = read_run(json.loads(path.read_text()), arm_config(plan, arm, depth, layers, seed))
+
+    def reached(name: str, depth: int) -> bool:
+        return name in runs and any(len(r["removed_total"]) == depth for r in runs[name]["history"])
+
+    present = {arm.name: {d: r for d, r in runs_of[arm.name].items()
+                          if all(reached(arm.run_name(r, plan.seed_tag(s)), d) for s in seeds_of[arm.name])}
+               for arm in plan.arms}
+    return runs, present
+
+
 def run(plan: Plan) -> dict[str, Any]:
-    """Run every arm and write compare.json / compare.md / compare.png into `plan.out`."""
+    """Run every arm and write compare.json / compare.md / compare.png into `plan.out`; with `report_only`, run
+    nothing and write them from the runs on disk (the depths reached so far)."""
     from gradual.compare.outputs import flag_below_no_recovery, paired_differences, write_outputs
 
     t0 = time.perf_counter()
     from gradual.lightning_cli import held_logs
 
-    with held_logs(replay=False):  # the arms' CLIs, built only to check them, print nothing
-        clear = check_out(plan)
-        budgets = validate_arms(plan)
-    if clear:
-        shutil.rmtree(plan.out)
-    save_plan(plan)
-    baseline = prepare(plan)
+    if plan.report_only:
+        check_out(plan)
+        if not (plan.out / BASELINE_FILE).is_file():
+            raise UsageError(f"--report-only: {str(plan.out)!r} holds no comparison yet (no {BASELINE_FILE}); run it "
+                             "without --report-only first")
+        baseline = json.loads((plan.out / BASELINE_FILE).read_text())
+        budgets = check_budgets(plan, baseline["depth"])
+    else:
+        with held_logs(replay=False):  # the arms' CLIs, built only to check them, print nothing
+            clear = check_out(plan)
+            budgets = validate_arms(plan)
+        if clear:
+            shutil.rmtree(plan.out)
+        save_plan(plan)
+        baseline = prepare(plan)
     runs: dict[str, dict[str, Any]] = {}
     runs_of = {arm.name: arm_runs(plan, arm) for arm in plan.arms}
     seeds_of = {arm.name: arm_seeds(plan, arm, budgets[arm.name]) for arm in plan.arms}
-    for seed in plan.seeds:  # seed by seed: the first seed's comparison is complete before the next seed starts
-        for arm in [a for a in plan.arms if seed in seeds_of[a.name]]:
+    if plan.report_only:
+        runs, runs_of = reached_so_far(plan, seeds_of, runs_of, baseline)
+    for seed in [] if plan.report_only else plan.seeds:  # seed by seed: the first seed's comparison is complete
+        for arm in [a for a in plan.arms if seed in seeds_of[a.name]]:  # before the next seed starts
             for depth in sorted(set(runs_of[arm.name].values())):
                 layers = baseline["ranking"][str(depth)] if arm.mode == "one_shot" else None
                 name = arm.run_name(depth, plan.seed_tag(seed))
@@ -297,6 +337,7 @@ def run(plan: Plan) -> dict[str, Any]:
     first = {a.name: seeds_of[a.name][0] for a in plan.arms}
     result = {"model": (plan.base.get("model") or {}).get("model", "smollm2-135m-instruct"),
               "depths": plan.depths, "budget_per_layer": plan.budget_per_layer, "seeds": plan.seeds,
+              "partial": plan.report_only,
               "arms": [{**asdict(a), "runs": {str(d): n for d, n in seed_run_names(plan, a, first[a.name],
                                                                                   runs_of[a.name]).items()},
                         "seeds": seeds_of[a.name],
