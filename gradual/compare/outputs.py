@@ -189,6 +189,8 @@ def plot_compare(curves: dict[str, list[dict[str, Any]]], path: Path, title: str
             if band:  # the 95% interval of the capped mean, where the stages kept per-problem scores
                 ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
                                 color=line.get_color(), alpha=0.15, linewidth=0)
+                ax.vlines([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
+                          color=line.get_color(), alpha=0.5, linewidth=1)  # a lone point's interval too
         ax.axhline(1.0, color="grey", linewidth=0.5)
         ax.set_xlabel("layers removed")
         ax.set_ylabel(f"{name} retention (mean)")

@@ -284,6 +284,7 @@ def reached_so_far(plan: Plan, seeds_of: dict[str, list[int]], runs_of: dict[str
                 if path.is_file():
                     layers = baseline["ranking"][str(depth)] if arm.mode == "one_shot" else None
                     runs[name] = read_run(json.loads(path.read_text()), arm_config(plan, arm, depth, layers, seed))
+                    runs[name]["seconds"] = runs[name]["stage_seconds"]  # what it has cost so far, as it recorded
 
     def reached(name: str, depth: int) -> bool:
         return name in runs and any(len(r["removed_total"]) == depth for r in runs[name]["history"])
