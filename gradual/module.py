@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
 
-from gradual import identity, importance, models, pipeline, rundir, sharding, surgery
+from gradual import identity, models, pipeline, rundir, sharding, surgery
 from gradual.datamodule import GradualDataModule, RecoveryDataModule
 from gradual.distill import Recovery, RecoveryObjective, Teacher
 from gradual.errors import UsageError
@@ -105,8 +105,7 @@ class GradualModule(StageHistory, L.LightningModule):
                              "cannot hold; use params: lora with quantize: nf4, or quantize: null")
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
-        self._calibration: list[dict[str, torch.Tensor]] | None = None
-        self._selection_score: importance.ScoreFn | None = None
+        self.chooser: pipeline.LayerChooser | None = None  # built with the tokenizer, at the first choice
         self._stage_start = 0.0
         self._losses: list[float] = []
         self._identity: dict[str, Any] | None = None  # what `check_run_dir` checked the run directory under
@@ -226,47 +225,11 @@ class GradualModule(StageHistory, L.LightningModule):
         return self.plan[done] if done < len(self.plan) else None
 
     def choose_layers(self, k: int) -> tuple[list[int], dict[str, Any]]:
-        """Current indices of the `k` layers to remove now, and the scores that chose them (`pipeline.choose_layers`:
-        chosen on rank 0, shared by every rank). With `selection.rescore: false`, stages after the first follow the
-        ranking stage 1 recorded on the unpruned model (`state.json` keeps it, so a resumed run follows it too)."""
-        removed = [i for r in self.history for i in r.removed]
-        return pipeline.choose_layers(self.model, k, self.selection, self.calibration_batches, self.seed + self.stage,
-                                      explicit=self.schedule.layers, removed=removed, ranking=self.first_ranking(),
-                                      score_fn=self.selection_score())
-
-    def first_ranking(self) -> list[int] | None:
-        """Under `selection.rescore: false`, once stage 1 is recorded: the ranking it made of the unpruned model's
-        layers (original indices, removal order); None otherwise (the current model is scored)."""
-        if self.selection.rescore or len(self.history) < 2 or self.schedule.layers is not None:
-            return None
-        ranking = self.history[1].importance.get("ranking")
-        if ranking is None:
-            raise RuntimeError(f"selection.rescore is false, but stage 1's record in {self.run_dir} holds no ranking "
-                               "of the unpruned model's layers; start the run again with overwrite: true")
-        return list(ranking)
-
-    def selection_score(self) -> importance.ScoreFn | None:
-        """`task_ablation`'s score (`gradual.tasks.selection.TaskScore`): its problems and prompts are built once
-        per run; None for the other metrics."""
-        if self.selection.metric != "task_ablation":
-            return None
-        if self._selection_score is None:
-            from gradual.tasks.selection import TaskScore
-
-            s = self.selection
-            self._selection_score = TaskScore(self.tokenizer, s.tasks or [], n=s.n, fmt=s.fmt, score=s.task_score,
-                                              difficulty=s.difficulty)
-        return self._selection_score
-
-    def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
-        """The selection's calibration batches (tokenised once per run) on the module's device."""
-        if self._calibration is None:
-            texts = importance.calibration_texts(self.selection.calibration, n=self.selection.num_calibration,
-                                                 seed=self.seed)
-            self._calibration = importance.calibration_batches(
-                self.tokenizer, texts, batch_size=self.selection.calibration_batch_size,
-                max_length=self.selection.calibration_max_length)
-        return [{key: v.to(self.device) for key, v in b.items()} for b in self._calibration]
+        """Current indices of the `k` layers to remove now, and the scores that chose them (`pipeline.LayerChooser`:
+        chosen on rank 0, shared by every rank; under `selection.rescore: false` the first stage's ranking)."""
+        if self.chooser is None:
+            self.chooser = pipeline.LayerChooser(self.selection, self.tokenizer, self.seed, self.schedule.layers)
+        return self.chooser.choose(self.model, k, self.history, self.device)
 
     def on_train_epoch_start(self) -> None:
         """Start a stage (`gradual.pipeline`, steps 1-4): choose, repair, remove, record, make the chosen weights
@@ -282,12 +245,15 @@ class GradualModule(StageHistory, L.LightningModule):
         stage = len(self.history)
         L.seed_everything(self.seed + stage, verbose=False)
         self._stage_start, self._losses, timings = time.perf_counter(), [], {}
-        self.objective = self._stage_objective(k, steps)
+        self.stage_teacher = None  # the last stage's copied teacher goes first: at most one copy is alive
+        self.objective, self.stage_teacher = pipeline.stage_objective(self.recovery, self.teacher, k, steps,
+                                                                      self.model, self.baseline_model)
         with pipeline.timed(timings, "scoring_s"):
             chosen, scores = self.choose_layers(k) if k else ([], {"metric": "consolidation"})
         if self.repair is not None and chosen:
             with pipeline.timed(timings, "repair_s"):
-                scores["repair"] = pipeline.repair_cuts(self.model, chosen, self.repair, self.calibration_batches())
+                scores["repair"] = pipeline.repair_cuts(self.model, chosen, self.repair,
+                                                        self.chooser.calibration(self.device))
         with pipeline.timed(timings, "surgery_s"):
             removed = surgery.remove_layers(self.model, chosen)
         self.history.append(StageRecord(stage=stage, depth=self.depth, removed=removed,
@@ -300,21 +266,6 @@ class GradualModule(StageHistory, L.LightningModule):
             self._rebuild_optimizer()
         self.model.train()
         self.log_dict({"stage": float(stage), "depth": float(self.depth)}, prog_bar=True, on_epoch=True)
-
-    def _stage_objective(self, k: int, steps: int) -> RecoveryObjective | None:
-        """The objective of a stage removing `k` layers with `steps` steps (None: one that trains nothing under
-        `teacher: previous`). The last stage's copied teacher is dropped first, so at most one copy is alive. A 4-bit
-        start (stage 1 under `quantize: nf4`) is not copied but reloaded de-quantised, as `baseline_model` does."""
-        self.stage_teacher = None
-        if k == 0:
-            return RecoveryObjective(replace(self.recovery, loss="kd"), self.teacher)
-        if self.recovery.teacher == "original":
-            return RecoveryObjective(self.recovery, self.teacher)
-        if not steps:
-            return None
-        start = self.baseline_model() if has_4bit(self.model) else copy.deepcopy(self.model)
-        self.stage_teacher = Teacher(start)
-        return RecoveryObjective(self.recovery, self.stage_teacher)
 
     def _rebuild_optimizer(self) -> None:
         """New adapters are new parameters: rebuild the optimizer (and the DDP wrapper, or the FSDP sharding of

@@ -1,12 +1,13 @@
 """One pruning stage, step by step. `GradualModule`'s Lightning hooks call these in this order:
 
-1. **choose** (`choose_layers`): the current layers to remove — the importance metric scored on the current, healed
+1. **choose** (`LayerChooser`, `choose_layers`): the current layers to remove — the importance metric scored on the current, healed
    model (`gradual.importance`; `task_ablation` greedily, on the `select` split's problems), the next of the first
    stage's ranking (`selection.rescore: false`), or the next of `schedule.layers`; chosen on rank 0 and broadcast.
 2. **repair** (`repair_cuts`, with `model.repair: lstsq`): a least-squares map folded into the block before each cut.
 3. **remove** (`gradual.surgery.remove_layers`).
 4. **make trainable** (`make_trainable`): fresh LoRA adapters, or full weights (all layers, or those near the cuts).
-5. **train**: Lightning's loop over `GradualModule.training_step` and `gradual.distill.RecoveryObjective`.
+5. **train**: the stage's loss and teacher (`stage_objective`), then Lightning's loop over
+   `GradualModule.training_step` and `gradual.distill.RecoveryObjective`.
 6. **merge** (`merge_trained`): FSDP shards gathered back, adapters merged into the base weights.
 7. **evaluate**, 8. **propose**, 9. **decide** and **save**: the callbacks (`gradual.callbacks`), the verdict decided
    once in `gradual.stages.StageHistory.conclude` by `StageCheckpoint`, which then saves the stage.
@@ -14,16 +15,18 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from gradual import importance, ranks, sharding, surgery
-from gradual.distill import Recovery
+from gradual.distill import Recovery, RecoveryObjective, Teacher
 from gradual.errors import UsageError
 from gradual.lora import LoraSettings, attach_lora, has_4bit, merge_lora, quantize_nf4
 from gradual.repair import apply_repairs, plan_repairs
@@ -100,6 +103,68 @@ def choose_layers(*args: Any, **kwargs: Any) -> tuple[list[int], dict[str, Any]]
     return ranks.decide_on_rank0(lambda: score_and_choose(*args, **kwargs))
 
 
+class LayerChooser:
+    """Step 1 with what it keeps from stage to stage: the calibration batches (tokenised once per run), the
+    `task_ablation` score (its problems and prompts built once), and the first stage's ranking that
+    `selection.rescore: false` follows (read from the run's history, so a resumed run follows it too).
+
+    Args:
+        selection: how layers are ranked (`gradual.stages.Selection`).
+        tokenizer: the model's tokenizer (calibration texts, task prompts).
+        seed: the run's seed; a stage's metric is seeded with it plus the stage.
+        explicit: `schedule.layers` (original indices, in order), or None.
+    """
+
+    def __init__(self, selection: Selection, tokenizer: Any, seed: int, explicit: Sequence[int] | None) -> None:
+        self.selection, self.tokenizer, self.seed, self.explicit = selection, tokenizer, seed, explicit
+        self._calibration: Batches | None = None
+        self._score: importance.ScoreFn | None = None
+
+    def calibration(self, device: torch.device | str) -> Batches:
+        """The selection's calibration batches on `device`."""
+        if self._calibration is None:
+            s = self.selection
+            texts = importance.calibration_texts(s.calibration, n=s.num_calibration, seed=self.seed)
+            self._calibration = importance.calibration_batches(
+                self.tokenizer, texts, batch_size=s.calibration_batch_size, max_length=s.calibration_max_length)
+        return [{key: v.to(device) for key, v in b.items()} for b in self._calibration]
+
+    def score_fn(self) -> importance.ScoreFn | None:
+        """`task_ablation`'s score (`gradual.tasks.selection.TaskScore`); None for the other metrics."""
+        if self.selection.metric != "task_ablation":
+            return None
+        if self._score is None:
+            from gradual.tasks.selection import TaskScore
+
+            s = self.selection
+            self._score = TaskScore(self.tokenizer, s.tasks or [], n=s.n, fmt=s.fmt, score=s.task_score,
+                                    difficulty=s.difficulty)
+        return self._score
+
+    def first_ranking(self, history: Sequence[Any]) -> list[int] | None:
+        """Under `selection.rescore: false`, once stage 1 is recorded: the ranking it made of the unpruned model's
+        layers (original indices, removal order); None otherwise (the current model is scored).
+
+        Raises:
+            RuntimeError: stage 1's record holds no ranking (a run directory written without one).
+        """
+        if self.selection.rescore or len(history) < 2 or self.explicit is not None:
+            return None
+        ranking = history[1].importance.get("ranking")
+        if ranking is None:
+            raise RuntimeError("selection.rescore is false, but stage 1's record holds no ranking of the unpruned "
+                               "model's layers; start the run again with overwrite: true")
+        return list(ranking)
+
+    def choose(self, model: torch.nn.Module, k: int, history: Sequence[Any],
+               device: torch.device | str) -> tuple[list[int], dict[str, Any]]:
+        """Current indices of the `k` layers to remove at the stage after `history` (`choose_layers`)."""
+        removed = [i for r in history for i in r.removed]
+        return choose_layers(model, k, self.selection, lambda: self.calibration(device),
+                             self.seed + max(0, len(history) - 1), explicit=self.explicit, removed=removed,
+                             ranking=self.first_ranking(history), score_fn=self.score_fn())
+
+
 def repair_cuts(model: torch.nn.Module, chosen: list[int], method: str, calibration: Batches) -> dict[str, Any]:
     """Fit the repair of every cut on rank 0 (ranks must hold the same weights) and apply it on all; returns its
     record for the stage's `importance`."""
@@ -129,6 +194,25 @@ def make_trainable(model: torch.nn.Module, recovery: Recovery, lora: LoraSetting
     for p in surgery.final_norm(model).parameters():
         p.requires_grad_(True)
     return model
+
+
+def stage_objective(recovery: Recovery, original: Teacher | None, k: int, steps: int, model: torch.nn.Module,
+                    reload_start: Callable[[], torch.nn.Module]) -> tuple[RecoveryObjective | None, Teacher | None]:
+    """Step 5's loss for a stage removing `k` layers in `steps` steps, and the teacher copied for it (or None).
+
+    A consolidation stage (`k == 0`) distils from the original model; a removal stage distils from it too, or under
+    `recovery.teacher: previous` from a frozen copy of `model` as the stage starts, before anything changes it
+    (None: a stage that trains nothing needs no copy). A 4-bit start (stage 1 under `quantize: nf4`) is not copied
+    but reloaded de-quantised by `reload_start`.
+    """
+    if k == 0:
+        return RecoveryObjective(replace(recovery, loss="kd"), original), None
+    if recovery.teacher == "original":
+        return RecoveryObjective(recovery, original), None
+    if not steps:
+        return None, None
+    teacher = Teacher(reload_start() if has_4bit(model) else copy.deepcopy(model))
+    return RecoveryObjective(recovery, teacher), teacher
 
 
 def merge_trained(model: torch.nn.Module, recovery: Recovery) -> torch.nn.Module:
