@@ -1,8 +1,9 @@
 """One pruning stage, step by step. `GradualModule`'s Lightning hooks call these in this order:
 
-1. **choose** (`LayerChooser`, `choose_layers`): the current layers to remove — the importance metric scored on the current, healed
-   model (`gradual.importance`; `task_ablation` greedily, on the `select` split's problems), the next of the first
-   stage's ranking (`selection.rescore: false`), or the next of `schedule.layers`; chosen on rank 0 and broadcast.
+1. **choose** (`LayerChooser`, `choose_layers`): the current layers to remove — the importance metric scored on
+   the current, healed model (`gradual.importance`; `task_ablation` greedily, on the `select` split's problems), the
+   next of the first stage's ranking (`selection.rescore: false`), or the next of `schedule.layers`; chosen on rank 0
+   and broadcast.
 2. **repair** (`repair_cuts`, with `model.repair: lstsq`): a least-squares map folded into the block before each cut.
 3. **remove** (`gradual.surgery.remove_layers`).
 4. **make trainable** (`make_trainable`): fresh LoRA adapters, or full weights (all layers, or those near the cuts).
