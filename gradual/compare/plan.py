@@ -263,9 +263,13 @@ def make_plan(depths: list[int] | str | None = None, arms: str | None = None, ou
         seeds: Training seeds every arm runs under, comma-separated (e.g. 0,1,2); replaces compare.seeds.
         report_only: Run nothing: write compare.md/json/png from the runs in the output folder so far (a long
             comparison's progress: the depths every seed's run has reached; a gradual run's stages so far).
-        compare: The comparison: depths (layers to remove, default [4, 8]), arms (a list of {name, mode, overrides,
-            final_share}, default the four classic arms), out (the output folder), budget_per_layer (recovery
-            steps per removed layer, default the base config's steps per stage over its layers per stage) and seeds
+        compare: The comparison: depths (layers to remove, default [4, 8]), arms (a list of {name, mode: gradual or
+            one_shot, overrides: dotted `gradual fit` keys and values, final_share: the budget's share (0..1) in a
+            consolidation stage after the last removal, and the shorthands steps_per_stage (0 = no recovery) and
+            responses for model.schedule.steps_per_stage and data.sgr.responses}; keys that would make arms
+            incomparable, such as the model, depth, run_dir, seed or callbacks, are refused; default the four arms
+            no_recovery, one_shot_dataset, one_shot_sgr, gradual_sgr), out (the output folder), budget_per_layer
+            (recovery steps per removed layer, default the base config's steps per stage over its layers per stage) and seeds
             (training seeds: model.seed and seed_everything, i.e. data order, adapter init and dropout; default the
             base config's model.seed, [0]; runs of another seed go to <out>/<arm>-<depth>-s<seed>, and scores and
             intervals pool the seeds).
