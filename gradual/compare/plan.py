@@ -269,7 +269,8 @@ def make_plan(depths: list[int] | str | None = None, arms: str | None = None, ou
             responses for model.schedule.steps_per_stage and data.sgr.responses}; keys that would make arms
             incomparable, such as the model, depth, run_dir, seed or callbacks, are refused; default the four arms
             no_recovery, one_shot_dataset, one_shot_sgr, gradual_sgr), out (the output folder), budget_per_layer
-            (recovery steps per removed layer, default the base config's steps per stage over its layers per stage) and seeds
+            (recovery steps per removed layer, default the base config's steps per stage over its layers per
+            stage) and seeds
             (training seeds: model.seed and seed_everything, i.e. data order, adapter init and dropout; default the
             base config's model.seed, [0]; runs of another seed go to <out>/<arm>-<depth>-s<seed>, and scores and
             intervals pool the seeds).
