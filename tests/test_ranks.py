@@ -30,7 +30,9 @@ def _rank_main(rank: int, world: int, store: str, out: str) -> None:
                                selection=Selection(num_calibration=4, calibration_max_length=32))
         module.configure_model()
         _silence_layer(module, 2 + rank)  # rank 0 would remove layer 2, rank 1 layer 3
-        own, _ = pipeline.score_and_choose(module.model, 1, module.selection, module.calibration_batches, module.seed)
+        chooser = pipeline.LayerChooser(module.selection, module.tokenizer, module.seed, None)
+        own, _ = pipeline.score_and_choose(module.model, 1, module.selection, lambda: chooser.calibration("cpu"),
+                                           module.seed)
         shared, scores = module.choose_layers(1)
         Path(out, f"rank{rank}.json").write_text(json.dumps({"own": own, "shared": shared, "scores": scores}))
     finally:
