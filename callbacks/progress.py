@@ -156,7 +156,8 @@ class ProgressLog(ProgressBar):
             parts.append(f"loss {record.loss:.4f}")
         if record.abandoned:
             parts.append(f"abandoned: {record.errors.get('training')}")
-        for group, label in (("held_out", "held-out"), ("in_data", "in-data")):  # as the bar shows them
+        for group, label in (("held_out", "held-out"), ("near_held_out", "near held-out"),
+                             ("far_held_out", "far held-out"), ("in_data", "in-data")):  # as the bar shows them
             if record.retention.get(f"{group}_generative_mean") is not None:
                 parts.append(f"{label} gen. retention {record.retention[f'{group}_generative_mean']:.3f}")
         rule = next((cb for cb in trainer.callbacks if isinstance(cb, RetentionStopping)), None)

@@ -17,10 +17,14 @@ from gradual.errors import UsageError
 from gradual.retention import (
     AGGREGATES,
     DEFAULT_MONITOR,
+    FORMS,
+    GROUP_TEXT,
+    GROUPS,
     METRIC,
-    group_of,
+    in_group,
     intervals,
     is_in_data_monitor,
+    label_text,
     monitor_interval,
     retention,
     with_interval,
@@ -61,9 +65,11 @@ class RetentionStopping(EarlyStopping):
         threshold: the retention the final model must keep, in (0, 1] (0.9 keeps 90% of the baseline score).
         monitor: `held_out_generative_mean` (default: tasks none of whose problems fed recovery — retention there
             shows capability coming back, not being taught), `held_out_classification_mean`,
-            `in_data_generative_mean`, `in_data_classification_mean`, `generative_mean`, `classification_mean`
-            (all tasks), `min`, or one score key (e.g. `chain_sum`). A monitor computed only from in-data tasks is
-            allowed and named as such in the stop message and the report.
+            `near_held_out_<form>_mean` (held-out tasks of a family recovery drew from), `far_held_out_<form>_mean`
+            (of families it did not), `in_data_generative_mean`, `in_data_classification_mean`, `generative_mean`,
+            `classification_mean` (all tasks), any `_worst` in place of `_mean`, `min`, or one score key (e.g.
+            `chain_sum`). A monitor computed only from in-data tasks is allowed and named as such in the stop
+            message and the report.
     """
 
     def __init__(self, threshold: float = 0.9, monitor: str = DEFAULT_MONITOR) -> None:
@@ -111,12 +117,12 @@ class RetentionStopping(EarlyStopping):
         if not forms:
             raise UsageError("RetentionStopping has no evaluation callback before it to read scores from; list "
                              "TaskEvaluation or LmEvalEvaluation first")
-        aggregate = re.fullmatch(r"(?:(held_out|in_data)_)?(generative|classification)_(?:mean|worst)", self.key)
+        aggregate = re.fullmatch(rf"(?:({'|'.join(GROUPS)})_)?({'|'.join(FORMS)})_(?:mean|worst)", self.key)
         if aggregate:
             group, form = aggregate.groups()
-            if any(f in (form, None) and (group is None or group_of(k, in_data) == group) for k, f in forms.items()):
+            if any(f in (form, None) and (group is None or in_group(k, group, in_data)) for k, f in forms.items()):
                 return
-            which = f"{group.replace('_', '-')} {form}" if group else form
+            which = f"{GROUP_TEXT[group]} {form}" if group else form
             raise UsageError(f"retention monitor={self.key!r} needs a {which} score, but the evaluation callbacks "
                              f"fill only: {_labelled(forms, in_data)}")
         if self.key in AGGREGATES or self.key in forms:
@@ -185,14 +191,14 @@ class RetentionStopping(EarlyStopping):
 
     @staticmethod
     def _log_progress(trainer: L.Trainer, pl_module: StageLoop, value: float) -> None:
-        """The monitored retention on the progress bar, with both group means: only held-out retention shows
-        capability returning."""
+        """The monitored retention on the progress bar, with the group means: only held-out retention shows
+        capability returning, near held-out (a family recovery drew from) apart from far."""
         pl_module.log("retention", value, prog_bar=True, on_epoch=True)
-        for group in ("held_out", "in_data"):
+        for group in GROUPS:
             mean = float(trainer.callback_metrics.get(f"{METRIC}{group}_generative_mean", torch.tensor(math.nan)))
             if not math.isnan(mean):
                 pl_module.log(f"{group}_gen", mean, prog_bar=True, on_epoch=True)
 
 
 def _labelled(forms: dict[str, str | None], in_data: Collection[str]) -> str:
-    return ", ".join(f"{k} ({group_of(k, in_data).replace('_', '-')})" for k in forms)
+    return ", ".join(f"{k} ({label_text(k, in_data)})" for k in forms)

@@ -192,26 +192,39 @@ def prune(model: str, out: str, layers: str | list[int] | None = None, num: int 
 
 
 def tasks(difficulty: str = "small") -> int:
-    """List the built-in tasks: forms, answer kind, and one example problem (evaluation split) at the chosen
-    difficulty.
+    """List the built-in tasks by capability family: forms, answer kind, SmolLM2-135M-Instruct's measured few-shot
+    generative baseline (at small; ± binomial standard error, and the floor a model repeating one answer scores)
+    and one example problem (evaluation split) at the chosen difficulty. A held-out task is near held-out when a
+    task of its family fed recovery, far held-out otherwise.
 
     Args:
         difficulty: Problem size preset: {difficulties}.
     """
     from gradual.tasks import CODE_TASKS
     from gradual.tasks.builtin import get_task, task_names
+    from gradual.tasks.families import BASELINES, FAMILIES, family_of
 
+    known = set(task_names()) | set(CODE_TASKS)
+    order = [t for family in FAMILIES.values() for t in family if t in known]
+    order += [t for t in [*task_names(), *CODE_TASKS] if t not in order]
     rows = []
-    for name in task_names():
+    for name in order:
+        measured = BASELINES.get(name)
+        baseline = "-" if measured is None else \
+            f"{measured.score:.2f} ± {measured.stderr:.2f} (floor {measured.floor:.2f}, n={measured.n})"
+        if name in CODE_TASKS:
+            rows.append((family_of(name) or "-", name, "generative (code; needs enable_code)", "code", baseline,
+                         "HumanEval problems"))
+            continue
         task = get_task(name, difficulty)
         example = task.problems("eval", 1, 0)[0]
         forms = "generative, classification" if task.has_classification else "generative"
-        rows.append((name, forms, task.kind, f"{example.question!r} -> {example.answer!r}"))
-    rows += [(name, "generative (code; needs enable_code)", "code", "HumanEval problems") for name in CODE_TASKS]
-    head = ("task", "forms", "answer", f"example ({difficulty})")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+        rows.append((family_of(name) or "-", name, forms, task.kind, baseline,
+                     f"{example.question!r} -> {example.answer!r}"))
+    head = ("family", "task", "forms", "answer", "SmolLM2-135M few-shot (small)", f"example ({difficulty})")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
     for r in [head, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
     return 0
 
 

@@ -27,11 +27,20 @@ from transformers import PreTrainedTokenizerBase
 
 from gradual import models, ranks
 from gradual.errors import UsageError
-from gradual.generation import DEFAULT_SYSTEM_PROMPT
+from gradual.generation import DEFAULT_SYSTEM_PROMPT, DecodingConfig
 from gradual.identity import without_neutral
 from gradual.mixture import DataSource, check_sources, source_texts
 from gradual.sampler import StageSampler, check_weights
-from gradual.sgr import PromptItem, SGRConfig, build_pairs, load_prompts, sdft_pairs, self_documents
+from gradual.sgr import (
+    PromptItem,
+    SGRConfig,
+    build_pairs,
+    load_prompts,
+    sdft_pairs,
+    self_documents,
+    self_text_items,
+    self_texts,
+)
 from gradual.training_examples import (
     Part,
     TokenizedPairs,
@@ -204,8 +213,8 @@ class RecoveryDataModule(LightningDataModule):
 @dataclass
 class SourcePool:
     """What a source holds before any model runs: the prompts the teacher answers (`sgr`, `sdft`, `tasks` with
-    `answers: self`) or the texts (`tasks`, `text`), the built-in tasks they come from, and for `sdft` how many
-    rewrites the last build kept."""
+    `answers: self`) or continues (`self_text`'s openings) or the texts (`tasks`, `text`), the built-in tasks they
+    come from, and for `sdft` how many rewrites the last build kept."""
 
     source: DataSource
     name: str
@@ -220,13 +229,13 @@ class GradualDataModule(RecoveryDataModule):
     alone.
 
     With `sgr.teacher: original` (the paper's recipe) the unpruned model answers the `sgr` and `sdft` prompts (and
-    the few-shot prompts of `tasks` with `answers: self`) in `setup`, before the LightningModule loads its own copy,
-    so only one model is in memory at a time; answers are cached on disk, so a resumed run or a second run with the
-    same settings generates nothing. With `sgr.backend: vllm` no model is loaded here at all: vLLM loads the teacher
-    from disk. With `sgr.teacher: previous` every stage after the first trains on fresh answers of the model the
-    finished stages left (`train_dataloader`). `tasks` with reference answers and `text` sources need no teacher.
-    Every setting is checked, and every prompt, document and text is read, when the module is built: bad input ends
-    before any model loads.
+    the few-shot prompts of `tasks` with `answers: self`, and writes the `self_text` texts) in `setup`, before the
+    LightningModule loads its own copy, so only one model is in memory at a time; answers are cached on disk, so a
+    resumed run or a second run with the same settings generates nothing. With `sgr.backend: vllm` no model is
+    loaded here at all: vLLM loads the teacher from disk. With `sgr.teacher: previous` every stage after the first
+    trains on fresh answers of the model the finished stages left (`train_dataloader`). `tasks` with reference
+    answers and `text` sources need no teacher. Every setting is checked, and every prompt, document and text is
+    read, when the module is built: bad input ends before any model loads.
 
     Args:
         model: the model to prune (linked from `model.model`); the teacher and the tokenizer come from it.
@@ -234,9 +243,9 @@ class GradualDataModule(RecoveryDataModule):
             response mode (`sgr`, `sgr_filtered`, `dataset`; `sgr` source only), the evaluation split task problems
             must not overlap (`eval_n`, `eval_seed`), their `seed` and default `difficulty`. Its `system_prompt` and
             `chat` also format every training pair, so the student learns in the teacher's format.
-        sources: the mixture, a list of `DataSource` (`kind`: sgr | tasks | text | sdft, `weight`, kind settings);
-            each stage holds every source in proportion to its weight. null (default) = `[{kind: sgr}]`. Pairs
-            (sgr, sdft) are learned on the response only, texts (tasks, text) on every token.
+        sources: the mixture, a list of `DataSource` (`kind`: sgr | tasks | text | sdft | self_text, `weight`, kind
+            settings); each stage holds every source in proportion to its weight. null (default) = `[{kind: sgr}]`.
+            Pairs (sgr, sdft) are learned on the response only, texts (tasks, text, self_text) on every token.
         dtype: teacher dtype for generation (`float32`, `bfloat16`, `float16`, `auto`); None (the default) = the
             model's `model.dtype`, so a bf16 run does not generate in float32. With vLLM it is the engine's dtype
             unless `sgr.vllm_args` sets one.
@@ -287,6 +296,8 @@ class GradualDataModule(RecoveryDataModule):
             return SourcePool(source, name, items=items, tasks=sorted({it.task for it in items if it.task in TASKS}))
         if source.kind == "text":
             return SourcePool(source, name, texts=source_texts(source, self.sgr.seed))
+        if source.kind == "self_text":
+            return SourcePool(source, name, items=self_text_items(source.n_texts, source.seed))
         names = task_names(source.tasks or None)
         difficulty = source.difficulty or self.sgr.difficulty
         if source.kind == "sdft":
@@ -305,15 +316,16 @@ class GradualDataModule(RecoveryDataModule):
 
     def recovery_tasks(self) -> list[str]:
         """Built-in tasks whose problems feed the recovery data (the union over its sources: `sgr`'s task prompts,
-        `tasks`, `sdft`; a `text` source adds none): their evaluation scores are *in-data*, every other task's
-        *held-out* (`gradual.retention`). Known from the settings alone, before anything is generated."""
+        `tasks`, `sdft`; `text` and `self_text` sources add none): their evaluation scores are *in-data*, every other
+        task's *held-out* (`gradual.retention`). Known from the settings alone, before anything is generated."""
         return sorted({task for pool in self.pools for task in pool.tasks})
 
     def describe(self) -> list[dict[str, Any]]:
         """What each source (weight > 0, in config order) contributes, for the run's results: `name`, `kind`,
         `weight`, `share` (its fraction of every stage's examples), `tasks` (the built-in tasks it drew from) and what
         its settings gave (`prompts` for sgr/sdft, `documents`, `shots` and `answers` for tasks, `texts` and `path` for
-        text; null path = the built-in texts). Once the data are built: `examples` (pairs or texts), `rewrites` for
+        text (null path = the built-in texts), `texts` (openings continued), `max_new_tokens`, `temperature` and
+        `top_p` for self_text). Once the data are built: `examples` (pairs or texts), `rewrites` for
         sdft (teacher rewrites the task scorer accepted; the other examples are reference answers); once tokenised,
         `dropped` (nothing to learn within max_length) and `clamped` (cut at the model's positions)."""
         total = sum(s.weight for s in self.sources)
@@ -329,6 +341,9 @@ class GradualDataModule(RecoveryDataModule):
                            answers=s.answers)
             if s.kind == "text":
                 row.update(texts=len(pool.texts), path=s.path)
+            if s.kind == "self_text":
+                row.update(texts=len(pool.items), max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                           top_p=s.top_p)
             if len(self.parts) == len(self.pools):
                 row["examples"] = len(self.parts[k].examples)
                 if s.kind == "sdft":
@@ -340,14 +355,15 @@ class GradualDataModule(RecoveryDataModule):
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether a source asks the teacher: `sgr` unless its responses are the dataset's, `sdft`, and `tasks` with
-        `answers: self`."""
-        return any(s.kind == "sdft" or (s.kind == "sgr" and self.sgr.responses != "dataset")
+        """Whether a source asks the teacher: `sgr` unless its responses are the dataset's, `sdft`, `self_text`, and
+        `tasks` with `answers: self`."""
+        return any(s.kind in ("sdft", "self_text") or (s.kind == "sgr" and self.sgr.responses != "dataset")
                    or (s.kind == "tasks" and s.answers == "self") for s in self.sources)
 
     def build(self, teacher: torch.nn.Module | None, model_id: str) -> None:
-        """Build every source's examples, `teacher` answering (`sgr`, `sdft`, self-answered `tasks`; None with vLLM,
-        which loads `model_id` from disk), and hand them to the sampler as weighted parts."""
+        """Build every source's examples, `teacher` answering (`sgr`, `sdft`, self-answered `tasks`) or writing
+        (`self_text`; None with vLLM, which loads `model_id` from disk), and hand them to the sampler as weighted
+        parts."""
         parts = []
         for pool in self.pools:
             s = pool.source
@@ -360,6 +376,11 @@ class GradualDataModule(RecoveryDataModule):
                 documents = self_documents(teacher, self.tokenizer, self.sgr, pool.items,
                                            s.difficulty or self.sgr.difficulty, model_id=model_id)
                 examples = [{"text": d} for d in documents]
+            elif s.kind == "self_text":
+                decoding = DecodingConfig(do_sample=True, temperature=s.temperature, top_p=s.top_p,
+                                          max_new_tokens=s.max_new_tokens, seed=s.seed)
+                examples = [{"text": t} for t in self_texts(teacher, self.tokenizer, self.sgr, pool.items, decoding,
+                                                            model_id=model_id)]
             else:
                 examples = [{"text": t} for t in pool.texts]
             parts.append(Part(pool.name, s.weight, examples))

@@ -61,6 +61,12 @@ class Recovery:
             only): on a GPU it costs one more model's weights beside the student, as the original would, and the
             original is then loaded only for a consolidation stage (`schedule.final_steps`), which always distils
             from it.
+        on_policy: share of training batches that are on-policy, in [0, 1] (GKD's λ, arXiv 2306.13649; default 0 =
+            none): on such a batch the student continues the batch's prompts itself (sampled) and the loss is the
+            forward KL to the teacher on its generated tokens alone (`gradual.onpolicy`), whatever `loss` says for
+            the other batches. A batch is on-policy with probability `on_policy`, drawn from (seed, stage, batch
+            index), so a resumed run repeats the choice. Needs a teacher (loaded even under `loss: sft`).
+        on_policy_tokens: the most tokens the student generates per on-policy row (>= 1, default 128).
     """
 
     loss: str = "sft"
@@ -73,6 +79,8 @@ class Recovery:
     params: str = "lora"
     near_cut_layers: int = 1
     teacher: str = "original"
+    on_policy: float = 0.0
+    on_policy_tokens: int = 128
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -90,14 +98,25 @@ class Recovery:
             raise UsageError(f"recovery.params={self.params!r} is unknown; allowed: {', '.join(PARAMS)}")
         if self.near_cut_layers < 1:
             raise UsageError(f"recovery.near_cut_layers={self.near_cut_layers} is invalid; it must be >= 1")
+        if not (math.isfinite(self.on_policy) and 0 <= self.on_policy <= 1):
+            raise UsageError(f"recovery.on_policy={self.on_policy} is invalid; it must be a share in [0, 1]")
+        if self.on_policy_tokens < 1:
+            raise UsageError(f"recovery.on_policy_tokens={self.on_policy_tokens} is invalid; it must be >= 1")
         if self.teacher not in TEACHERS:
             raise UsageError(f"recovery.teacher={self.teacher!r} is unknown; allowed: {', '.join(TEACHERS)}")
         if self.teacher == "previous" and not self.needs_teacher:
             raise UsageError(f"recovery.teacher={self.teacher!r} is used only by distillation; allowed with "
-                             f"loss={self.loss!r} and hidden_weight 0: original (or set loss: kd or kd+sft)")
+                             f"loss={self.loss!r}, hidden_weight 0 and on_policy 0: original (or set loss: kd or "
+                             "kd+sft)")
 
     @property
     def needs_teacher(self) -> bool:
+        """Whether any batch asks the teacher: a distillation loss, the hidden-state term, or on-policy batches."""
+        return self.distils or self.on_policy > 0
+
+    @property
+    def distils(self) -> bool:
+        """Whether an ordinary (off-policy) batch's loss asks the teacher."""
         return self.loss != "sft" or self.hidden_weight > 0
 
 
@@ -262,7 +281,7 @@ class RecoveryObjective:
         out = student(**inputs, output_hidden_states=hidden)
         mask = loss_mask(batch)
         tokens = batch.get("attention_mask", torch.ones_like(batch["input_ids"])) > 0
-        teacher = self.teacher(batch, hidden_states=hidden) if self.teacher is not None and cfg.needs_teacher else None
+        teacher = self.teacher(batch, hidden_states=hidden) if self.teacher is not None and cfg.distils else None
         terms: dict[str, tuple[float, torch.Tensor, int, str]] = {}  # name: (weight, sum, count, normaliser key)
         if cfg.loss in ("sft", "kd+sft"):
             weight = 1.0 if cfg.loss == "sft" else cfg.sft_weight

@@ -226,10 +226,11 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
 
 
 def _decode(model: PreTrainedModel, rows: list[list[int]], config: DecodingConfig, pad_id: int,
-            ends: torch.Tensor, seeds: list[int], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+            ends: torch.Tensor, seeds: list[int], tokenizer: PreTrainedTokenizerBase,
+            keep_end: bool = False) -> list[list[int]]:
     """Decode a batch of token rows with the KV cache; each row leaves the batch as soon as it ends (an end id, a
     stop string or the token budget), so no compute goes to finished rows. Returns each row's new tokens, without
-    the end id."""
+    the end id unless `keep_end`."""
     state, logits = prefill(model, rows, pad_id, extra_columns=config.max_new_tokens)
     warpers = LogitsProcessorList([TemperatureLogitsWarper(config.temperature), TopPLogitsWarper(config.top_p)]
                                   if config.do_sample else [])
@@ -246,7 +247,7 @@ def _decode(model: PreTrainedModel, rows: list[list[int]], config: DecodingConfi
         ended = torch.isin(picks, ends).tolist()
         keep = []
         for r, (a, token, end) in enumerate(zip(active, picks.tolist(), ended, strict=True)):
-            if not end:
+            if not end or keep_end:
                 out[a].append(token)
             if not end and not _stops(tokenizer, out[a], config):
                 keep.append(r)
@@ -257,6 +258,39 @@ def _decode(model: PreTrainedModel, rows: list[list[int]], config: DecodingConfi
             active = [active[r] for r in keep]
         logits = state.extend(picks[keep][:, None], logits_to_keep=1)[:, -1]
     return out
+
+
+@torch.no_grad()  # not inference mode: called between training steps, whose tensors must stay usable by autograd
+def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[Sequence[int]],
+                 config: DecodingConfig, seeds: Sequence[int], keep_end: bool = False) -> list[list[int]]:
+    """`generate` for a caller that holds token ids (on-policy distillation, `gradual.onpolicy`): one batch of
+    prompt rows, decoded by the same shared-prefix, early-exit decoder, in eval mode (the model's mode is restored).
+
+    Args:
+        rows: prompt token ids, one list per row (encoded as `encode_prompt` does); a row longer than the model's
+            positions less `config.max_new_tokens` keeps its last tokens.
+        config: the decoding; `num_samples` must be 1 and `stop` strings are honoured as in `generate`.
+        seeds: one sampling seed per row (ignored when greedy).
+        keep_end: keep the end id that ended a row as its last new token (a row cut by the budget has none).
+
+    Returns each row's new token ids, in row order.
+    """
+    if config.num_samples != 1:
+        raise UsageError(f"num_samples={config.num_samples} is invalid here; generate_ids samples once per row")
+    if len(seeds) != len(rows):
+        raise ValueError(f"seeds has {len(seeds)} entries for {len(rows)} rows")
+    if not rows:
+        return []
+    room = prompt_room(model, config.max_new_tokens, "max_new_tokens")
+    prompts = [truncate_left(list(r), room)[0] for r in rows]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ends = torch.tensor(sorted(end_ids(model, tokenizer)))
+    was_training = model.training
+    model.eval()
+    try:
+        return _decode(model, prompts, config, pad_id, ends, list(seeds), tokenizer, keep_end=keep_end)
+    finally:
+        model.train(was_training)
 
 
 def _stops(tokenizer: PreTrainedTokenizerBase, tokens: list[int], config: DecodingConfig) -> bool:

@@ -105,7 +105,7 @@ class GradualCLI(LightningCLI):
         model loads). The run's identity needs nothing from here: the module reads it from what it is fitted with
         (`GradualModule.run_config`)."""
         super().instantiate_classes()
-        check_strategy(self.trainer.strategy, self.model.recovery.params)
+        check_strategy(self.trainer.strategy, self.model.recovery.params, self.model.recovery.on_policy)
         check_settings(self.model, self.datamodule, self.trainer)
         if isinstance(self.datamodule, GradualDataModule):
             self.datamodule.warn_on_difficulty_mismatch(self.trainer.callbacks)
@@ -280,18 +280,23 @@ def _settings_groups() -> list[str]:
     return keys
 
 
-def check_strategy(strategy: Any, params: str) -> None:
+def check_strategy(strategy: Any, params: str, on_policy: float = 0.0) -> None:
     """FSDP (`ModelParallelStrategy`) shards full-weight recovery over its data-parallel dimension only; refused
     otherwise before the recovery data or any model loads.
 
     Raises:
-        UsageError: LoRA under FSDP, or a tensor-parallel size other than 1.
+        UsageError: LoRA or on-policy batches under FSDP (each rank's generation would run its own number of
+            forwards, and every sharded forward is a collective), or a tensor-parallel size other than 1.
     """
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     if not isinstance(strategy, ModelParallelStrategy):
         return
     sharding.check_params(params)
+    if on_policy > 0:
+        raise UsageError(f"recovery.on_policy={on_policy} with trainer.strategy ModelParallelStrategy (FSDP) is not "
+                         "supported (ranks would generate different lengths through collective forwards); allowed: "
+                         "on_policy 0, or strategy: ddp")
     tp = tensor_parallel_size(strategy)
     if tp != 1:
         raise UsageError(f"trainer.strategy: ModelParallelStrategy tensor_parallel_size={tp!r} is not supported; "

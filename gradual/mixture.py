@@ -1,7 +1,7 @@
 """The sources of the recovery mixture (`data.sources`): what each kind is, its settings, and the texts of the sources
 that need no teacher.
 
-Four kinds, combined by weight (each stage holds every source in proportion to its weight, `gradual.sampler`):
+Five kinds, combined by weight (each stage holds every source in proportion to its weight, `gradual.sampler`):
 
 - `sgr`: `data.sgr`'s prompts answered by the teacher (the seed paper's recipe); (prompt, response) pairs.
 - `tasks`: few-shot documents of built-in tasks' training problems in the evaluation's `Q: .../A: ...` format
@@ -13,6 +13,10 @@ Four kinds, combined by weight (each stage holds every source in proportion to i
 - `text`: plain text from a .txt/.jsonl file, a Hugging Face dataset, or the built-in calibration texts.
 - `sdft`: built-in tasks' training prompts with the teacher's rewrite of the reference answer, kept when the task's
   scorer accepts it, else the reference (`gradual.sgr.pairs.sdft_pairs`); (prompt, response) pairs.
+- `self_text`: broad text written by the original model itself: it continues short built-in openings of every kind
+  (prose, news, code, recipes, letters, questions: `gradual/resources/openings.txt`), sampled, no dataset needed
+  (`gradual.sgr.texts`; generated once and cached like SGR answers); plain text, pretraining-like data for
+  distillation.
 
 Pairs are learned on the response only; texts on every token. Under `model.recovery.loss: kd` a text needs no
 generated answer at all: the original model's next-token distribution at every position is the target.
@@ -28,7 +32,9 @@ from pathlib import Path
 from gradual.errors import UsageError
 from gradual.tasks.builtin import check_difficulty
 
-KINDS = ("sgr", "tasks", "text", "sdft")
+KINDS = ("sgr", "tasks", "text", "sdft", "self_text")
+SELF_TEXT_FIELDS = {"n_texts": 256, "max_new_tokens": 128, "temperature": 1.0, "top_p": 0.95, "seed": 0}
+"""The settings only `self_text` takes, with their defaults."""
 ANSWERS = ("reference", "self")
 TEXT_FILE_SUFFIXES = (".txt", ".jsonl")
 
@@ -39,8 +45,9 @@ class DataSource:
 
     Attributes:
         kind: `sgr` (`data.sgr`'s prompts answered by the teacher), `tasks` (few-shot documents of built-in tasks'
-            training problems), `text` (plain text), or `sdft` (the teacher's accepted rewrites of built-in tasks'
-            reference answers, else the references).
+            training problems), `text` (plain text), `sdft` (the teacher's accepted rewrites of built-in tasks'
+            reference answers, else the references), or `self_text` (the teacher's sampled continuations of
+            built-in openings).
         weight: the source's share of every stage's examples, relative to the other sources' weights (>= 0; 0
             leaves the source out). Default 1.
         tasks: `tasks`/`sdft`: built-in task names (empty, the default, = every built-in task). The `sgr` source's
@@ -60,11 +67,18 @@ class DataSource:
         hf_config: `text` from a dataset: its configuration name (default null).
         hf_split: `text` from a dataset: its split (default `train`).
         max_texts: `text`: keep a seeded random subset of this many texts, in source order (>= 1; null = all).
+        n_texts: `self_text`: texts generated (>= 1, default 256); text i continues opening i of seeded passes over
+            the built-in openings (each pass a permutation), so openings repeat evenly and each draw is its own.
+        max_new_tokens: `self_text`: the most tokens generated per text (>= 1, default 128).
+        temperature: `self_text`: sampling temperature (finite, > 0; default 1: the model's own distribution).
+        top_p: `self_text`: nucleus sampling mass, in (0, 1] (default 0.95: the least likely 5% cut off).
+        seed: `self_text`: seeds the openings' order and every text's sampling (default 0).
 
     Problems are drawn as `data.sgr` draws its task prompts: training split, seed `data.sgr.seed`, refused if they
     share a question with the first `data.sgr.eval_n` evaluation problems of `data.sgr.eval_seed`. `sgr` and `sdft`
     share `data.sgr`'s teacher, decoding, backend, cache, system prompt and chat settings; `tasks` with `answers:
-    self` shares its teacher, backend and cache (its decoding is the evaluation's, its prompts are not chat).
+    self` shares its teacher, backend and cache (its decoding is the evaluation's, its prompts are not chat); so does
+    `self_text` (its decoding is its own, its openings are raw text, not chat).
     """
 
     kind: str
@@ -79,6 +93,11 @@ class DataSource:
     hf_config: str | None = None
     hf_split: str = "train"
     max_texts: int | None = None
+    n_texts: int = 256
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 0.95
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -103,6 +122,24 @@ class DataSource:
         if self.tasks and self.kind not in ("tasks", "sdft"):
             raise UsageError(f"data source {self.kind} has tasks={self.tasks}, but only kinds tasks and sdft take "
                              "tasks" + ("; the sgr source's are data.sgr.tasks" if self.kind == "sgr" else ""))
+        self._check_self_text()
+
+    def _check_self_text(self) -> None:
+        """`self_text`'s own settings: valid values, and left at their defaults by every other kind."""
+        if self.kind != "self_text":
+            for name, default in SELF_TEXT_FIELDS.items():
+                if getattr(self, name) != default:
+                    raise UsageError(f"data source {self.kind} has {name}={getattr(self, name)!r}, but only kind "
+                                     "self_text takes it")
+            return
+        for name in ("n_texts", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"data source self_text {name}={getattr(self, name)} is invalid; it must be >= 1")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UsageError(f"data source self_text temperature={self.temperature} is invalid; it must be finite "
+                             "and > 0")
+        if not 0 < self.top_p <= 1:  # NaN fails the comparison
+            raise UsageError(f"data source self_text top_p={self.top_p} is invalid; it must be in (0, 1]")
 
 
 def check_sources(sources: list[DataSource]) -> list[DataSource]:

@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
 
-from gradual import identity, models, pipeline, rundir, sharding, surgery
+from gradual import identity, models, onpolicy, pipeline, rundir, sharding, surgery
 from gradual.datamodule import GradualDataModule, RecoveryDataModule
 from gradual.distill import Recovery, RecoveryObjective, Teacher
 from gradual.errors import UsageError
@@ -52,8 +52,9 @@ class GradualModule(StageHistory, L.LightningModule):
         lora: LoRA adapter settings (fresh adapters every stage, merged at its end).
         recovery: how a stage heals: what a recovery step minimises (`sft`, the data's tokens as in the paper; `kd`,
             forward KL to the original model, loaded once as a frozen teacher, or with `teacher: previous` to a
-            frozen copy of the model each stage starts from; `kd+sft`) and which weights train (`lora`, `full`,
-            `near_cut`).
+            frozen copy of the model each stage starts from; `kd+sft`), which weights train (`lora`, `full`,
+            `near_cut`), and the share of on-policy batches (`on_policy`: the student samples, the teacher scores
+            every generated token; `gradual.onpolicy`).
         optimizer: optimizer factory (defaults to the paper's AdamW: lr 2e-4, betas (0.9, 0.99), wd 1e-4).
         lr_scheduler: scheduler factory (defaults to linear warm-up over `warmup_steps`, then constant).
         warmup_steps: warm-up steps of the default scheduler, restarted with every stage's fresh adapters.
@@ -81,6 +82,7 @@ class GradualModule(StageHistory, L.LightningModule):
         self.teacher: Teacher | None = None  # the original model
         self.stage_teacher: Teacher | None = None  # `recovery.teacher: previous`: the current stage's starting model
         self.objective: RecoveryObjective | None = None
+        self.on_policy = onpolicy.OnPolicy(self.recovery, seed) if self.recovery.on_policy > 0 else None
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.warmup_steps = warmup_steps
@@ -108,6 +110,7 @@ class GradualModule(StageHistory, L.LightningModule):
         self.chooser: pipeline.LayerChooser | None = None  # built with the tokenizer, at the first choice
         self._stage_start = 0.0
         self._losses: list[float] = []
+        self._rollout: dict[str, float] = {}  # the stage's on-policy generation time (`rollout_s`)
         self._identity: dict[str, Any] | None = None  # what `check_run_dir` checked the run directory under
 
     # ----------------------------------------------------------------- identity and resume
@@ -244,7 +247,7 @@ class GradualModule(StageHistory, L.LightningModule):
         k, steps = self.next_stage()
         stage = len(self.history)
         L.seed_everything(self.seed + stage, verbose=False)
-        self._stage_start, self._losses, timings = time.perf_counter(), [], {}
+        self._stage_start, self._losses, timings, self._rollout = time.perf_counter(), [], {}, {}
         self.stage_teacher = None  # the last stage's copied teacher goes first: at most one copy is alive
         self.objective, self.stage_teacher = pipeline.stage_objective(self.recovery, self.teacher, k, steps,
                                                                       self.model, self.baseline_model)
@@ -294,19 +297,28 @@ class GradualModule(StageHistory, L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """One recovery micro-batch. The loss back-propagated is normalised over the whole optimizer step
-        (`RecoveryObjective`); the one logged is this batch's per-position mean. A non-finite loss (on any rank)
-        abandons the stage before its backward pass: no optimizer step is taken on it, and the stage is rolled back
-        (`abandon`)."""
-        loss, parts = self.objective(self.model, batch, surgery.original_indices(self.model))
+        (`RecoveryObjective`); the one logged is this batch's per-position mean. An on-policy batch
+        (`recovery.on_policy`, `gradual.onpolicy`) is replaced by the student's own continuations of its prompts and
+        trains on the forward KL of the generated tokens, logged as `loss/on_policy`; the stage's `rollout_s` is the
+        time its generations took (part of `train_s`). A non-finite loss (on any rank) abandons the stage before its
+        backward pass: no optimizer step is taken on it, and the stage is rolled back (`abandon`)."""
+        stage = self.record.stage
+        if self.on_policy is not None and self.on_policy.chooses(stage, batch_idx):
+            with pipeline.timed(self._rollout, "rollout_s"):
+                rollout = self.on_policy.rollout(self.model, self.tokenizer, batch, stage, batch_idx)
+            loss, mean = self.on_policy.loss(self.model, self.objective.teacher, rollout)
+            parts = {"on_policy": mean}
+        else:
+            loss, parts = self.objective(self.model, batch, surgery.original_indices(self.model))
+            mean = self.objective.mean(parts)
         value = float(loss.detach())
         if self.trainer.strategy.reduce_boolean_decision(not math.isfinite(value), all=False):
             self.abandon(f"loss is {value if not math.isfinite(value) else 'non-finite on another rank'} at "
                          f"step {batch_idx // self.trainer.accumulate_grad_batches + 1}")
             return None
-        mean = self.objective.mean(parts)
         self._losses.append(mean)
         self.log("loss", mean, prog_bar=True, on_step=True)
-        if len(parts) > 1:
+        if len(parts) > 1 or "on_policy" in parts:
             self.log_dict({f"loss/{k}": v for k, v in parts.items()}, on_step=True)
         return loss
 
@@ -335,7 +347,7 @@ class GradualModule(StageHistory, L.LightningModule):
             self.model = _as_float(self.model)
         self._share_model()
         record.loss = sum(self._losses) / len(self._losses) if self._losses else None
-        record.timings.update(train_s=train_s, merge_s=time.perf_counter() - t)
+        record.timings.update(train_s=train_s, merge_s=time.perf_counter() - t, **self._rollout)
         self.model.eval()
         if not record.abandoned:  # e.g. the last step's update overflowed: its loss was finite, the weights are not
             bad = models.nonfinite_parameters(self.model)

@@ -1,8 +1,11 @@
 """Retention: each score over its baseline, and the aggregates the stop rule can monitor.
 
-Every evaluated task is *in-data* (its problems, any split, fed the recovery data) or *held-out* (nothing of it
-did). Only held-out retention shows that a capability came back rather than was taught, so the aggregates come per
-group as well as over all tasks, and the default monitor is the held-out generative mean.
+Every evaluated task is *in-data* (its problems, any split, fed the recovery data), *near held-out* (nothing of it
+did, but a task of its family did: `gradual.tasks.families`) or *far held-out* (nothing of its family did);
+*held-out* is near and far together. Only held-out retention shows that a capability came back rather than was
+taught, and near against far tells a taught skill carrying over to its relatives from capability coming back
+untaught, so the aggregates come per group as well as over all tasks; the default monitor is the held-out
+generative mean.
 
 A group's mean is the mean of per-task retentions *capped at 1*: a task that went past the original model cannot
 hide one that collapsed (uncapped, 1.50 and 0.13 average to 0.82; capped, to 0.57). Beside every mean stands the
@@ -16,8 +19,15 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from gradual.intervals import group_figures, pooled_task_figures
+from gradual.tasks.families import family_of
 
-GROUPS = ("held_out", "in_data")
+GROUPS = ("held_out", "in_data", "near_held_out", "far_held_out")
+"""The aggregate groups; `held_out` is the union of `near_held_out` and `far_held_out`."""
+LABELS = ("in_data", "near_held_out", "far_held_out")
+"""The group a single task belongs to (`group_of`)."""
+GROUP_TEXT = {"held_out": "held-out", "in_data": "in-data", "near_held_out": "near held-out",
+              "far_held_out": "far held-out"}
+"""How messages and reports name each group."""
 FORMS = ("generative", "classification")
 AGGREGATES = (*(f"{g}_{f}_{stat}" for stat in ("mean", "worst") for g in GROUPS for f in FORMS),
               *(f"{f}_{stat}" for stat in ("mean", "worst") for f in FORMS), "min")
@@ -32,15 +42,31 @@ def task_of(key: str) -> str:
 
 
 def group_of(key: str, in_data: Collection[str]) -> str:
-    """`in_data` if the key's task fed the recovery data, else `held_out`."""
-    return "in_data" if task_of(key) in in_data else "held_out"
+    """The key's label (`LABELS`), from the recovery data's tasks alone: `in_data` if its task fed the recovery data,
+    `near_held_out` if not but another task of its family did, else `far_held_out`."""
+    task = task_of(key)
+    if task in in_data:
+        return "in_data"
+    family = family_of(task)
+    return "near_held_out" if family is not None and any(family_of(t) == family for t in in_data) else "far_held_out"
+
+
+def in_group(key: str, group: str, in_data: Collection[str]) -> bool:
+    """Whether a key counts in an aggregate group (`GROUPS`): its own label, or `held_out` for either held-out one."""
+    label = group_of(key, in_data)
+    return label == group or (group == "held_out" and label != "in_data")
+
+
+def label_text(key: str, in_data: Collection[str]) -> str:
+    """The key's label as reports print it: `in-data`, `near held-out` or `far held-out`."""
+    return GROUP_TEXT[group_of(key, in_data)]
 
 
 def is_in_data_monitor(monitor: str, in_data: Collection[str]) -> bool:
     """Whether a monitor is computed only from in-data tasks (what recovery trained on)."""
     if monitor.startswith("in_data_"):
         return True
-    return monitor not in AGGREGATES and group_of(monitor, in_data) == "in_data"
+    return monitor not in AGGREGATES and in_group(monitor, "in_data", in_data)
 
 
 def retention(scores: dict[str, dict[str, Any]], baseline: dict[str, dict[str, Any]],
@@ -49,9 +75,9 @@ def retention(scores: dict[str, dict[str, Any]], baseline: dict[str, dict[str, A
 
     A key whose baseline score is 0 (or that has no baseline: its evaluation failed there) has no defined
     retention: it is None, and left out of every aggregate, never divided by zero. Aggregates: `<form>_mean` over
-    all keys of a form and `<group>_<form>_mean` over the keys of one group (`in_data` tasks are those named in
-    `in_data`), each the mean of retentions capped at 1; `<form>_worst` and `<group>_<form>_worst`, the lowest
-    retention there; `min` over all keys. An aggregate with no key is absent.
+    all keys of a form and `<group>_<form>_mean` over the keys of one group (`GROUPS`, from the tasks named in
+    `in_data` by `in_group`), each the mean of retentions capped at 1; `<form>_worst` and `<group>_<form>_worst`,
+    the lowest retention there; `min` over all keys. An aggregate with no key is absent.
     """
     per_key = {k: v["score"] / baseline[k]["score"] for k, v in scores.items()
                if k in baseline and baseline[k]["score"] > 0}
@@ -73,9 +99,9 @@ def groups(scores: dict[str, dict[str, Any]], keys: Collection[str], in_data: Co
         if of_form:
             out[form] = of_form
         for group in GROUPS:
-            in_group = [k for k in of_form if group_of(k, in_data) == group]
-            if in_group:
-                out[f"{group}_{form}"] = in_group
+            members = [k for k in of_form if in_group(k, group, in_data)]
+            if members:
+                out[f"{group}_{form}"] = members
     return out
 
 

@@ -18,8 +18,13 @@ from gradual.rundir import atomic_write_bytes
 FAILURES = ("wrong_value", "no_answer", "unbalanced_brackets", "repetition")
 
 
-GROUP_COLUMNS = (("held_out_generative_mean", "held-out gen."), ("in_data_generative_mean", "in-data gen."),
-                 ("held_out_classification_mean", "held-out cls."), ("in_data_classification_mean", "in-data cls."))
+GROUP_COLUMNS = (("held_out_generative_mean", "held-out gen."), ("near_held_out_generative_mean", "near held-out gen."),
+                 ("far_held_out_generative_mean", "far held-out gen."), ("in_data_generative_mean", "in-data gen."),
+                 ("held_out_classification_mean", "held-out cls."),
+                 ("near_held_out_classification_mean", "near held-out cls."),
+                 ("far_held_out_classification_mean", "far held-out cls."),
+                 ("in_data_classification_mean", "in-data cls."))
+"""The group means a report shows, where any record has them: held-out (near and far together) first."""
 
 
 def _group_cell(record: dict[str, Any], key: str) -> str:
@@ -125,19 +130,22 @@ def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: 
                  recovery_data: list[dict[str, Any]] | None = None) -> None:
     """Write results.json, report.md and retention.png into the run directory.
 
-    `in_data` names the tasks whose problems fed recovery; every other evaluated task is held-out. `recovery_data`
-    describes each source of the recovery data (`GradualDataModule.describe`).
+    `in_data` names the tasks whose problems fed recovery; every other evaluated task is held-out, near or far by
+    its family (`gradual.retention.group_of`). `recovery_data` describes each source of the recovery data
+    (`GradualDataModule.describe`).
     """
     run_dir = Path(run_dir)
     tasks = sorted({task_of(k) for r in history for k in r["scores"]})
     held_out = [t for t in tasks if t not in in_data]
+    near, far = ([t for t in held_out if group_of(t, in_data) == label] for label in ("near_held_out", "far_held_out"))
     undefined = undefined_retention(history)
     notes = [f"retention of {k} is undefined (baseline score {'0' if k in history[0]['scores'] else 'missing'}): "
              "null in every stage and left out of the means" for k in undefined]
     errors = [f"stage {r['stage']}: {key}: {message}" for r in history
               for key, message in (r.get("errors") or {}).items()]
     results = {"config": config, "final_stage": final_stage, "stop_reason": stop_reason,
-               "in_data_tasks": sorted(in_data), "held_out_tasks": held_out, "recovery_data": recovery_data,
+               "in_data_tasks": sorted(in_data), "held_out_tasks": held_out, "near_held_out_tasks": near,
+               "far_held_out_tasks": far, "recovery_data": recovery_data,
                "undefined_retention": undefined, "errors": errors, "notes": notes, "stages": list(history)}
     atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2).encode())
     plot = io.BytesIO()
@@ -149,6 +157,8 @@ def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: 
              f"{final['removed_total'] or 'none'})" + (" in `final/`" if final_stage is not None else ""),
              f"- stop: {stop_reason or 'still running'}",
              f"- held-out tasks (nothing of them fed recovery): {', '.join(held_out) or 'none'}",
+             f"  - near held-out (a task of their family fed recovery): {', '.join(near) or 'none'}",
+             f"  - far held-out (nothing of their family did): {', '.join(far) or 'none'}",
              f"- in-data tasks (their problems fed recovery; marked *): {', '.join(sorted(in_data)) or 'none'}",
              *[f"- recovery data: {d['name']} ({d['kind']}"
                f"{', self-generated answers' if d.get('answers') == 'self' else ''}), {d['share']:.0%} of every stage, "
@@ -157,7 +167,8 @@ def write_report(run_dir: Path, history: Sequence[dict[str, Any]], final_stage: 
              "Scores per stage, retention against stage 0 in brackets; group columns are mean retentions, each "
              "task's capped at 1 so that no task pays for another, with 95% intervals by paired bootstrap over the "
              "problems and the group's worst task. Only held-out retention shows capability coming back rather than "
-             "being taught:", "",
+             "being taught; near held-out against far tells a taught skill carrying over to its family from "
+             "capability coming back untaught:", "",
              stage_table(history, in_data), "",
              *[f"- {note}" for note in notes], *([""] if notes else []),
              *(["Errors (what could not be measured or trained; other scores are kept):", "", error_table(history),

@@ -125,6 +125,12 @@ def _source(row: dict[str, Any], sgr: Any) -> str:
                 "before training, cached)")
     elif row["kind"] == "tasks":
         held = f"{row['documents']} few-shot documents{tasks}"
+    elif row["kind"] == "self_text":
+        teacher = "each stage's starting model" if sgr is not None and sgr.teacher == "previous" \
+            else "the original model"
+        held = (f"{row['texts']} continuations of built-in openings written by {teacher} (sampled at temperature "
+                f"{row['temperature']:g}, top-p {row['top_p']:g}, up to {row['max_new_tokens']} tokens, before "
+                "training, cached)")
     else:
         held = f"{row['texts']} texts of {row.get('path') or 'the built-in texts'}"
     return f"{row['name']} {row['share']:.0%} ({held})"
@@ -139,7 +145,10 @@ def _recovery_line(module: Any, datamodule: Any) -> str:
     sgr = getattr(datamodule, "sgr", None)
     data = "; ".join(_source(row, sgr) for row in rows) or type(datamodule).__name__
     teacher = ", from each stage's starting model (a copy)" if recovery.teacher == "previous" else ""
-    return f"recovery: {recovery.loss} loss{teacher} on {weights}; data: {data}"
+    on_policy = (f"; on-policy (GKD) on {recovery.on_policy:.0%} of batches: the student continues their prompts "
+                 f"(up to {recovery.on_policy_tokens} tokens), forward KL to the teacher on its tokens"
+                 if recovery.on_policy > 0 else "")
+    return f"recovery: {recovery.loss} loss{teacher} on {weights}{on_policy}; data: {data}"
 
 
 def _evaluation_line(trainer: Trainer) -> str:
@@ -214,4 +223,5 @@ def _estimate_lines(module: Any, datamodule: Any, trainer: Trainer, done: int) -
             "show the real pace); scoring, evaluation and recovery-data generation come on top",
             f"estimate: rough, scaled by weights x token positions from a step of {ref.model} measured at "
             f"{measured} ({ref.positions} positions, LoRA, float32, {ref.machine}; docs/bench.md); this machine: "
-            f"{os.cpu_count()} CPUs, {threads} torch thread{'s' if threads != 1 else ''}"]
+            f"{os.cpu_count()} CPUs, {threads} torch thread{'s' if threads != 1 else ''}"
+            + ("; on-policy generation comes on top" if module.recovery.on_policy > 0 else "")]

@@ -115,13 +115,22 @@ def test_smollm2_scores_all_30_layers_from_one_calibration_pass() -> None:
     assert scores.scores[0] == max(scores.scores), "layer 0 is the most important on SmolLM2 (RESEARCH.md)"
 
 
-def test_tasks_lists_every_builtin_task_with_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+def test_tasks_lists_every_task_by_family_with_its_baseline_and_an_example(
+        capsys: pytest.CaptureFixture[str]) -> None:
     from gradual.tasks import TASKS
+    from gradual.tasks.families import FAMILIES
 
     assert main(["tasks", "--difficulty", "large"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:3] == ["task", "forms", "answer"] and "example (large)" in out[0]
-    assert [line.split()[0] for line in out[1:]] == [*TASKS, "humaneval"]
+    assert out[0].split()[:4] == ["family", "task", "forms", "answer"] and "example (large)" in out[0]
+    assert "SmolLM2-135M few-shot (small)" in out[0]
+    rows = [line.split()[:2] for line in out[1:]]
+    assert rows == [[family, task] for family, tasks in FAMILIES.items() for task in tasks]
+    assert sorted(task for _, task in rows) == sorted([*TASKS, "humaneval"])
+    successor = next(line for line in out if line.split()[1] == "successor")
+    assert "0.71 ± 0.05 (floor 0.01, n=100)" in successor and "'What number comes after" in successor
+    reversal = next(line for line in out if line.split()[1] == "word_sequence_reversal")
+    assert reversal.split()[0] == "strings_lists" and "(floor 0.02, n=64)" in reversal
     assert main(["tasks", "--difficulty", "huge"]) == 2
     assert "difficulty='huge' is unknown" in capsys.readouterr().err
 

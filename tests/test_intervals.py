@@ -112,7 +112,7 @@ def test_intervals_per_key_and_per_group_from_the_kept_items() -> None:
                     {"mc_copy": "classification"})
     out = intervals(stage, base, in_data=[])
     assert set(out) == {"uppercase", "products", "mc_copy", "generative", "held_out_generative", "classification",
-                        "held_out_classification"}
+                        "held_out_classification", "far_held_out_generative", "far_held_out_classification"}
     lo, hi = out["products"]["retention_ci"]
     assert lo < 0.125 < hi and out["products"]["score"] == 0.0625
     group = out["held_out_generative"]

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections import Counter
 
@@ -46,8 +47,10 @@ from gradual.tasks.scoring import continuation_logprobs, encode_pair
 from gradual.tasks.words import CATEGORY_OF
 from gradual.tiny import tiny_model, tiny_tokenizer
 
-NAMES = ["successor", "copy", "uppercase", "category", "chain_sum", "products", "basic_arithmetic", "gsm_symbolic",
-         "brackets"]
+ORIGINAL = ["successor", "copy", "uppercase", "category", "chain_sum", "products", "basic_arithmetic", "gsm_symbolic",
+            "brackets"]
+NEW = ["word_sequence_reversal", "needle_haystack"]  # reasoning-gym tasks added to fill the capability families
+NAMES = ORIGINAL + NEW
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,21 @@ def test_registry_names_and_unknown_task():
     assert get_task("brackets") is TASKS["brackets"]
     with pytest.raises(UsageError, match=r"'nope'.*successor, copy"):
         get_task("nope")
+
+
+def test_every_task_has_one_family_and_a_measured_baseline():
+    from gradual.tasks import CODE_TASKS
+    from gradual.tasks.families import BASELINES, FAMILIES, family_of
+
+    listed = [t for tasks in FAMILIES.values() for t in tasks]
+    assert sorted(listed) == sorted([*TASKS, *CODE_TASKS]) and len(set(listed)) == len(listed)
+    assert family_of("copy") == family_of("word_sequence_reversal") != family_of("successor")
+    assert family_of("hellaswag") is None  # an lm-eval task shares a family with no other task
+    assert set(BASELINES) == set(TASKS)
+    for name in NEW:  # kept from the screen only where clearly above the floor: >= 0.2 and at least twice it
+        b = BASELINES[name]
+        assert b.score >= 0.2 and b.score >= 2 * b.floor and b.n == 64, name
+    assert BASELINES["successor"].stderr == pytest.approx(math.sqrt(0.71 * 0.29 / 100))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -97,6 +115,39 @@ def test_reference_answers_are_right():
         for p in get_task(name).problems("eval", 50):
             expression = re.search(r"(?:problem:|multiplication:|Calculate)\s*([-\d\s+*()]+?)\s*[=.]", p.question)
             assert eval(expression.group(1)) == int(p.answer), p.question  # only digits, spaces and + - * ( )
+
+
+def test_new_reference_answers_are_right():
+    for difficulty in ("small", "large"):
+        for p in get_task("word_sequence_reversal", difficulty).problems("eval", 50):
+            listed = p.question.rsplit("Reverse this list of words: ", 1)[1]
+            assert p.answer.split(", ") == listed.split(", ")[::-1]
+        for p in get_task("needle_haystack", difficulty).problems("eval", 50):
+            statements, asked = p.question.rsplit("\n", 1)
+            predicate = re.fullmatch(r"Who (.+)\? Reply only with a name\.", asked).group(1)
+            assert f"{p.answer} {predicate}." in statements
+            assert {c for c in p.choices if c != p.answer} & set(re.findall(r"[A-Z][\w'-]*", statements)), \
+                "the other people named are the distractors"
+
+
+@pytest.mark.parametrize("difficulty", ["small", "large"])
+@pytest.mark.parametrize("fmt", ["fewshot", "chat"])
+@pytest.mark.parametrize("name", NEW)
+def test_new_tasks_score_their_own_reference_answers_right(monkeypatch, difficulty, fmt, name):
+    """The evaluation, fed each problem's reference answer as the model's reply, scores 1.0; fed another problem's
+    answer, it scores it wrong."""
+    from gradual.tasks.evaluate import evaluate_generative
+
+    module = sys.modules["gradual.tasks.evaluate"]  # `gradual.tasks.evaluate` is also the function the package exports
+    task = get_task(name, difficulty)
+    problems = task.problems("eval", 20)
+    replies = [f" {p.answer}\n" if fmt == "fewshot" else f"{p.answer}." for p in problems]
+    outputs = PromptOutputs([[r] for r in replies], [False] * len(replies))
+    monkeypatch.setattr(module, "generate", lambda *args, **kwargs: outputs)
+    assert evaluate_generative(None, tiny_tokenizer(), task, problems, fmt=fmt).score == 1.0
+    shifted = PromptOutputs([[r] for r in replies[1:] + replies[:1]], [False] * len(replies))
+    monkeypatch.setattr(module, "generate", lambda *args, **kwargs: shifted)
+    assert evaluate_generative(None, tiny_tokenizer(), task, problems, fmt=fmt).score == 0.0
 
 
 def test_category_distractors_are_other_labels():
@@ -197,7 +248,7 @@ def problems_digest(task: Task) -> str:
     return h.hexdigest()[:16]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ORIGINAL)
 def test_small_difficulty_reproduces_the_original_problems(name):
     assert get_task(name) is get_task(name, "small") is TASKS[name]
     assert problems_digest(get_task(name, "small")) == SMALL_PROBLEMS[name]
@@ -216,6 +267,8 @@ LARGE_IS_HARDER = {  # (measure of one problem, the least every large problem ha
     "products": (lambda p: min(len(str(n)) for n in _numbers(p.question)), 2, 1),
     "basic_arithmetic": (lambda p: len(_numbers(p.question)), 3, 2),
     "brackets": (lambda p: len(p.brackets), 16, 11),
+    "word_sequence_reversal": (lambda p: len(p.answer.split(", ")), 10, 3),
+    "needle_haystack": (lambda p: p.question.count(". "), 20, 5),
 }
 
 
@@ -311,6 +364,9 @@ def test_difficulty_reaches_evaluation_and_recovery_prompts(tiny):
     ("upper", "   ", None),
     ("brackets", " ] ) }\nQ: next", "])}"),
     ("brackets", "I cannot", None),
+    ("word", " Tayo\n", "tayo"),
+    ("word", "Tayo accepts the color red.", "tayo"),
+    ("word", "  ", None),
 ])
 def test_extract_answer(kind, text, expected):
     assert extract_answer(kind, text, labels=("animal", "fruit", "color")) == expected

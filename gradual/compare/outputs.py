@@ -8,9 +8,10 @@ training seeds (`seeds`) scores, retention and intervals pool the seeds (`gradua
 fields are the first seed's, and `per_seed` keeps each seed's own. `curve_costs` says per arm what its whole curve
 cost (steps and seconds of every run it needs), beside the per-model budget.
 
-Retention is read per group: a task is in-data when its problems fed the arm's recovery data, else held-out. Only
-held-out retention shows a capability coming back rather than being taught, so the tables lead with it and flag any
-held-out score that recovery left below the arm without recovery.
+Retention is read per group: a task is in-data when its problems fed the arm's recovery data, else held-out: near
+held-out when a task of its family did, far held-out when nothing of its family did (`gradual.retention`). Only
+held-out retention shows a capability coming back rather than being taught, so the tables lead with it (then near and
+far apart) and flag any held-out score that recovery left below the arm without recovery.
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ from matplotlib.figure import Figure
 
 from gradual.compare.pooling import seed_items
 from gradual.intervals import pooled_paired_difference
-from gradual.retention import group_of, task_of, with_interval
+from gradual.retention import in_group, label_text, task_of, with_interval
 from gradual.run_report import GROUP_COLUMNS
 
 BELOW = "▼"
 """Marks a held-out score below the no-recovery arm's at the same depth."""
 PANELS = (("held_out_generative_mean", "held-out generative"), ("in_data_generative_mean", "in-data generative"),
+          ("near_held_out_generative_mean", "near held-out generative"),
+          ("far_held_out_generative_mean", "far held-out generative"),
           ("held_out_classification_mean", "held-out classification"),
-          ("in_data_classification_mean", "in-data classification"))
+          ("in_data_classification_mean", "in-data classification"),
+          ("near_held_out_classification_mean", "near held-out classification"),
+          ("far_held_out_classification_mean", "far held-out classification"))
 
 
 def flag_below_no_recovery(result: dict[str, Any]) -> None:
@@ -45,7 +50,7 @@ def flag_below_no_recovery(result: dict[str, Any]) -> None:
             p["below_no_recovery"] = None
             continue
         p["below_no_recovery"] = [k for k, s in p["scores"].items()
-                                  if group_of(k, p["in_data"]) == "held_out" and k in reference["scores"]
+                                  if in_group(k, "held_out", p["in_data"]) and k in reference["scores"]
                                   and s["score"] < reference["scores"][k]["score"]]
 
 
@@ -80,12 +85,14 @@ def _below(point: dict[str, Any]) -> str:
 
 def summary_table(points: Sequence[dict[str, Any]]) -> str:
     """Per arm and depth: how it healed, the layers removed, the training budget, whether the data matched, the
-    mean retention per group with its 95% interval, and the held-out scores that ended below the no-recovery arm.
+    mean retention per group (those any point has) with its 95% interval, and the held-out scores that ended below
+    the no-recovery arm.
 
     "same prompts" compares the multiset of training prompts with the first trained arm at that depth.
     """
+    columns = [(k, name) for k, name in GROUP_COLUMNS if any(k in p["retention"] for p in points)]
     head = ["removed", "arm", "mode", "recovery", "layers removed (original)", "steps", "examples", "same prompts",
-            *(name for _, name in GROUP_COLUMNS), "held-out below no recovery"]
+            *(name for _, name in columns), "held-out below no recovery"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     reference: dict[int, str] = {}
     for p in points:
@@ -95,16 +102,17 @@ def summary_table(points: Sequence[dict[str, Any]]) -> str:
         arm = p["arm"] + (f" (stage {p['stage']} of {p['run']})" if p["reused"] else "")
         rows.append("| " + " | ".join([str(p["removed"]), arm, p["mode"], p.get("recipe", "-"),
                                        ",".join(map(str, p["layers"])), _steps(p), str(p["examples"]), same,
-                                       *(_ret(p, k) for k, _ in GROUP_COLUMNS), _below(p)]) + " |")
+                                       *(_ret(p, k) for k, _ in columns), _below(p)]) + " |")
     return "\n".join(rows)
 
 
 def scores_table(baseline: dict[str, dict[str, Any]], points: Sequence[dict[str, Any]],
                  in_data: Sequence[str]) -> str:
-    """Arm × task: score with retention in brackets, every task marked in-data or held-out (by the base config's
-    recovery data; an arm whose in-data tasks differ lists its own); the first row is the unpruned baseline."""
+    """Arm × task: score with retention in brackets, every task marked in-data, near held-out or far held-out (by
+    the base config's recovery data; an arm whose in-data tasks differ lists its own); the first row is the unpruned
+    baseline."""
     keys = list(baseline)
-    label = {k: f"{k} ({group_of(k, in_data).replace('_', '-')})" for k in keys}
+    label = {k: f"{k} ({label_text(k, in_data)})" for k in keys}
     rows = ["| removed | arm | " + " | ".join(label[k] for k in keys) + " |", "|" + "---|" * (len(keys) + 2),
             "| 0 | baseline | " + " | ".join(f"{baseline[k]['score']:.2f}" for k in keys) + " |"]
     for p in points:
@@ -202,7 +210,9 @@ def plot_compare(curves: dict[str, list[dict[str, Any]]], path: Path, title: str
     fig.savefig(path, dpi=120)
 
 
-DIFFERENCE_GROUPS = (("held_out", "generative"), ("in_data", "generative"), ("held_out", "classification"))
+DIFFERENCE_GROUPS = (("held_out", "generative"), ("near_held_out", "generative"), ("far_held_out", "generative"),
+                     ("in_data", "generative"), ("held_out", "classification"),
+                     ("near_held_out", "classification"), ("far_held_out", "classification"))
 
 
 def paired_differences(result: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
@@ -219,7 +229,7 @@ def paired_differences(result: dict[str, Any], seed: int = 0) -> list[dict[str, 
             for b in here[i + 1:]:
                 for group, form in DIFFERENCE_GROUPS:
                     keys = [k for k, v in baseline.items() if v.get("form") == form and v.get("items")
-                            and all(group_of(k, p["in_data"]) == group and seed_items(p, k) for p in (a, b))]
+                            and all(in_group(k, group, p["in_data"]) and seed_items(p, k) for p in (a, b))]
                     diff = pooled_paired_difference({k: seed_items(a, k) for k in keys},
                                                     {k: seed_items(b, k) for k in keys},
                                                     {k: baseline[k]["items"] for k in keys}, seed=seed)
@@ -286,6 +296,7 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
     plot_compare(result["curves"], out / "compare.png", title=result["model"])
     in_data = result.get("in_data_tasks", [])
     held_out = sorted({task_of(k) for k in result["baseline"]} - set(in_data))
+    near, far = ([t for t in held_out if in_group(t, group, in_data)] for group in ("near_held_out", "far_held_out"))
     lines = [f"# gradual compare: {result['model']}", "",
              f"Depths {result['depths']}; {result.get('budget_per_layer', '?')} recovery steps per removed layer for "
              "every trained arm, consolidation included. Every arm starts from the same baseline evaluation; one-shot "
@@ -296,7 +307,9 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
                 "rows is still running or not started, and its curve cost counts the runs done so far.", ""]
                if result.get("partial") else []),
              f"- in-data tasks (their problems fed recovery): {', '.join(in_data) or 'none'}",
-             f"- held-out tasks (nothing of them fed recovery): {', '.join(held_out) or 'none'}", "",
+             f"- held-out tasks (nothing of them fed recovery): {', '.join(held_out) or 'none'}",
+             f"  - near held-out (a task of their family fed recovery): {', '.join(near) or 'none'}",
+             f"  - far held-out (nothing of their family did): {', '.join(far) or 'none'}", "",
              "## Arms", "", arms_table(result["arms"]), "",
              "## Budget and retention", "",
              "Group columns are mean retentions (score / baseline score, capped at 1 per task) with their 95% "

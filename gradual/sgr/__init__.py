@@ -21,7 +21,8 @@ The seed paper heals a pruned model by finetuning it on what the *unpruned* mode
   the task scorer accepts ("sgr_filtered") can be used instead; `sdft_pairs` (the `sdft` source of the recovery
   mixture, `gradual.mixture`) asks the same teacher, through the same generation and cache, to rewrite each task
   prompt's reference answer, and keeps a rewrite only if the task's scorer accepts it; `self_documents` (the `tasks`
-  source with `answers: self`) has it answer the evaluation's few-shot prompts of training problems, greedily.
+  source with `answers: self`) has it answer the evaluation's few-shot prompts of training problems, greedily;
+- `texts`: `self_texts` (the `self_text` source) has it continue built-in openings, sampled: broad text of its own.
 
 Pairs hold the raw user prompt, not the formatted one: the data module applies the chat template again at
 training time, so training and generation see the same conversation.
@@ -37,6 +38,8 @@ from gradual.sgr.config import BACKENDS, RESPONSES, SOURCES, TEACHERS, PromptIte
 from gradual.sgr.pairs import SDFT_TEMPLATE, accepts, build_pairs, sdft_pairs, self_documents
 from gradual.sgr.prompts import hf_rows, load_prompts
 from gradual.sgr.teacher import teacher_responses
+from gradual.sgr.texts import self_text_items, self_texts
 
 __all__ = ["BACKENDS", "RESPONSES", "SDFT_TEMPLATE", "SOURCES", "TEACHERS", "PromptItem", "SGRConfig", "accepts",
-           "build_pairs", "hf_rows", "load_prompts", "sdft_pairs", "self_documents", "teacher_responses"]
+           "build_pairs", "hf_rows", "load_prompts", "sdft_pairs", "self_documents", "self_text_items", "self_texts",
+           "teacher_responses"]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gradual.errors import UsageError
-from gradual.tasks.extract import KINDS
+from gradual.tasks.extract import KINDS, extract_answer, normalize_reference
 
 SPLITS = ("eval", "train", "select")
 _INTEGER = re.compile(r"-?\d+")  # numeric tasks score integers; the rare fractional word-problem answer is skipped
@@ -85,6 +85,14 @@ class Task:
         digest = hashlib.sha256(f"{self.name}\x00{question}".encode()).digest()
         return (digest[0] % 2 == 0) == (split == "eval")
 
+    def answerable(self, answer: str) -> bool:
+        """Whether the task's own extractor scores this reference answer, written as the reply, correct. A generator's
+        rare answer out of the extractor's reach (a fraction for a number task, a word with a digit for a list task)
+        is skipped: no reply could ever be scored right on it."""
+        if self.kind == "number":
+            return bool(_INTEGER.fullmatch(answer))
+        return extract_answer(self.kind, answer, self.labels) == normalize_reference(self.kind, answer)
+
     def _candidates(self, base: int, count: int) -> Sequence[tuple[str, str]]:
         """`count` raw (question, answer) pairs from seeds base, base+1, ..."""
         if self.batch_generator is not None:
@@ -111,7 +119,7 @@ class Task:
         offset, batch = 0, max(4 * n, 64)
         while len(out) < n and offset < _SEEDS_PER_CALL and offset < 50 * n + 2000:
             for i, (q, a) in enumerate(self._candidates(base + offset, batch)):
-                if q in seen or not self.in_split(q, split) or (self.kind == "number" and not _INTEGER.fullmatch(a)):
+                if q in seen or not self.in_split(q, split) or not self.answerable(a):
                     continue
                 seen.add(q)
                 out.append(self._problem(q, a, base + offset + i))

@@ -2,7 +2,9 @@
 
 Each task makes (question, answer) pairs from a seed and proposes plausible wrong answers for its classification
 form: nearby numbers for arithmetic, other labels for categories, perturbed strings for copy/uppercase, wrong
-closings for brackets. The arithmetic and word-problem tasks come from reasoning-gym (seeded, offline).
+closings for brackets, other people for who-did-what. The arithmetic, word-problem, word-list reversal and
+who-did-what (needle_haystack) tasks come from reasoning-gym (seeded, offline). Each task's capability family, and
+its measured baseline, is in `gradual.tasks.families`.
 
 Every task exists at two difficulties (`DIFFICULTIES`): `small`, sized so SmolLM2-135M stays off the floor (one-digit
 arithmetic, short lists; the default, and the problems every baseline in docs/ was measured on), and `large`, sized
@@ -13,12 +15,13 @@ longer lists and bracket sequences, carries, made-up words, majority categories)
 from __future__ import annotations
 
 import random
+import re
 import string
 from collections.abc import Sequence
 from functools import partial
 
 from gradual.errors import UsageError
-from gradual.tasks.base import Task
+from gradual.tasks.base import Distractors, Task
 from gradual.tasks.extract import CLOSERS, OPENERS, closing_sequence
 from gradual.tasks.words import ALL_WORDS, CATEGORIES, CATEGORY_OF, LABELS
 
@@ -32,6 +35,9 @@ DIFFICULTIES = ("small", "large")
 # `large`: 4-6 terms of 3-4 digits, two 2- or 3-digit factors, 3-5 terms of 2-3 digits: multi-step carries and long
 # multiplication, sized so 7-8B instruct models are well below 100% and retention can move (not measured here: no
 # GPU). gsm_symbolic has one difficulty in reasoning-gym 0.1.25 (GSM8K level, already below 100% for 7-8B models).
+# word_sequence_reversal and needle_haystack were kept from a measured screen of reasoning-gym candidates
+# (docs/baselines.md, families): 2-3 words (3-4 scored 0.08) and 3-5 statements; `large`: 10-16 words as copy's
+# large lists, and 20-40 statements to search (not measured: no GPU).
 GYM_CONFIGS: dict[str, dict[str, dict]] = {
     "small": {
         "basic_arithmetic": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=("+", "-", "*"),
@@ -39,6 +45,8 @@ GYM_CONFIGS: dict[str, dict[str, dict]] = {
         "chain_sum": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=1),
         "products": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, allow_negation=True),
         "gsm_symbolic": {},
+        "word_sequence_reversal": dict(min_words=2, max_words=3),
+        "needle_haystack": dict(min_num_statements=3, max_num_statements=5),
     },
     "large": {
         "basic_arithmetic": dict(min_terms=3, max_terms=5, min_digits=2, max_digits=3, operators=("+", "-", "*"),
@@ -46,6 +54,8 @@ GYM_CONFIGS: dict[str, dict[str, dict]] = {
         "chain_sum": dict(min_terms=4, max_terms=6, min_digits=3, max_digits=4),
         "products": dict(min_terms=2, max_terms=2, min_digits=2, max_digits=3),
         "gsm_symbolic": {},
+        "word_sequence_reversal": dict(min_words=10, max_words=16),
+        "needle_haystack": dict(min_num_statements=20, max_num_statements=40),
     },
 }
 
@@ -167,6 +177,28 @@ def _category_distractors(question: str, answer: str, rng: random.Random) -> lis
     return others
 
 
+def _letter_edits(word: str) -> list[str]:
+    """The word with one letter dropped, one doubled, or two neighbours swapped: the near misses of spelling."""
+    edits = []
+    for i in range(len(word)):
+        edits.append(word[:i] + word[i + 1:])
+        edits.append(word[:i] + word[i] + word[i:])
+        if i + 1 < len(word) and word[i] != word[i + 1]:
+            edits.append(word[:i] + word[i + 1] + word[i] + word[i + 2:])
+    return edits
+
+
+def _name_distractors(question: str, answer: str, rng: random.Random) -> list[str]:
+    """The other people the statements name (each statement starts with a name), then one-letter edits of the
+    answer where a question names fewer than four people."""
+    statements = question.rsplit("\n", 1)[0]
+    names = list(dict.fromkeys(m for m in re.findall(r"(?:^|[.!?]\s+)([A-Z][\w'-]*)", statements) if m != answer))
+    edits = [e for e in _letter_edits(answer) if e]
+    rng.shuffle(names)
+    rng.shuffle(edits)
+    return [*names, *edits]
+
+
 def _brackets(rng: random.Random, difficulty: str = "small") -> tuple[str, str]:
     """A random prefix of a nested bracket sequence with brackets left open; the answer is its closing.
     small: 4-10 brackets, 1-5 left open; large: 16-30 brackets, 3-10 left open."""
@@ -204,18 +236,21 @@ def _bracket_distractors(question: str, answer: str, rng: random.Random) -> list
 
 
 def _gym_batch(name: str, difficulty: str, base: int, count: int) -> list[tuple[str, str]]:
-    """`count` reasoning-gym items; item i is generated from seed base + i (reasoning-gym seeds items that way)."""
+    """`count` reasoning-gym items; item i is generated from seed base + i (reasoning-gym seeds items that way).
+    Questions are stripped: some generators end theirs in blank lines, which would split a few-shot example."""
     import reasoning_gym
 
     dataset = reasoning_gym.create_dataset(name, seed=base, size=count, **GYM_CONFIGS[difficulty][name])
-    return [(item["question"], item["answer"]) for item in (dataset[i] for i in range(count))]
+    return [(item["question"].strip(), str(item["answer"])) for item in (dataset[i] for i in range(count))]
 
 
-def _gym_task(name: str, difficulty: str, description: str, fewshot_tokens: int = 16, chat_tokens: int = 96) -> Task:
+def _gym_task(name: str, difficulty: str, description: str, fewshot_tokens: int = 16, chat_tokens: int = 96,
+              kind: str = "number", distractors: Distractors = near_numbers,
+              instruction: str = NUMBER_INSTRUCTION) -> Task:
     def single(rng: random.Random) -> tuple[str, str]:
         return _gym_batch(name, difficulty, rng.randrange(2**31), 1)[0]
 
-    return Task(name, "number", single, near_numbers, NUMBER_INSTRUCTION, fewshot_tokens=fewshot_tokens,
+    return Task(name, kind, single, distractors, instruction, fewshot_tokens=fewshot_tokens,
                 chat_tokens=chat_tokens, batch_generator=partial(_gym_batch, name, difficulty), description=description)
 
 
@@ -254,6 +289,13 @@ def _build(difficulty: str = "small") -> dict[str, Task]:
              "Reply with the closing brackets only, separated by spaces.", fewshot_tokens=24 if small else 48,
              chat_tokens=48 if small else 96,
              description="close the open brackets of a nested sequence" + ("" if small else " of 16-30 brackets")),
+        _gym_task("word_sequence_reversal", difficulty,
+                  f"reasoning-gym word_sequence_reversal: reverse a list of {'2-3' if small else '10-16'} words",
+                  fewshot_tokens=32 if small else 96, chat_tokens=64 if small else 160, kind="list",
+                  distractors=_copy_distractors, instruction="Reply with the words only, separated by commas."),
+        _gym_task("needle_haystack", difficulty,
+                  f"reasoning-gym needle_haystack: who, of {'3-5' if small else '20-40'} people described, does X",
+                  chat_tokens=48, kind="word", distractors=_name_distractors, instruction=""),
     ]
     return {t.name: t for t in tasks}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-KINDS = ("number", "label", "list", "upper", "brackets")
+KINDS = ("number", "label", "list", "upper", "brackets", "word")
 FAILURES = ("correct", "wrong_value", "no_answer", "unbalanced_brackets", "repetition")
 OPENERS = {"(": ")", "[": "]", "{": "}", "<": ">"}
 CLOSERS = {v: k for k, v in OPENERS.items()}
@@ -63,6 +63,12 @@ def extract_upper(text: str) -> str | None:
     return words[0] if words else None
 
 
+def extract_word(text: str) -> str | None:
+    """The first word (letters only), lowercased: a one-word answer ("Tayo", "Tayo accepts the color red.")."""
+    words = re.findall(r"[A-Za-z]+", text)
+    return words[0].lower() if words else None
+
+
 def extract_brackets(text: str) -> str | None:
     """The first run of bracket characters, spaces removed."""
     m = _BRACKET_RUN.search(text)
@@ -81,12 +87,14 @@ def extract_answer(kind: str, text: str, labels: Sequence[str] = ()) -> str | No
         return extract_upper(text)
     if kind == "brackets":
         return extract_brackets(text)
+    if kind == "word":
+        return extract_word(text)
     raise ValueError(f"answer kind {kind!r} is unknown; allowed: {', '.join(KINDS)}")
 
 
 def normalize_reference(kind: str, answer: str) -> str:
     """Bring a reference answer into the same normal form as an extracted one."""
-    if kind == "label":
+    if kind in ("label", "word"):
         return answer.strip().lower()
     if kind == "list":
         return ", ".join(w.strip().lower() for w in answer.split(","))
