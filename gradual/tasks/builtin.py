@@ -145,12 +145,7 @@ def _uppercase_distractors(question: str, answer: str, rng: random.Random) -> li
     """The word unchanged or capitalised, and capitals with a letter dropped, doubled or two letters swapped."""
     word = answer.lower()
     out = [word, word.capitalize()]
-    edits = []
-    for i in range(len(answer)):
-        edits.append(answer[:i] + answer[i + 1:])
-        edits.append(answer[:i] + answer[i] + answer[i:])
-        if i + 1 < len(answer) and answer[i] != answer[i + 1]:
-            edits.append(answer[:i] + answer[i + 1] + answer[i] + answer[i + 2:])
+    edits = _letter_edits(answer)
     rng.shuffle(out)
     rng.shuffle(edits)
     return [out[0], edits[0], out[1], *edits[1:]]
