@@ -164,6 +164,21 @@ def end_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[i
     return {int(i) for i in ids if i is not None}
 
 
+def _pad_and_ends(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, torch.Tensor]:
+    """The id that pads a batch (the EOS where the tokenizer has no pad) and every end id (`end_ids`), sorted."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad_id, torch.tensor(sorted(end_ids(model, tokenizer)))
+
+
+def _fit_prompts(model: Any, rows: Sequence[Sequence[int]], max_new_tokens: int
+                 ) -> tuple[int | None, list[list[int]], list[bool]]:
+    """Each prompt row cut on the left to the model's positions less `max_new_tokens` (`truncate_left`): the room,
+    the rows, and which were cut. A budget that fills the positions is refused (`prompt_room`)."""
+    room = prompt_room(model, max_new_tokens, "max_new_tokens")
+    fitted = [truncate_left(list(r), room) for r in rows]
+    return room, [ids for ids, _ in fitted], [cut for _, cut in fitted]
+
+
 @torch.inference_mode()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
              config: DecodingConfig | None = None, batch_size: int = 16, progress: bool = True,
@@ -187,14 +202,9 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     if seed_ids is not None and len(seed_ids) != len(prompts):
         raise ValueError(f"seed_ids has {len(seed_ids)} entries for {len(prompts)} prompts")
     ids_for_seed = list(seed_ids) if seed_ids is not None else list(range(len(prompts)))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ends = torch.tensor(sorted(end_ids(model, tokenizer)))
-    room = prompt_room(model, config.max_new_tokens, "max_new_tokens")
-    encoded, truncated = [], []
-    for p in prompts:
-        ids, cut = truncate_left(encode_prompt(tokenizer, p), room)
-        encoded.append(ids)
-        truncated.append(cut)
+    pad_id, ends = _pad_and_ends(model, tokenizer)
+    room, encoded, truncated = _fit_prompts(model, [encode_prompt(tokenizer, p) for p in prompts],
+                                            config.max_new_tokens)
     if any(truncated):
         log.warning("%d of %d prompts do not fit the model's %d positions with %d new tokens; kept their last %d "
                     "tokens", sum(truncated), len(prompts), max_positions(model), config.max_new_tokens, room)
@@ -281,10 +291,8 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, row
         raise ValueError(f"seeds has {len(seeds)} entries for {len(rows)} rows")
     if not rows:
         return []
-    room = prompt_room(model, config.max_new_tokens, "max_new_tokens")
-    prompts = [truncate_left(list(r), room)[0] for r in rows]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ends = torch.tensor(sorted(end_ids(model, tokenizer)))
+    _, prompts, _ = _fit_prompts(model, rows, config.max_new_tokens)
+    pad_id, ends = _pad_and_ends(model, tokenizer)
     was_training = model.training
     model.eval()
     try:
