@@ -7,6 +7,12 @@ builds, and the global seed Lightning's `seed_everything` recorded. Settings of 
 generation and evaluation batch sizes and progress bars (`RESULT_NEUTRAL`), and callbacks that only show or write
 what the run did (progress bars, `Report`, `StageCheckpoint`), which define no `settings()`. A run may therefore
 resume with a smaller batch after running out of memory, or with progress lines on.
+
+A setting added to the project after runs were recorded would otherwise make every such run "another run". A
+setting's default changes nothing (the project's convention), so `added_settings` lists the settings added since
+the identity took its present form, with their defaults, and `recorded_form` drops each from a new identity where
+the recorded one lacks it and it holds its default: the recorded run resumes; with any other value it is refused,
+naming the setting. Add a new setting there when you add it to a config class.
 """
 
 from __future__ import annotations
@@ -133,3 +139,33 @@ def run_identity(own: Mapping[str, Any], trainer: Trainer, datamodule: Any, opti
                 "callbacks": callback_settings(trainer.callbacks), "trainer": training_settings(trainer, stages),
                 "optimizer": described_optimizer, "lr_scheduler": described_scheduler}
     return json.loads(json.dumps(identity, default=str))
+
+
+def added_settings() -> dict[tuple[str, ...], Any]:
+    """Settings added to the identity after runs were recorded without them → their default, the value under which
+    such a run behaved. Paths are identity keys; `*` stands for every item of a list (`data.sources`). Defaults are
+    read from the config classes, so they cannot drift from them."""
+    from gradual.distill import Recovery
+    from gradual.mixture import SELF_TEXT_FIELDS
+
+    recovery = Recovery()
+    return {("recovery", "on_policy"): recovery.on_policy,
+            ("recovery", "on_policy_tokens"): recovery.on_policy_tokens,
+            **{("data", "sources", "*", name): default for name, default in SELF_TEXT_FIELDS.items()}}
+
+
+def recorded_form(recorded: Any, identity: Any) -> Any:
+    """`identity` as a run recorded before the `added_settings` would have recorded it: each added setting that
+    `recorded` lacks (at the same place) and `identity` holds at its default is left out. Compare the result with
+    `recorded` to tell whether a run directory holds this run."""
+    added = added_settings()
+
+    def strip(old: Any, new: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(old, dict) and isinstance(new, dict):
+            return {k: strip(old[k], v, (*path, k)) if k in old else v for k, v in new.items()
+                    if k in old or (*path, k) not in added or v != added[(*path, k)]}
+        if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+            return [strip(o, n, (*path, "*")) for o, n in zip(old, new, strict=True)]
+        return new
+
+    return strip(recorded, identity, ())

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from gradual import models
+from gradual import identity, models
 from gradual.errors import UsageError
 from gradual.stages import StageRecord
 
@@ -167,6 +167,8 @@ def check_run_dir(run_dir: Path, config: dict[str, Any], overwrite: bool) -> Non
 def _same_run(run_dir: Path, config: dict[str, Any], overwrite: bool) -> bool:
     """Whether the non-empty `run_dir` holds this run (to resume); raises for another run unless `overwrite`."""
     state = read_state(run_dir)
+    if state is not None:
+        config = identity.recorded_form(state.get("config"), config)  # settings added since it was recorded
     if state is not None and state.get("config") == config and not overwrite:
         return True
     if state is None and not overwrite and all(p.name == LOGS_DIR or p.name.endswith(TMP_SUFFIX)

@@ -50,3 +50,59 @@ def test_callbacks_that_decide_results_are_listed_in_order_and_the_others_left_o
     assert "batch_size" not in listed[0]["init_args"] and "progress" not in listed[0]["init_args"]
     same = TaskEvaluation(tasks=["successor"], n=4, batch_size=16)  # another batch size: the same scores
     assert callback_settings([same]) == listed[:1]
+
+
+def _identity(on_policy: float = 0.0, n_texts: int = 256) -> dict:
+    """A run identity's recovery and data parts as `GradualModule.run_config` records them (the rest is alike)."""
+    from dataclasses import asdict
+
+    from gradual.distill import Recovery
+    from gradual.mixture import DataSource
+
+    return {"model": "tiny:llama", "recovery": asdict(Recovery(loss="kd", on_policy=on_policy)),
+            "data": {"sources": [asdict(DataSource("tasks", tasks=["copy"])),
+                                 asdict(DataSource("self_text", n_texts=n_texts))]}}
+
+
+def _recorded_before_added(config: dict) -> dict:
+    """`config` as a run recorded before the added settings existed: without them."""
+    import copy
+
+    old = copy.deepcopy(config)
+    for name in ("on_policy", "on_policy_tokens"):
+        del old["recovery"][name]
+    for source in old["data"]["sources"]:
+        for name in ("n_texts", "max_new_tokens", "temperature", "top_p", "seed"):
+            del source[name]
+    return old
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_while_the_setting_holds_its_default(tmp_path) -> None:
+    import json
+
+    import pytest
+
+    from gradual import rundir
+    from gradual.errors import UsageError
+
+    recorded = _recorded_before_added(_identity())
+    (tmp_path / rundir.STATE_FILE).write_text(json.dumps({"config": recorded}))
+    (tmp_path / "stage_0").mkdir()
+    rundir.check_run_dir(tmp_path, _identity(), overwrite=False)  # resumes: nothing cleared
+    assert (tmp_path / "stage_0").is_dir()
+    assert json.loads((tmp_path / rundir.STATE_FILE).read_text())["config"] == recorded
+    with pytest.raises(UsageError, match=r"different run \(changed: recovery\.on_policy\)"):
+        rundir.check_run_dir(tmp_path, _identity(on_policy=0.5), overwrite=False)
+    with pytest.raises(UsageError, match=r"changed: data\.sources\.1\.n_texts\)"):
+        rundir.check_run_dir(tmp_path, _identity(n_texts=64), overwrite=False)
+    (tmp_path / rundir.STATE_FILE).write_text(json.dumps({"config": {**recorded, "model": "tiny:qwen2"}}))
+    with pytest.raises(UsageError, match=r"changed: model\)"):  # a setting the record has still decides
+        rundir.check_run_dir(tmp_path, _identity(), overwrite=False)
+
+
+def test_added_settings_hold_the_config_classes_defaults() -> None:
+    from gradual.identity import added_settings
+
+    added = added_settings()
+    assert added[("recovery", "on_policy")] == 0.0 and added[("recovery", "on_policy_tokens")] == 128
+    assert added[("data", "sources", "*", "n_texts")] == 256 and len(added) == 7
