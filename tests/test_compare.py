@@ -158,6 +158,32 @@ def test_shipped_config_parses_with_equal_budgets() -> None:
                                                                                      (1, 16)]
 
 
+def test_transfer_config_parses_with_equal_budgets_and_the_same_held_out_tasks_in_every_arm() -> None:
+    """configs/transfer.yaml (issue 20's measurement): every arm parses at 4 and 8 with the sweep's budget, and no
+    arm's data holds a problem of the five tasks every arm is read on as held-out; the broad arms make the arithmetic
+    pair near held-out, the self_text arm every task far."""
+    from gradual.retention import in_group
+
+    plan = load_plan(["--config", str(ROOT / "configs" / "transfer.yaml")])
+    fit = FitParser(arm_config(plan, Arm("baseline", "one_shot"), max(plan.depths)))
+    for arm in plan.arms:
+        for depth in set(arm_runs(plan, arm).values()):
+            fit.check(arm_config(plan, arm, depth))
+    budgets = compare.check_budgets(plan, 30)
+    assert plan.depths == [4, 8] and {b[d].total for b in budgets.values() for d in plan.depths} == {0, 48, 96}
+
+    def in_data(arm: Arm) -> list[str]:
+        sources = arm_config(plan, arm, 4)["data"].get("sources") or [{"kind": "sgr", "tasks": ["successor", "copy",
+                                                                                                  "category"]}]
+        return sorted({t for s in sources for t in s.get("tasks") or []})
+
+    data = {arm.name: in_data(arm) for arm in plan.arms}
+    held_out = {"uppercase", "word_sequence_reversal", "products", "chain_sum", "needle_haystack"}
+    assert all(not held_out & set(tasks) for tasks in data.values())
+    assert data["lora_kd_self_text"] == [] and in_group("uppercase", "far_held_out", [])
+    assert in_group("products", "near_held_out", data["lora_kd_broad"])
+    assert in_group("products", "far_held_out", data["lora_kd_tasks"])
+
 def test_an_arm_with_steps_growth_splits_the_same_budget_unequally(tmp_path: Path) -> None:
     """`model.schedule.steps_growth` in an arm: `gradual compare` gives it k × budget_per_layer steps at each depth
     (counted by the fit's `Schedule.total_steps`), later stages more, one run per depth; with a consolidation too."""
@@ -201,9 +227,11 @@ def test_seeds_set_model_seed_and_seed_everything_in_their_own_run_dirs(tmp_path
 
 
 @pytest.mark.slow
-def test_shipped_config_builds_every_arm_on_smollm2() -> None:
-    """Every arm of configs/compare.yaml built once on the offline SmolLM2 (its config only; no weights load)."""
-    compare.validate_arms(load_plan(["--config", str(ROOT / "configs" / "compare.yaml")]))
+@pytest.mark.parametrize("name", ["compare", "transfer"])
+def test_shipped_config_builds_every_arm_on_smollm2(name: str) -> None:
+    """Every arm of configs/compare.yaml and configs/transfer.yaml built once on the offline SmolLM2 (its config
+    only; no weights load)."""
+    compare.validate_arms(load_plan(["--config", str(ROOT / "configs" / f"{name}.yaml")]))
 
 
 def test_baseline_is_evaluated_once_and_matches_a_plain_fit(comparison: tuple[dict[str, Any], Path, int],
