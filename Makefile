@@ -39,11 +39,12 @@ demo: install
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
-# on a CUDA machine: quick bench in bf16, a short demo-recipe fit, the vLLM SGR path (under 8 min) into GPU_CHECK_DIR;
-# make gpu-check GPU_CHECK_ARGS=--dry-run checks the commands anywhere
+# on a CUDA machine (under 8 min): quick bench in bf16, a two-stage demo-recipe fit, SGR through vLLM, the plan's
+# estimate against measured peak memory, final/ in vLLM and lm_eval --model vllm, into GPU_CHECK_DIR;
+# make gpu-check GPU_CHECK_ARGS=--dry-run prints the steps and names any missing prerequisite, anywhere
 GPU_CHECK_DIR ?= gpu-check
 gpu-check: install
-	scripts/gpu_check.sh $(GPU_CHECK_ARGS) $(GPU_CHECK_DIR)
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS) $(GPU_CHECK_DIR)
 
 lint: install
 	$(VENV)/bin/ruff check .

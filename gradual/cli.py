@@ -9,6 +9,7 @@ jsonargparse parser); each takes `--config` and `--print_config`. Bad input ends
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ USAGE = """usage: gradual <command> [options]
 
 commands:
   fit       run the prune -> heal -> measure loop (LightningCLI: dotted overrides)
+  plan      a fit config's memory per device, disk per stage and recovery tokens, from the model's config alone;
+            exit 2 when it does not fit the visible devices (`gradual fit --config X --plan` is the same)
   score     score and rank a model's layers with an importance metric
   eval      evaluate a model (any path or alias) on built-in and lm-eval tasks
   prune     remove layers in one shot (no recovery) and save the model
@@ -261,6 +264,85 @@ def compare_command(argv: Sequence[str]) -> int:
     return compare_main(argv)
 
 
+PLAN_USAGE = """usage: gradual plan --config FIT.yaml [fit overrides ...] [--device-memory GIB]
+
+What a `gradual fit` run of this config needs before it runs, from the model's config alone (no weights loaded; a
+local folder with config.json, the Hugging Face cache, or the built-in configs of the 7-8B models the configs name):
+per device, the student, the teacher, the trainable weights with their gradients and AdamW state, the activations
+at data.batch_size x data.max_length and the loss's logits at a recovery step's peak, and the merged student with
+the teacher and the evaluation's KV cache at each stage's end; disk per saved stage; recovery tokens per stage.
+Exit 0 when it fits (or when nothing is there to check against), 2 with one line when it does not fit the visible
+devices (CUDA devices' memory, or RAM for accelerator cpu).
+
+  --device-memory GIB   check against devices of GIB GiB each (e.g. 80) instead of the visible ones"""
+
+
+def _device_memory(argv: list[str]) -> tuple[list[str], float | None]:
+    """`argv` without `--device-memory GIB` (or `=GIB`), and that value.
+
+    Raises:
+        UsageError: a value that is not a finite number > 0.
+    """
+    rest, value = [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--device-memory" or arg.startswith("--device-memory="):
+            if "=" in arg:
+                text = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                text, i = argv[i + 1], i + 1
+            else:
+                raise UsageError("--device-memory needs a value: GiB per device, e.g. 80")
+            try:
+                value = float(text)
+            except ValueError:
+                value = float("nan")
+            if not (math.isfinite(value) and value > 0):
+                raise UsageError(f"--device-memory {text!r} is invalid; give GiB per device, a number > 0 (e.g. 80)")
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, value
+
+
+def plan_command(argv: Sequence[str]) -> int:
+    """Print what a fit config needs per device (`gradual.footprint`), from the model's config alone; exit 2 with
+    one line when the peak does not fit the devices (the visible ones, or `--device-memory` GiB each)."""
+    argv, memory = _device_memory(list(argv))
+    if any(a in ("-h", "--help") for a in argv):
+        print(PLAN_USAGE)
+        return 0
+    from gradual import footprint
+    from gradual.lightning_cli import PlanCLI, _plain, held_logs
+
+    with held_logs(replay=False):
+        try:
+            cli = PlanCLI(args=argv, run=False, parser_kwargs={"exit_on_error": False, "prog": "gradual plan"})
+        except argparse.ArgumentError as e:
+            raise UsageError(parser_error_line(str(e))) from None
+    config = _plain(cli.config)
+    shape = footprint.model_shape(config["model"]["model"], config["model"].get("trust_remote_code", False))
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    settings = footprint.settings_from_config(config, shape, gpus)
+    fp = footprint.estimate(shape, settings)
+    if memory is not None:
+        have, device = [int(memory * footprint.GIB)] * settings.processes, f"{memory:g} GiB per device, as given"
+    else:
+        have, device = footprint.visible_memory(settings.accelerator)
+        device = f"{settings.accelerator}: {device}"
+    pool = settings.processes if settings.accelerator == "cpu" else 1  # CPU processes share one RAM
+    verdict, fits = footprint.check_fit(fp, have, pool)
+    print("\n".join(footprint.format_plan(fp, device, verdict)), flush=True)
+    if fits is False:
+        raise UsageError(f"plan does not fit: {verdict.removeprefix('does not fit: ')} per device "
+                         f"({device}); lower data.batch_size or data.max_length, quantize (model.quantize: nf4, "
+                         "recovery.teacher_quantize: nf4) or add devices")
+    return 0
+
+
 def fit_command(argv: Sequence[str]) -> int:
     """Parse and check everything (no model loaded yet), print the plan, then run one `trainer.fit` over all stages.
 
@@ -269,6 +351,8 @@ def fit_command(argv: Sequence[str]) -> int:
     """
     import shutil
 
+    if "--plan" in argv:  # `gradual fit --config X --plan` is `gradual plan --config X`
+        return plan_command([a for a in argv if a != "--plan"])
     from gradual.lightning_cli import GradualCLI, held_logs
     from gradual.lightning_compat import rank_command
 
@@ -303,7 +387,7 @@ def fit_command(argv: Sequence[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "fit": fit_command, "score": score_command, "eval": eval_command, "prune": prune_command,
+    "fit": fit_command, "plan": plan_command, "score": score_command, "eval": eval_command, "prune": prune_command,
     "compare": compare_command, "tasks": tasks_command,
 }
 

@@ -129,6 +129,15 @@ class GradualCLI(LightningCLI):
                                      "init_args": {"save_dir": config.model.run_dir, "name": "logs"}}
 
 
+class PlanCLI(GradualCLI):
+    """`gradual plan`: the `gradual fit` parser (the same config, defaults, links and overrides) without building
+    anything: no module, data module or Trainer, so a GPU config plans on a CPU machine and a hub model plans
+    offline (`gradual.footprint` reads only its config). `self.config` holds the parsed config."""
+
+    def instantiate_classes(self) -> None:
+        """Nothing is built: the plan reads the parsed config alone."""
+
+
 _ADVERT_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                    "lightning_utilities.core.rank_zero")
 """The loggers Lightning's `rank_zero_info` writes through (the last module imported decides which one)."""

@@ -150,7 +150,7 @@ def alternate(candidates: dict[Any, Callable[[], Any]], rounds: int) -> tuple[di
 
 @dataclass
 class Placement:
-    """Where the bench runs: `cpu` in float32 (the committed figures), or `cuda` in bfloat16 (scripts/gpu_check.sh)."""
+    """Where the bench runs: `cpu` in float32 (the committed figures), or `cuda` in bfloat16 (scripts/gpu_check.py)."""
 
     device: str = "cpu"
     dtype: str = "float32"
@@ -1012,7 +1012,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           "(JSON; default: next to --out as <name>.details.json)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model name as gradual loads it")
     parser.add_argument("--threads", default="auto", help="torch threads; auto = 1 on a busy machine")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda (scripts/gpu_check.sh)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (scripts/gpu_check.py)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="weights dtype (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--stage-worker", type=Path, help=argparse.SUPPRESS)
