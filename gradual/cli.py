@@ -51,7 +51,8 @@ def score(model: str, metric: str = "block_influence", span: int = 1, calibratio
     """Score and rank a model's layers with an importance metric; prints a table, least important first.
 
     Args:
-        model: The model: a hub id, a local folder, smollm2-135m-instruct (offline) or tiny:<arch>[:<layers>].
+        model: The model: a hub id, a local folder, an offline alias (smollm2-135m-instruct, gemma3-270m) or
+            tiny:<arch>[:<layers>].
         metric: The importance metric, one of: {metrics}.
         span: How many consecutive layers angular_distance compares (its n).
         calibration: A .txt file (one text a line) or .jsonl file (field 'text') of calibration texts; default: the
@@ -89,8 +90,8 @@ def evaluate(model: str, tasks: str | list[str] = "", forms: str | list[str] = "
     """Evaluate a model on built-in and lm-eval tasks; prints one row per task and form.
 
     Args:
-        model: The model: a hub id, a local folder (e.g. runs/demo/final), smollm2-135m-instruct or
-            tiny:<arch>[:<layers>].
+        model: The model: a hub id, a local folder (e.g. runs/demo/final), an offline alias
+            (smollm2-135m-instruct, gemma3-270m) or tiny:<arch>[:<layers>].
         tasks: Built-in tasks to evaluate, comma-separated or a YAML list: {tasks}.
         forms: Forms of each built-in task, comma-separated: generative (free answer) and/or classification
             (multiple choice by log-likelihood).
@@ -143,7 +144,8 @@ def prune(model: str, out: str, layers: str | list[int] | None = None, num: int 
     """Remove layers in one shot (no recovery) and save the model in Hugging Face format. Give --layers or --num.
 
     Args:
-        model: The model: a hub id, a local folder, smollm2-135m-instruct or tiny:<arch>[:<layers>].
+        model: The model: a hub id, a local folder, an offline alias (smollm2-135m-instruct, gemma3-270m) or
+            tiny:<arch>[:<layers>].
         out: The output folder; it must not exist yet.
         layers: Original indices of the layers to remove, comma-separated (as recorded in an already-pruned
             model's config).

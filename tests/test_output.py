@@ -173,6 +173,19 @@ def test_the_demo_plan_estimates_its_measured_recovery_time(tmp_path: Path, caps
     assert "training at most ~21 min (72 steps x <= 17.4 s, every example filling max_length 160;" in estimate
 
 
+@pytest.mark.slow  # reads the offline Gemma3's config (no weights load; a ~2 min conversion on a fresh cache)
+def test_the_gemma3_config_plans_its_18_layers(tmp_path: Path) -> None:
+    """configs/gemma3-270m.yaml builds as it is: the alias's 18 layers, the demo's six one-layer stages, and tasks
+    that all exist (a wrong name would be refused here, before any model loads)."""
+    from gradual.runplan import plan_lines
+
+    cli = GradualCLI(args=["--config", str(SMOKE.parent / "gemma3-270m.yaml"), "--model.run_dir", str(tmp_path / "g")],
+                     run=False)
+    lines = plan_lines(cli.model, cli.datamodule, cli.trainer)
+    assert "plan: model gemma3-270m (18 layers, float32) on cpu" in lines
+    assert any("training at most" in line and "(72 steps x" in line for line in lines), lines
+
+
 def test_evaluation_and_scoring_bars_write_nothing_to_a_file(capfd: pytest.CaptureFixture[str]) -> None:
     """With progress on and standard error a file (a job's log), the evaluation's, generation's and layer scoring's
     own bars stay silent: a log is not filled with carriage-return redraws. (A terminal still gets them.)"""

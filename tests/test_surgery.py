@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
+    DynamicCache,
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
@@ -35,6 +36,7 @@ from gradual.surgery import (
     remove_layers,
     skip_layers,
 )
+from gradual.tiny import tiny_model
 
 VOCAB = 128
 WINDOW = 4
@@ -285,6 +287,31 @@ def test_stale_layer_types_would_change_gemma3_logits(ids):
     right = logits(model, ids)
     model.config.layer_types = [SLIDING, FULL, SLIDING]  # the first three entries: the known mistake
     assert not torch.allclose(logits(model, ids), right, atol=1e-3)
+
+
+def test_tiny_gemma3_keeps_layer_types_attention_and_cache_in_step(tmp_path):
+    """`tiny:gemma3:6` (sliding, sliding, full, ...): removing a full and a sliding layer leaves the config's
+    layer_types, each kept attention module's own window and the hybrid cache built from the config agreeing layer by
+    layer; cached generation well past the window equals uncached, and so does the reload."""
+    model = tiny_model("gemma3", num_layers=6)
+    assert model.config.layer_types == [SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL]
+    remove_layers(model, [2, 3])
+    assert model.config.layer_types == [SLIDING, SLIDING, SLIDING, FULL]
+    attention = [layer.self_attn for layer in decoder_layers(model)]
+    assert [a.layer_idx for a in attention] == [0, 1, 2, 3]
+    assert [a.sliding_window for a in attention] == [WINDOW, WINDOW, WINDOW, None]
+    cache = DynamicCache(config=model.config)
+    assert [layer.is_sliding for layer in cache.layers] == [True, True, True, False]
+    ids = torch.randint(4, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+        assert torch.equal(cached, model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False,
+                                                  pad_token_id=0))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.layer_types == model.config.layer_types
+    assert [layer.self_attn.sliding_window for layer in decoder_layers(reloaded)] == [WINDOW, WINDOW, WINDOW, None]
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
 
 
 def test_qwen2_window_layer_count_agrees_with_layer_types():
