@@ -15,7 +15,7 @@ import yaml
 
 from gradual import compare
 from gradual.cli import main
-from gradual.compare import Arm, FitParser, arm_budget, arm_config, arm_runs, load_plan, run
+from gradual.compare import Arm, FitParser, Plan, arm_budget, arm_config, arm_runs, load_plan, run
 from gradual.compare.outputs import flag_below_no_recovery, write_outputs
 from gradual.errors import UsageError
 from gradual.lightning_cli import GradualCLI
@@ -137,15 +137,20 @@ def test_budget_split_places_the_remainder_in_the_consolidation(tmp_path: Path) 
     assert runs["plain"] == {3: 4, 4: 4} and runs["gradual_final"] == {3: 3, 4: 4}
 
 
-def test_shipped_config_parses_with_equal_budgets() -> None:
-    """configs/compare.yaml: every arm's config at every run depth passes the `gradual fit` parser (no model needed),
-    and every trained arm gets the same budget at each depth, the gradual arm's consolidation included."""
-    plan = load_plan(["--config", str(ROOT / "configs" / "compare.yaml")])
+def shipped_plan(name: str) -> tuple[Plan, dict[str, dict[int, Any]]]:
+    """configs/<name>.yaml's plan, each arm's config at each of its run depths checked by the `gradual fit` parser
+    (no model needed), and every arm's budgets on SmolLM2's 30 layers."""
+    plan = load_plan(["--config", str(ROOT / "configs" / f"{name}.yaml")])
     fit = FitParser(arm_config(plan, Arm("baseline", "one_shot"), max(plan.depths)))
     for arm in plan.arms:
         for depth in set(arm_runs(plan, arm).values()):
             fit.check(arm_config(plan, arm, depth))
-    budgets = compare.check_budgets(plan, 30)
+    return plan, compare.check_budgets(plan, 30)
+
+def test_shipped_config_parses_with_equal_budgets() -> None:
+    """configs/compare.yaml: every arm's config at every run depth passes the `gradual fit` parser (no model needed),
+    and every trained arm gets the same budget at each depth, the gradual arm's consolidation included."""
+    plan, budgets = shipped_plan("compare")
     assert plan.depths == [4, 8, 12]
     assert {b[d].total for b in budgets.values() for d in plan.depths} == {0, 48, 96, 144}
     assert budgets["gradual_kd_tasks"][12].total == budgets["lora_kd_tasks"][12].total == 144
@@ -164,12 +169,7 @@ def test_transfer_config_parses_with_equal_budgets_and_the_same_held_out_tasks_i
     pair near held-out, the self_text arm every task far."""
     from gradual.retention import in_group
 
-    plan = load_plan(["--config", str(ROOT / "configs" / "transfer.yaml")])
-    fit = FitParser(arm_config(plan, Arm("baseline", "one_shot"), max(plan.depths)))
-    for arm in plan.arms:
-        for depth in set(arm_runs(plan, arm).values()):
-            fit.check(arm_config(plan, arm, depth))
-    budgets = compare.check_budgets(plan, 30)
+    plan, budgets = shipped_plan("transfer")
     assert plan.depths == [4, 8] and {b[d].total for b in budgets.values() for d in plan.depths} == {0, 48, 96}
 
     def in_data(arm: Arm) -> list[str]:
