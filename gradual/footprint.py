@@ -65,6 +65,12 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
         rms_norm_eps=1e-5, rope_theta=100000.0, bos_token_id=1, eos_token_id=2, torch_dtype="float32"),
+    "gemma3-270m": dict(  # as the alias's conversion writes it (five sliding-window layers to one full)
+        model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, vocab_size=262144, max_position_embeddings=32768, sliding_window=512,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, rms_norm_eps=1e-6, bos_token_id=2,
+        eos_token_id=1, pad_token_id=0, torch_dtype="float32"),
 }
 
 
@@ -73,9 +79,10 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------------------------------
 
 def model_config(name: str, trust_remote_code: bool = False) -> tuple[PretrainedConfig, str]:
-    """(config, where it came from) for a model name: `tiny:<arch>`, a local folder holding config.json, the offline
-    SmolLM2 alias, a hub id in the local Hugging Face cache (or online, without HF_HUB_OFFLINE), else the built-in
-    table of the 7-8B models the configs name (`BUILTIN_CONFIGS`). No weights are read.
+    """(config, where it came from) for a model name: `tiny:<arch>`, a local folder holding config.json, an offline
+    alias (its converted folder, else the built-in table), a hub id in the local Hugging Face cache (or online,
+    without HF_HUB_OFFLINE), else the built-in table of the 7-8B models the configs name (`BUILTIN_CONFIGS`). No
+    weights are read.
 
     Raises:
         UsageError: the config is nowhere to be read; the line names the model and the ways to give one.
@@ -84,9 +91,9 @@ def model_config(name: str, trust_remote_code: bool = False) -> tuple[Pretrained
 
     if name.startswith(tiny.TINY_PREFIX):
         return tiny.tiny_config(*tiny.parse_tiny(name)), "tiny model"
-    if name == models.SMOLLM2_ALIAS:
+    if name in models.GGUF_ALIASES:
         folder = models.cache_dir() / "models"
-        converted = sorted(folder.glob(f"{models.SMOLLM2_ALIAS}-*")) if folder.is_dir() else []
+        converted = sorted(folder.glob(f"{name}-*")) if folder.is_dir() else []
         if converted and (converted[-1] / "config.json").is_file():
             return AutoConfig.from_pretrained(converted[-1]), str(converted[-1])
         return _builtin(name), "built-in table"

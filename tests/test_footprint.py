@@ -71,6 +71,18 @@ def test_the_parameter_count_and_weights_are_the_meta_models():
     assert math.isclose(footprint.nf4_bytes(64 * 256), 64 * 256 / 2 + 256 + 4)
 
 
+def test_the_offline_aliases_plan_before_their_conversion(monkeypatch, tmp_path):
+    """With an empty cache (nothing converted yet) every offline alias plans from the built-in table, at the
+    parameter count of its converted model (268,098,176 for Gemma 3 270M, 134,515,008 for SmolLM2-135M)."""
+    from gradual import models
+
+    monkeypatch.setenv("GRADUAL_CACHE", str(tmp_path))
+    assert set(models.GGUF_ALIASES) <= set(footprint.BUILTIN_CONFIGS)
+    shapes = {name: footprint.model_shape(name) for name in models.GGUF_ALIASES}
+    assert {name: shape.source for name, shape in shapes.items()} == {name: "built-in table" for name in shapes}
+    assert shapes["gemma3-270m"].parameters() == 268_098_176 and shapes["gemma3-270m"].layers == 18
+    assert shapes["smollm2-135m-instruct"].parameters() == 134_515_008
+
 def test_the_three_7_8b_models_plan_offline_from_the_built_in_table():
     sizes = {"meta-llama/Llama-3.1-8B-Instruct": 8.03e9, "Qwen/Qwen2.5-7B-Instruct": 7.62e9,
              "mistralai/Mistral-7B-Instruct-v0.3": 7.25e9}
