@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from gradual import command
 from gradual.errors import UsageError, parser_error_line, usage_error_in
@@ -269,7 +270,8 @@ def compare_command(argv: Sequence[str]) -> int:
 PLAN_USAGE = """usage: gradual plan --config FIT.yaml [fit overrides ...] [--device-memory GIB]
 
 What a `gradual fit` run of this config needs before it runs, from the model's config alone (no weights loaded; a
-local folder with config.json, the Hugging Face cache, or the built-in configs of the 7-8B models the configs name):
+local folder with config.json, the Hugging Face cache, or the built-in configs of the 7-8B models the configs name
+and of the offline aliases):
 per device, the student, the teacher, the trainable weights with their gradients and AdamW state, the activations
 at data.batch_size x data.max_length and the loss's logits at a recovery step's peak, and the merged student with
 the teacher and the evaluation's KV cache at each stage's end; disk per saved stage; recovery tokens per stage.
@@ -308,6 +310,28 @@ def _device_memory(argv: list[str]) -> tuple[list[str], float | None]:
     return rest, value
 
 
+def _refuse_comparison(argv: Sequence[str]) -> None:
+    """A `--config` holding a `compare:` section is a comparison, which `plan` cannot size as one run: say so.
+
+    Raises:
+        UsageError: naming the file and what `plan` takes.
+    """
+    import yaml
+
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if arg == "--config" and \
+            i + 1 < len(argv) else None
+        if path and os.path.isfile(path):
+            try:
+                loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                continue  # the parser says what is wrong with it
+            if isinstance(loaded, dict) and "compare" in loaded:
+                raise UsageError(f"--config {path} is a `gradual compare` config; `gradual plan` takes a `gradual fit` "
+                                 "config: plan one arm's run with the config compare writes for it "
+                                 "(<out>/configs/<arm>-<depth>.yaml)")
+
+
 def plan_command(argv: Sequence[str]) -> int:
     """Print what a fit config needs per device (`gradual.footprint`), from the model's config alone; exit 2 with
     one line when the peak does not fit the devices (the visible ones, or `--device-memory` GiB each)."""
@@ -315,6 +339,7 @@ def plan_command(argv: Sequence[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(PLAN_USAGE)
         return 0
+    _refuse_comparison(argv)
     from gradual import footprint
     from gradual.lightning_cli import PlanCLI, _plain, held_logs
 
@@ -339,9 +364,17 @@ def plan_command(argv: Sequence[str]) -> int:
     verdict, fits = footprint.check_fit(fp, have, pool)
     print("\n".join(footprint.format_plan(fp, device, verdict)), flush=True)
     if fits is False:
-        raise UsageError(f"plan does not fit: {verdict.removeprefix('does not fit: ')} per device "
-                         f"({device}); lower data.batch_size or data.max_length, quantize (model.quantize: nf4, "
-                         "recovery.teacher_quantize: nf4) or add devices")
+        if sum(fp.evaluation.values()) >= sum(fp.training.values()):
+            advice = ("the peak is each stage's end (the merged student, the teacher and the evaluation's KV cache): "
+                      "lower the evaluation callbacks' batch_size (their KV cache); more DDP devices do not lower it")
+        else:
+            advice = "the peak is a recovery step: lower data.batch_size or data.max_length" + (
+                "" if settings.quantize == "nf4" else ", quantize the student (model.quantize: nf4)") + (
+                "" if settings.teacher is None or settings.teacher_quantize == "nf4"
+                else ", quantize the teacher (recovery.teacher_quantize: nf4)") + \
+                "; more DDP devices do not lower it"
+        raise UsageError(f"plan does not fit: {verdict.removeprefix('does not fit: ')} per device ({device}); "
+                         f"{advice}")
     return 0
 
 

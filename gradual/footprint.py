@@ -468,7 +468,7 @@ def format_plan(fp: Footprint, device: str, verdict: str) -> list[str]:
     sh, s = fp.shape, fp.settings
     lines = [f"model {sh.name} ({sh.model_type}; config from {sh.source}): {sh.layers} layers, "
              f"{sh.parameters() / 1e9:.3g} B parameters; training at {fp.train_layers} layers "
-             f"({sh.parameters(fp.train_layers) / 1e9:.3g} B), {fp.trainable / 1e6:.3g} M trainable",
+             f"({sh.parameters(fp.train_layers) / 1e9:.3g} B), {_count(fp.trainable)} trainable",
              f"per device ({device}; {s.processes} process{'es' if s.processes != 1 else ''}"
              f"{', FSDP-sharded student' if s.sharded else ''}):"]
     width = max(len(k) for k in [*fp.training, *fp.evaluation]) + 2
@@ -492,6 +492,11 @@ def format_plan(fp: Footprint, device: str, verdict: str) -> list[str]:
                  + ", ".join(f"{stage}: {_tokens(t)}" for stage, t in fp.tokens)
                  + f"; {_tokens(sum(tokens))} in all")
     return [f"plan: {line}" for line in lines]
+
+
+def _count(n: float) -> str:
+    """A parameter count in B or M (6.76 B, not 6.76e+03 M)."""
+    return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.3g} M"
 
 
 def _tokens(n: int) -> str:

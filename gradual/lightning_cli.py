@@ -132,10 +132,35 @@ class GradualCLI(LightningCLI):
 class PlanCLI(GradualCLI):
     """`gradual plan`: the `gradual fit` parser (the same config, defaults, links and overrides) without building
     anything: no module, data module or Trainer, so a GPU config plans on a CPU machine and a hub model plans
-    offline (`gradual.footprint` reads only its config). `self.config` holds the parsed config."""
+    offline (`gradual.footprint` reads only its config; a data module may read a dataset when built). The values
+    the plan reads are checked as `fit` checks them. `self.config` holds the parsed config."""
 
     def instantiate_classes(self) -> None:
-        """Nothing is built: the plan reads the parsed config alone."""
+        """Check what the plan reads (dtypes, quantisation, the recovery, LoRA and schedule settings, batch size and
+        length, the devices count); build nothing.
+
+        Raises:
+            UsageError: a value `gradual fit` would refuse, naming it and what is allowed.
+        """
+        from gradual import models
+        from gradual.distill import Recovery
+        from gradual.lora import LoraSettings
+        from gradual.stages import Schedule
+
+        model, data = self.config.model, self.config.data
+        models.check_dtype(model.dtype, "model.dtype")
+        models.check_quantize(model.quantize, "model.quantize")
+        Recovery(**_plain(model.recovery))  # each settings class checks its values when built
+        LoraSettings(**_plain(model.lora))
+        Schedule(**_plain(model.schedule)).validate()
+        for key, least in (("batch_size", 1), ("max_length", 2)):
+            if data[key] < least:
+                raise UsageError(f"data.{key}={data[key]} is invalid; it must be >= {least}")
+        devices = self.config.trainer.devices
+        count = int(devices) if isinstance(devices, str) and devices.lstrip("-").isdigit() else devices
+        if isinstance(count, int) and (count == 0 or count < -1) or count == []:
+            raise UsageError(f"trainer.devices={devices!r} is invalid; allowed: a count >= 1, -1 or auto (every "
+                             "visible device), or a list of device indices")
 
 
 _ADVERT_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",

@@ -11,7 +11,8 @@ Results: OUT/gpu-check.json (each step's command, exit code, seconds, and what i
 OUT/gpu-check.log (everything printed).
 
 Usage: python scripts/gpu_check.py [--dry-run] [OUT]   (default OUT: $OUT, else ./gpu-check)
-Exit codes: 0 every step passed (or, with --dry-run, every prerequisite is there); 1 a step failed (or, with
+Exit codes: 0 no step failed (a step whose prerequisite is missing, e.g. vLLM, is skipped and listed as skipped; with
+--dry-run: every prerequisite is there); 1 a step failed (or, with
 --dry-run, a prerequisite is missing: each missing one is named on its own line); 2 no CUDA device (without
 --dry-run: nothing runs).
 """
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 if parsed.returncode != 0:
                     missing[f"{name} arguments"] = (f"the {name} step's arguments do not parse: "
                                                     f"{parsed.stderr.strip().splitlines()[-1:]}")
+                else:
+                    print(f"gpu_check: [{name}] arguments parse")
         for line in missing.values():
             print(f"gpu_check: missing: {line}")
         shutil.rmtree(runs, ignore_errors=True)
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                        f"found {len(missing)} missing prerequisite(s)"))
         return 1 if missing else 0
     if "cuda" in missing:
+        shutil.rmtree(runs, ignore_errors=True)
         print(f"gpu_check: {missing['cuda']}; this check needs a GPU (use --dry-run here)", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"gpu_check: [{name}] skipped: {why}", file=log, flush=True)
                 continue
             print(f"gpu_check: [{name}] {subprocess.list2cmdline(cmd)}", file=log, flush=True)
+            print(f"gpu_check: [{name}] running (limit {limit} s; output in {out / 'gpu-check.log'})", flush=True)
             start = time.monotonic()
             try:
                 rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=limit).returncode

@@ -131,6 +131,24 @@ def test_a_plan_that_does_not_fit_is_one_line_and_exit_2(capsys):
     assert "plan: peak per device" in captured.out  # the table says why
 
 
+@pytest.mark.parametrize(("override", "named"), [(["--data.batch_size", "0"], "data.batch_size=0"),
+                                                 (["--data.max_length", "1"], "data.max_length=1"),
+                                                 (["--model.quantize", "nf5"], "model.quantize='nf5'"),
+                                                 (["--model.recovery.loss", "kx"], "recovery.loss='kx'"),
+                                                 (["--trainer.devices", "0"], "trainer.devices='0'")])
+def test_a_value_fit_would_refuse_is_refused_by_the_plan_too(override, named, capsys):
+    """`plan` builds nothing, but checks what it reads as `fit` does: no plan is printed for a run that cannot run."""
+    assert main(["plan", "--config", "configs/llama-3.1-8b-instruct.yaml", "--device-memory", "80", *override]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and "plan:" not in captured.out
+
+
+def test_a_comparison_config_is_refused_with_what_plan_takes(capsys):
+    assert main(["plan", "--config", "configs/compare.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "configs/compare.yaml is a `gradual compare` config" in err[0]
+
 @pytest.mark.parametrize("value", ["0", "-3", "nan", "many"])
 def test_a_bad_device_memory_is_one_line_and_exit_2(value, capsys):
     assert main(["plan", "--config", "configs/smoke.yaml", "--device-memory", value]) == 2
