@@ -3,7 +3,8 @@ built from a config (no download), the run's own pieces (`lora.attach_lora` / `q
 `RecoveryObjective`, AdamW), one forward, backward and optimizer step.
 
 On CPU the step runs in a fresh process (`python -m gradual.peak`) and the peak is its resident set's high-water
-mark (`ru_maxrss`) minus the mark after imports: the only allocations after that are the step's. glibc is told to
+mark (`VmHWM`, lowered to the resident set once the imports are done) minus the resident set then: the only
+allocations after that are the step's. glibc is told to
 serve every allocation above 64 KiB by mmap (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave the resident set at
 once rather than staying in a heap whose size depends on allocation order: the figure is then stable run to run
 (the profiler's memory view was not: it misses allocations made outside torch's allocator, e.g. bitsandbytes').
@@ -101,7 +102,24 @@ def measure_cuda(config_dir: str | Path, s: RunSettings) -> dict[str, Any]:
 
 
 def _max_rss() -> int:
+    """The resident set's high-water mark: `VmHWM` of /proc/self/status (which `_reset_max_rss` can lower), else
+    `ru_maxrss` (never lowered)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _reset_max_rss() -> None:
+    """Lower the high-water mark to the resident set now (Linux >= 4.0: "5" to /proc/self/clear_refs), so a
+    transient peak of the imports (bitsandbytes' libraries on some CPUs) cannot hide the step's own; where the
+    kernel refuses, the mark stays and `_main` refuses a step that never rose above it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def _rss() -> int:
@@ -127,10 +145,11 @@ def _main(argv: list[str]) -> int:
     lora.import_bitsandbytes()
     from transformers import AutoModelForCausalLM  # noqa: F401
 
+    _reset_max_rss()
     baseline, mark = _rss(), _max_rss()
     run_step(args.config_dir, s)
     peak = _max_rss()
-    if peak <= mark:  # the step never rose above the imports' own high-water mark: its peak is unknown
+    if peak <= mark and mark > baseline:  # the step never rose above the imports' own mark: its peak is unknown
         raise SystemExit(f"the step's peak stayed under the imports' ({mark} bytes); measure a larger step")
     print(json.dumps({"peak_bytes": peak - baseline, "baseline_bytes": baseline}))
     return 0
