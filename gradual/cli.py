@@ -318,10 +318,10 @@ def _refuse_comparison(argv: Sequence[str]) -> None:
     """
     import yaml
 
-    for i, arg in enumerate(argv):
-        path = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if arg == "--config" and \
-            i + 1 < len(argv) else None
-        if path and os.path.isfile(path):
+    paths = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    paths += [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    for path in paths:
+        if os.path.isfile(path):
             try:
                 loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             except yaml.YAMLError:
