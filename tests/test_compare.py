@@ -366,9 +366,35 @@ def test_bad_input_is_one_line_exit_2_before_any_arm_runs(case: str, tmp_path: P
 def test_out_folder_of_another_comparison_is_refused(comparison: tuple[dict[str, Any], Path, int],
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     _, tmp, _ = comparison
-    assert main(["compare", "--config", str(tmp / "compare.yaml"), "--depths", "1"]) == 2
-    assert "holds a comparison of another config, depths or budget" in capsys.readouterr().err
+    config = yaml.safe_load((tmp / "compare.yaml").read_text())
+    config["compare"]["budget_per_layer"] = 3
+    other = tmp / "other_budget.yaml"
+    other.write_text(yaml.safe_dump(config))
+    assert main(["compare", "--config", str(other)]) == 2
+    assert "holds a comparison of another config or budget" in capsys.readouterr().err
     assert (tmp / "out" / "compare.json").is_file()
+
+
+def test_a_comparison_resumes_with_fewer_or_more_depths(comparison: tuple[dict[str, Any], Path, int],
+                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Depths are not part of a comparison's identity: running a few depths first, or adding one, reuses every run
+    already there; a depth the baseline has no ranking for is ranked on the unpruned model, its scores kept."""
+    _, tmp, _ = comparison
+    out = tmp / "out"
+    kept = tmp_path / "kept"  # the fixture's reports, restored for the other tests (the runs record their folder)
+    shutil.copytree(out, kept, ignore=lambda d, names: [n for n in names if (Path(d) / n).is_dir()])
+    baseline = json.loads((out / "baseline.json").read_text())
+    saved = dict(baseline, ranking={"1": baseline["ranking"]["1"]})  # as if it had run depth 1 only
+    (out / "baseline.json").write_text(json.dumps(saved))
+    monkeypatch.setattr("gradual.callbacks.evaluation.evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    argv = ["compare", "--config", str(tmp / "compare.yaml"), "--arms", "no_recovery"]
+    try:
+        assert main([*argv, "--depths", "1"]) == 0  # fewer depths: resumes, runs nothing
+        assert json.loads((out / "baseline.json").read_text())["ranking"] == {"1": baseline["ranking"]["1"]}
+        assert main([*argv, "--depths", "1,2"]) == 0  # one more: ranked (the same layers as before), run read back
+        assert json.loads((out / "baseline.json").read_text()) == baseline
+    finally:
+        shutil.copytree(kept, out, dirs_exist_ok=True)
 
 
 def test_every_pair_of_arms_gets_a_paired_difference_with_its_interval(

@@ -150,9 +150,10 @@ class Plan:
         return None if seed == self.base_seed else seed
 
     def identity(self) -> dict[str, Any]:
-        """What must match to resume in the same folder. The seeds are not part of it: adding seeds reuses every run
-        already there, since each seed's runs have their own directories."""
-        return {"config": self.base, "depths": self.depths, "budget_per_layer": self.budget_per_layer}
+        """What must match to resume in the same folder. Neither the seeds nor the depths are part of it: every run
+        (arm, depth, seed) has its own directory, so adding seeds or depths, or running a few depths first, reuses
+        every run already there."""
+        return {"config": self.base, "budget_per_layer": self.budget_per_layer}
 
 
 def parse_depths(value: Any) -> list[int]:
@@ -343,9 +344,10 @@ def check_out(plan: Plan) -> bool:
     if not saved.is_file():
         raise UsageError(f"--out {str(plan.out)!r} holds something else; choose another folder or --overwrite")
     old = json.loads(saved.read_text())
-    if old.get("identity") != _plain(plan.identity()):
-        raise UsageError(f"--out {str(plan.out)!r} holds a comparison of another config, depths or budget; choose "
-                         "another folder or --overwrite")
+    saved_identity = {k: v for k, v in (old.get("identity") or {}).items() if k != "depths"}  # older plans had it
+    if saved_identity != _plain(plan.identity()):
+        raise UsageError(f"--out {str(plan.out)!r} holds a comparison of another config or budget; choose another "
+                         "folder or --overwrite")
     clash = [a.name for a in plan.arms if a.name in old.get("arms", {}) and old["arms"][a.name] != _plain(asdict(a))]
     if clash:
         raise UsageError(f"--out {str(plan.out)!r} ran arm(s) {', '.join(clash)} with other settings; rename them "

@@ -95,10 +95,14 @@ def validate_arms(plan: Plan) -> dict[str, dict[int, Budget]]:
 
 
 def prepare(plan: Plan) -> dict[str, Any]:
-    """Load the unpruned model once: rank its layers for the one-shot arms and evaluate the shared baseline."""
+    """Load the unpruned model once: rank its layers for the one-shot arms and evaluate the shared baseline. A
+    comparison resumed with depths its baseline has no ranking for ranks those on the same unpruned model and keeps
+    the baseline's scores."""
     path = plan.out / BASELINE_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    missing = [d for d in plan.depths if saved is None or str(d) not in saved["ranking"]]
+    if saved is not None and not missing:
+        return saved
     from gradual import surgery
     from gradual.callbacks import LmEvalEvaluation, TaskEvaluation
 
@@ -109,8 +113,13 @@ def prepare(plan: Plan) -> dict[str, Any]:
     module.to(cli.trainer.strategy.root_device)
     t = time.perf_counter()
     kept = surgery.original_indices(module.model)  # schedule.layers are original indices (the model may be pruned)
-    ranking = {str(d): [kept[i] for i in module.choose_layers(d)[0]] for d in plan.depths}
+    ranking = {str(d): [kept[i] for i in module.choose_layers(d)[0]] for d in missing}
     scoring_s = time.perf_counter() - t
+    if saved is not None:
+        merged = {**saved["ranking"], **ranking}
+        saved["ranking"] = {d: merged[d] for d in sorted(merged, key=int)}
+        path.write_text(json.dumps(saved, indent=2))
+        return saved
     scores: dict[str, Any] = {}
     for cb in cli.trainer.callbacks:
         if isinstance(cb, (TaskEvaluation, LmEvalEvaluation)):
