@@ -136,13 +136,14 @@ class PlanCLI(GradualCLI):
     the plan reads are checked as `fit` checks them. `self.config` holds the parsed config."""
 
     def instantiate_classes(self) -> None:
-        """Check what the plan reads (dtypes, quantisation, the recovery, LoRA and schedule settings, batch size and
-        length, the devices count); build nothing.
+        """Check what the plan reads (dtypes, quantisation, the recovery, LoRA and schedule settings, the repair,
+        batch size and length, the devices count); build nothing. The data sources and the callbacks' values are
+        `fit`'s to check (its data module and callbacks refuse them before any weights load).
 
         Raises:
             UsageError: a value `gradual fit` would refuse, naming it and what is allowed.
         """
-        from gradual import models
+        from gradual import models, repair
         from gradual.distill import Recovery
         from gradual.lora import LoraSettings
         from gradual.stages import Schedule
@@ -150,7 +151,9 @@ class PlanCLI(GradualCLI):
         model, data = self.config.model, self.config.data
         models.check_dtype(model.dtype, "model.dtype")
         models.check_quantize(model.quantize, "model.quantize")
-        Recovery(**_plain(model.recovery))  # each settings class checks its values when built
+        recovery = Recovery(**_plain(model.recovery))  # each settings class checks its values when built
+        models.check_trainable(model.quantize, recovery.params)
+        repair.check_method(model.repair, model.quantize)
         LoraSettings(**_plain(model.lora))
         Schedule(**_plain(model.schedule)).validate()
         for key, least in (("batch_size", 1), ("max_length", 2)):

@@ -321,6 +321,17 @@ def check_quantize(quantize: str | None, setting: str = "quantize") -> str | Non
     return quantize
 
 
+def check_trainable(quantize: str | None, params: str) -> None:
+    """A 4-bit base trains only through LoRA adapters (QLoRA, arXiv 2305.14314): full weights cannot be NF4.
+
+    Raises:
+        UsageError: `recovery.params` other than `lora` with `quantize` set.
+    """
+    if quantize == "nf4" and params != "lora":
+        raise UsageError(f"recovery.params={params!r} trains full weights, which a 4-bit base cannot hold; use "
+                         "params: lora with quantize: nf4, or quantize: null")
+
+
 def load_model(name: str, dtype: str = "float32", quantize: str | None = None, trust_remote_code: bool = False,
                device_map: str | dict | None = None) -> PreTrainedModel:
     """Load a causal LM by alias, `tiny:<arch>[:<layers>]`, local folder or hub id; eval mode.

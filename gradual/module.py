@@ -103,9 +103,7 @@ class GradualModule(StageHistory, L.LightningModule):
             raise UsageError(f"selection.protect_first={self.selection.protect_first} and protect_last="
                              f"{self.selection.protect_last} leave 0 of {self.depth0} layers to choose from; protect "
                              "fewer layers")
-        if self.quantize == "nf4" and self.recovery.params != "lora":
-            raise UsageError(f"recovery.params={self.recovery.params!r} trains full weights, which a 4-bit base "
-                             "cannot hold; use params: lora with quantize: nf4, or quantize: null")
+        models.check_trainable(self.quantize, self.recovery.params)
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
         self.chooser: pipeline.LayerChooser | None = None  # built with the tokenizer, at the first choice

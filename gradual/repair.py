@@ -158,12 +158,23 @@ def check_settings(method: str | None, model: str, quantize: str | None, trust_r
     """Validate `repair` for a run before anything heavy: the method, the quantisation and the architecture."""
     if method is None:
         return
+    check_method(method, quantize)
+    check_architecture(config_architecture(model, trust_remote_code=trust_remote_code))
+
+
+def check_method(method: str | None, quantize: str | None) -> None:
+    """`repair` against the known methods and the quantisation, reading no model (what `gradual plan` checks).
+
+    Raises:
+        UsageError: an unknown method, or a repair of a quantised model.
+    """
+    if method is None:
+        return
     if method not in METHODS:
         raise UsageError(f"repair={method!r} is unknown; allowed: {', '.join(METHODS)} or null")
     if quantize is not None:
         raise UsageError(f"repair={method!r} folds a map into float down_proj weights and cannot be used with "
                          f"quantize={quantize!r}; set one of them to null")
-    check_architecture(config_architecture(model, trust_remote_code=trust_remote_code))
 
 
 def spans(positions: Sequence[int]) -> list[list[int]]:

@@ -135,7 +135,9 @@ def test_a_plan_that_does_not_fit_is_one_line_and_exit_2(capsys):
                                                  (["--data.max_length", "1"], "data.max_length=1"),
                                                  (["--model.quantize", "nf5"], "model.quantize='nf5'"),
                                                  (["--model.recovery.loss", "kx"], "recovery.loss='kx'"),
-                                                 (["--trainer.devices", "0"], "trainer.devices='0'")])
+                                                 (["--trainer.devices", "0"], "trainer.devices='0'"),
+                                                 (["--model.recovery.params", "full"], "recovery.params='full'"),
+                                                 (["--model.repair", "lstsq"], "repair='lstsq' folds a map")])
 def test_a_value_fit_would_refuse_is_refused_by_the_plan_too(override, named, capsys):
     """`plan` builds nothing, but checks what it reads as `fit` does: no plan is printed for a run that cannot run."""
     assert main(["plan", "--config", "configs/llama-3.1-8b-instruct.yaml", "--device-memory", "80", *override]) == 2

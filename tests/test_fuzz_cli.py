@@ -435,6 +435,23 @@ def compare_bad() -> st.SearchStrategy[Bad]:
     )
 
 
+PLAN_READS = {("model", "dtype"), ("model", "quantize"), ("model", "recovery"), ("model", "lora"),
+              ("model", "schedule"), ("model", "repair"), ("model",), ("data", "batch_size"), ("data", "max_length"),
+              ("trainer", "devices")}
+"""What `gradual plan` reads beside the model's config (`gradual.lightning_cli.PlanCLI`): a bad value there is
+refused as `fit` refuses it; so are a wrong type and an unknown key anywhere (the shared parser). The data sources'
+and callbacks' values are `fit`'s to refuse."""
+
+
+def plan_bad() -> st.SearchStrategy[Bad]:
+    def read(b: Bad) -> bool:
+        if b.path[:2] in {("data", "sources"), ("data", "sgr"), ("trainer", "callbacks")}:
+            return b.kind == "type" and b.path[:2] != ("data", "sources") and len(b.path) == 2
+        return b.path[:2] in PLAN_READS or b.path[:1] == ("seed_everything",) or b.kind in ("type", "mixed")
+
+    return fit_bad().filter(read)
+
+
 COMPARE_SETS = {("model", "schedule", key) for key in ("mode", "max_layers", "target_ratio", "min_depth", "layers",
                                                        "steps_per_stage", "final_steps")}
 """Base-config keys every arm's own value replaces (`gradual.compare.plan.MANAGED`, the budget split): a bad value
@@ -452,7 +469,7 @@ FLAT_BASE = {
     "tasks": {},
 }
 BAD = {"fit": fit_bad, "score": score_bad, "eval": eval_bad, "prune": prune_bad, "tasks": tasks_bad,
-       "compare": compare_bad}
+       "compare": compare_bad, "plan": plan_bad}
 
 
 @dataclass(frozen=True)
@@ -464,7 +481,7 @@ class Case:
 
     def argv(self, tmp: Path) -> list[str]:
         """Write the example's files under `tmp` and return its command line."""
-        if self.command in ("fit", "compare"):
+        if self.command in ("fit", "compare", "plan"):
             return self._fit_like(tmp)
         options = {k: v.replace("{tmp}", str(tmp)) if isinstance(v, str) else v
                    for k, v in FLAT_BASE[self.command].items()}
@@ -574,9 +591,9 @@ def check(case: Case, root: Path, capfd: pytest.CaptureFixture[str]) -> None:
 FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=False,
                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                             HealthCheck.filter_too_much, HealthCheck.data_too_large])
-COMMANDS = ("fit", "score", "eval", "prune", "tasks", "compare")
-SLOW_EXAMPLES = {"fit": 140, "score": 40, "eval": 40, "prune": 40, "tasks": 15, "compare": 40}  # 315 in all
-FAST_EXAMPLES = {"fit": 25, "score": 10, "eval": 10, "prune": 10, "tasks": 5, "compare": 6}
+COMMANDS = ("fit", "score", "eval", "prune", "tasks", "compare", "plan")
+SLOW_EXAMPLES = {"fit": 140, "score": 40, "eval": 40, "prune": 40, "tasks": 15, "compare": 40, "plan": 40}  # 355
+FAST_EXAMPLES = {"fit": 25, "score": 10, "eval": 10, "prune": 10, "tasks": 5, "compare": 6, "plan": 10}
 
 
 @pytest.fixture
