@@ -198,39 +198,42 @@ def prune(model: str, out: str, layers: str | list[int] | None = None, num: int 
 
 
 def tasks(difficulty: str = "small") -> int:
-    """List the built-in tasks by capability family: forms, answer kind, SmolLM2-135M-Instruct's measured few-shot
-    generative baseline (at small; ± binomial standard error, and the floor a model repeating one answer scores)
-    and one example problem (evaluation split) at the chosen difficulty. A held-out task is near held-out when a
-    task of its family fed recovery, far held-out otherwise.
+    """List the built-in tasks by capability family: forms, answer kind, the offline models' measured few-shot
+    generative baselines (SmolLM2-135M-Instruct and Gemma3-270M at small; ± binomial standard error, and the floor a
+    model repeating one answer scores) and one example problem (evaluation split) at the chosen difficulty. A
+    held-out task is near held-out when a task of its family fed recovery, far held-out otherwise.
 
     Args:
         difficulty: Problem size preset: {difficulties}.
     """
     from gradual.tasks import CODE_TASKS
     from gradual.tasks.builtin import get_task, task_names
-    from gradual.tasks.families import BASELINES, FAMILIES, family_of
+    from gradual.tasks.families import FAMILIES, MODEL_BASELINES, Baseline, family_of
+
+    def shown(measured: Baseline | None) -> str:
+        return "-" if measured is None else \
+            f"{measured.score:.2f} ± {measured.stderr:.2f} (floor {measured.floor:.2f}, n={measured.n})"
 
     known = set(task_names()) | set(CODE_TASKS)
     order = [t for family in FAMILIES.values() for t in family if t in known]
     order += [t for t in [*task_names(), *CODE_TASKS] if t not in order]
     rows = []
     for name in order:
-        measured = BASELINES.get(name)
-        baseline = "-" if measured is None else \
-            f"{measured.score:.2f} ± {measured.stderr:.2f} (floor {measured.floor:.2f}, n={measured.n})"
+        baselines = tuple(shown(table.get(name)) for table in MODEL_BASELINES.values())
         if name in CODE_TASKS:
-            rows.append((family_of(name) or "-", name, "generative (code; needs enable_code)", "code", baseline,
+            rows.append((family_of(name) or "-", name, "generative (code; needs enable_code)", "code", *baselines,
                          "HumanEval problems"))
             continue
         task = get_task(name, difficulty)
         example = task.problems("eval", 1, 0)[0]
         forms = "generative, classification" if task.has_classification else "generative"
-        rows.append((family_of(name) or "-", name, forms, task.kind, baseline,
+        rows.append((family_of(name) or "-", name, forms, task.kind, *baselines,
                      f"{example.question!r} -> {example.answer!r}"))
-    head = ("family", "task", "forms", "answer", "SmolLM2-135M few-shot (small)", f"example ({difficulty})")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+    head = ("family", "task", "forms", "answer", *(f"{m} few-shot (small)" for m in MODEL_BASELINES),
+            f"example ({difficulty})")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
     for r in [head, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
     return 0
 
 

@@ -83,6 +83,26 @@ def test_every_task_has_one_family_and_a_measured_baseline():
     assert BASELINES["successor"].stderr == pytest.approx(math.sqrt(0.71 * 0.29 / 100))
 
 
+def test_gemma_baselines_floors_are_the_most_frequent_answer_of_their_problems(capsys):
+    """Gemma3-270M's floors are recomputed from the generators (the first 64 evaluation problems, seed 0), so a
+    generator that changed would show here; `gradual tasks` prints both models' columns."""
+    from collections import Counter
+
+    from gradual.cli import main
+    from gradual.tasks.families import GEMMA3_BASELINES
+
+    assert set(GEMMA3_BASELINES) == set(TASKS)
+    for name, b in GEMMA3_BASELINES.items():
+        answers = Counter(p.answer for p in get_task(name).problems("eval", 64, 0))
+        assert b.n == 64 and b.floor == answers.most_common(1)[0][1] / 64, name
+    assert GEMMA3_BASELINES["copy"].score == 1.0 and GEMMA3_BASELINES["successor"].score == 0.0
+    assert main(["tasks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "SmolLM2-135M few-shot (small)" in lines[0] and "Gemma3-270M few-shot (small)" in lines[0]
+    copy = next(line for line in lines if line.split()[1] == "copy")
+    assert "0.84 ± 0.04 (floor 0.01, n=100)" in copy and "1.00 ± 0.00 (floor 0.02, n=64)" in copy
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_problems_carry_their_answer_among_distinct_choices(name):
     task = get_task(name)

@@ -62,3 +62,22 @@ BASELINES: dict[str, Baseline] = {  # docs/baselines.md: the tables and how they
     "word_sequence_reversal": Baseline(31 / 64, 64, 1 / 64),
     "needle_haystack": Baseline(19 / 64, 64, 1 / 64),
 }
+
+GEMMA3_BASELINES: dict[str, Baseline] = {  # docs/baselines.md, "Gemma 3 270M": the first 64 problems of every task
+    "successor": Baseline(0 / 64, 64, 1 / 64),
+    "copy": Baseline(64 / 64, 64, 1 / 64),
+    "uppercase": Baseline(42 / 64, 64, 1 / 64),
+    "category": Baseline(54 / 64, 64, 12 / 64),
+    "chain_sum": Baseline(1 / 64, 64, 6 / 64),
+    "products": Baseline(0 / 64, 64, 10 / 64),
+    "basic_arithmetic": Baseline(6 / 64, 64, 7 / 64),
+    "gsm_symbolic": Baseline(1 / 64, 64, 3 / 64),
+    "brackets": Baseline(14 / 64, 64, 9 / 64),
+    "word_sequence_reversal": Baseline(4 / 64, 64, 1 / 64),
+    "needle_haystack": Baseline(22 / 64, 64, 1 / 64),
+}
+"""The pretrained base Gemma 3 270M (`gemma3-270m`, its Q4_K_M weights de-quantised) under the same protocol: a
+second family's starting point, which decides what a Gemma recovery can train on and what it can monitor."""
+
+MODEL_BASELINES: dict[str, dict[str, Baseline]] = {"SmolLM2-135M": BASELINES, "Gemma3-270M": GEMMA3_BASELINES}
+"""The offline aliases' measured baselines, in the columns `gradual tasks` prints."""
