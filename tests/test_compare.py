@@ -184,6 +184,22 @@ def test_transfer_config_parses_with_equal_budgets_and_the_same_held_out_tasks_i
     assert in_group("products", "near_held_out", data["lora_kd_broad"])
     assert in_group("products", "far_held_out", data["lora_kd_tasks"])
 
+def test_gemma_config_runs_the_smollm2_recipe_at_2_and_4_of_18_layers() -> None:
+    """configs/gemma3-270m-compare.yaml (issue 20, section 4): the sweep's budget per removed layer at 2 and 4 of
+    Gemma3-270M's 18 layers, recovery on copy and category, uppercase near held-out, needle_haystack and brackets
+    far; the gradual arm is one run to 4."""
+    from gradual.retention import in_group
+
+    plan, _ = shipped_plan("gemma3-270m-compare")
+    budgets = compare.check_budgets(plan, 18)
+    assert plan.depths == [2, 4] and {b[d].total for b in budgets.values() for d in plan.depths} == {0, 24, 48}
+    gradual = next(a for a in plan.arms if a.mode == "gradual")
+    assert arm_runs(plan, gradual) == {2: 4, 4: 4}
+    in_data = arm_config(plan, gradual, 4)["data"]["sources"][0]["tasks"]
+    assert in_data == ["copy", "category"] and in_group("uppercase", "near_held_out", in_data)
+    assert in_group("needle_haystack", "far_held_out", in_data) and in_group("brackets", "far_held_out", in_data)
+
+
 def test_an_arm_with_steps_growth_splits_the_same_budget_unequally(tmp_path: Path) -> None:
     """`model.schedule.steps_growth` in an arm: `gradual compare` gives it k × budget_per_layer steps at each depth
     (counted by the fit's `Schedule.total_steps`), later stages more, one run per depth; with a consolidation too."""
@@ -227,10 +243,10 @@ def test_seeds_set_model_seed_and_seed_everything_in_their_own_run_dirs(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["compare", "transfer"])
-def test_shipped_config_builds_every_arm_on_smollm2(name: str) -> None:
-    """Every arm of configs/compare.yaml and configs/transfer.yaml built once on the offline SmolLM2 (its config
-    only; no weights load)."""
+@pytest.mark.parametrize("name", ["compare", "transfer", "gemma3-270m-compare"])
+def test_shipped_config_builds_every_arm_on_its_model(name: str) -> None:
+    """Every arm of configs/compare.yaml and configs/transfer.yaml built once on the offline SmolLM2, and of
+    configs/gemma3-270m-compare.yaml on the offline Gemma3-270M (their configs only; no weights load)."""
     compare.validate_arms(load_plan(["--config", str(ROOT / "configs" / f"{name}.yaml")]))
 
 
