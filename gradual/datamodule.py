@@ -278,7 +278,15 @@ class GradualDataModule(RecoveryDataModule):
         self.pools = [self._pool(s, s.kind if kinds.count(s.kind) == 1 else f"{s.kind} #{i + 1}")
                       for i, s in enumerate(self.sources)]
         self.answered_after = 0  # stages done when the current pairs' teacher answered (0: the original model)
+        self.trains = True  # False: the run trains no step, and `setup` builds none of the sources (`train_nothing`)
         self._settings = given
+
+    def train_nothing(self) -> None:
+        """The run trains no step (every stage `steps_per_stage: 0`: pruning without recovery), so `setup` builds
+        none of the sources: no teacher loads, no answer is generated, no document is tokenised. Each stage's one
+        placeholder batch ends the stage before it trains (`GradualModule.on_train_batch_start`). `gradual fit`
+        calls it (`GradualCLI.instantiate_classes`); the settings, and so the run's identity, are unchanged."""
+        self.trains = False
 
     def settings(self) -> dict[str, Any]:
         """The constructor's settings as given (`gradual.identity.HasSettings`): part of the run's identity, with
@@ -392,6 +400,9 @@ class GradualDataModule(RecoveryDataModule):
         self.dtype_name = self.dtype_name or "float32"
         tokenizer = models.load_tokenizer(self.model_name, trust_remote_code=self.trust_remote_code)
         self.set_tokenizer(tokenizer)
+        if not self.trains:
+            self.set_parts([Part("placeholder", 1.0, [{"text": "No recovery step is trained in this run."}])])
+            return
         teacher = None
         if self.sgr.backend == "vllm":
             self.sgr = replace(self.sgr, vllm_args={"dtype": self.dtype_name, **self.sgr.vllm_args})
@@ -411,7 +422,8 @@ class GradualDataModule(RecoveryDataModule):
         answers of stage k-2."""
         current = self.current
         done = current.stages_done if current is not None else 0
-        if self.sgr.teacher == "previous" and self.needs_teacher and done >= 1 and done != self.answered_after:
+        if self.trains and self.sgr.teacher == "previous" and self.needs_teacher and done >= 1 and \
+                done != self.answered_after:
             model_id = f"{self.model_name}@stage_{done}"
             if self.sgr.backend == "vllm":  # vLLM loads the teacher from disk: save the current model for it
                 folder = current.run_dir / VLLM_TEACHER_DIR

@@ -109,6 +109,8 @@ class GradualCLI(LightningCLI):
         check_settings(self.model, self.datamodule, self.trainer)
         if isinstance(self.datamodule, GradualDataModule):
             self.datamodule.warn_on_difficulty_mismatch(self.trainer.callbacks)
+            if not any(steps for _, steps in self.model.plan):  # pruning without recovery: no data to build
+                self.datamodule.train_nothing()
         in_data = self.datamodule.recovery_tasks() if hasattr(self.datamodule, "recovery_tasks") else []
         for callback in self.trainer.callbacks:
             if hasattr(callback, "check_callbacks"):

@@ -103,8 +103,12 @@ def test_final_loads_with_plain_transformers_and_matches_memory(smoke_run: tuple
 
 
 def test_steps_zero_prunes_without_recovery(tmp_path: Path) -> None:
-    config, run_dir = write_config(tmp_path, model__schedule__steps_per_stage=0, model__schedule__max_layers=2)
+    """...and builds no recovery data: the smoke config's SGR source would have the teacher answer its prompts."""
+    config, run_dir = write_config(tmp_path, model__schedule__steps_per_stage=0, model__schedule__max_layers=2,
+                                   data__sgr__cache_dir=str(tmp_path / "sgr"))
     cli = fit_in_process(config)
+    assert not (tmp_path / "sgr").exists() or not any((tmp_path / "sgr").iterdir()), "answers generated for nothing"
+    assert [p.name for p in cli.datamodule.parts] == ["placeholder"]
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
     reference = load_model("tiny:llama:6")
     kept = final.config.gradual_original_layers
